@@ -1,0 +1,85 @@
+-- Transactional outbox of the topology store (adr/0008, producer/README.md).
+--
+-- The owning application (the monolith) inserts one row per event in the SAME
+-- transaction as its own change; `topology relay` publishes committed rows to
+-- Kafka in id order and marks (or deletes) them once the broker acknowledged.
+--
+-- Idempotent: safe to run on every deploy. Needs PostgreSQL 11 or newer.
+-- Apply it in one transaction (psql -1 -f outbox.sql, or your migration tool).
+
+-- CACHE 1 is part of the contract: with a per-session cache a later
+-- transaction could draw a smaller id than an earlier one, and per-key order
+-- (below) would no longer follow commit order. Never raise it.
+CREATE SEQUENCE IF NOT EXISTS topology_outbox_id_seq AS bigint CACHE 1 NO CYCLE;
+
+CREATE TABLE IF NOT EXISTS topology_outbox (
+    -- Assigned by the trigger below, never by the writer.
+    id            bigint      PRIMARY KEY,
+    event_id      uuid        NOT NULL,
+    event_type    text        NOT NULL,
+    -- The Kafka key: the event's partition key (cell id, or BUCKET:value).
+    partition_key text        NOT NULL,
+    -- Avro single-object encoding (C3 01 | CRC-64-AVRO fingerprint | body),
+    -- exactly the bytes the Kafka record carries.
+    payload       bytea       NOT NULL,
+    -- Extra Kafka headers, {"name": "text value"}; event_type is always added.
+    headers       jsonb       NOT NULL DEFAULT '{}'::jsonb,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    -- Set by the relay once the broker acknowledged the record.
+    published_at  timestamptz,
+    CONSTRAINT topology_outbox_payload_is_single_object
+        CHECK (octet_length(payload) >= 10 AND substring(payload FROM 1 FOR 2) = '\xc301'::bytea),
+    CONSTRAINT topology_outbox_headers_is_object CHECK (jsonb_typeof(headers) = 'object')
+);
+
+ALTER SEQUENCE topology_outbox_id_seq OWNED BY topology_outbox.id;
+
+-- The relay reads only unpublished rows, in id order; published rows kept for
+-- audit do not slow it down.
+CREATE INDEX IF NOT EXISTS topology_outbox_unpublished_idx
+    ON topology_outbox (id) WHERE published_at IS NULL;
+
+-- Per-key order = commit order. The writer's transaction takes a
+-- transaction-level advisory lock on the partition key BEFORE drawing the id,
+-- so of two transactions writing events of one key, the second waits until
+-- the first committed or rolled back and then draws a larger id. A relay
+-- reading unpublished rows in id order therefore never sees a later event of
+-- a key without every earlier one. (Key 1953460335 = 'topo'; hashtext
+-- collisions only make two unrelated keys wait for each other.)
+CREATE OR REPLACE FUNCTION topology_outbox_lock_key(partition_key text) RETURNS void
+    LANGUAGE sql VOLATILE
+    AS $$ SELECT pg_advisory_xact_lock(1953460335, hashtext(partition_key)) $$;
+
+CREATE OR REPLACE FUNCTION topology_outbox_before_insert() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    PERFORM topology_outbox_lock_key(NEW.partition_key);
+    NEW.id := nextval(format('%I.topology_outbox_id_seq', TG_TABLE_SCHEMA));
+    NEW.published_at := NULL;
+    RETURN NEW;
+END
+$$;
+
+DROP TRIGGER IF EXISTS topology_outbox_before_insert ON topology_outbox;
+CREATE TRIGGER topology_outbox_before_insert
+    BEFORE INSERT ON topology_outbox
+    FOR EACH ROW EXECUTE FUNCTION topology_outbox_before_insert();
+
+-- Wakes the relay (LISTEN topology_outbox) when the inserting transaction
+-- commits; notifications of one transaction collapse into one. Optional: the
+-- relay also polls. At very high commit rates NOTIFY's commit-time lock can
+-- become a bottleneck: drop this trigger and rely on polling then.
+CREATE OR REPLACE FUNCTION topology_outbox_notify() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    PERFORM pg_notify('topology_outbox', '');
+    RETURN NULL;
+END
+$$;
+
+DROP TRIGGER IF EXISTS topology_outbox_notify ON topology_outbox;
+CREATE TRIGGER topology_outbox_notify
+    AFTER INSERT ON topology_outbox
+    FOR EACH STATEMENT EXECUTE FUNCTION topology_outbox_notify();

@@ -1,0 +1,320 @@
+"""``topology relay``: publish a transactional outbox to Kafka (adr/0008).
+
+One round: read the oldest unpublished rows (``ORDER BY id LIMIT batch``),
+publish them, wait for every acknowledgement, then mark the acknowledged rows
+published (or delete them), all while holding a session-level advisory lock on
+the outbox database. Consequences, each relied on:
+
+- At least once: a row is marked only after the broker acknowledged it, so a
+  crash between publish and mark republishes it; the projector's event_id
+  record absorbs the duplicate.
+- No high-water mark: the relay never remembers "done up to id N", it asks for
+  unpublished rows every round, so a row whose transaction commits late with a
+  small id is picked up by the next round instead of being skipped.
+- Per-key order: the writer's trigger makes per-key id order equal commit order
+  (``outbox.sql``); ``EventPublisher.publish_encoded`` never lets a record of a
+  partition reach the broker unless the earlier ones were acknowledged; and a
+  relay that takes over republishes every unmarked row in id order first. Of the
+  copies in the log, the first occurrences are therefore always in id order.
+- One active relay: ``pg_try_advisory_lock`` on the outbox database. Reads,
+  marks and the lock share one session, so a relay whose session died (and so
+  lost the lock) cannot mark anything any more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from aiokafka.errors import KafkaError
+from prometheus_client import start_http_server
+from psycopg.rows import TupleRow
+
+from producer.outbox import OUTBOX_CHANNEL
+from producer.publisher import EVENT_TYPE_HEADER, EncodedRecord, EventPublisher
+from producer.relay_metrics import RelayMetrics
+from topology.settings import Settings
+from topology.topics import ensure_topics
+
+log = logging.getLogger(__name__)
+
+# Two-int advisory key space: never collides with an application's bigint keys.
+# (1953460335, *) are the writers' per-key locks, (1953460336, 1) the DDL's.
+RELAY_LOCK = (1953460336, 0)
+
+# One record batch per partition and round in the common case; well under the
+# broker's default 1 MiB message.max.bytes even before compression.
+RELAY_BATCH_BYTES = 512 * 1024
+
+# The lock is released only when the server notices the session is gone; for a
+# relay host that vanished without closing its socket that is the TCP keepalive
+# (2 hours by default). These bound a failover to roughly half a minute.
+_SESSION_SETTINGS = (
+    "SET tcp_keepalives_idle = 10",
+    "SET tcp_keepalives_interval = 5",
+    "SET tcp_keepalives_count = 3",
+    "SET tcp_user_timeout = 30000",
+)
+
+_FETCH = (
+    "SELECT id, event_type, partition_key, payload, headers FROM topology_outbox "
+    "WHERE published_at IS NULL ORDER BY id LIMIT %s"
+)
+_MARK = "UPDATE topology_outbox SET published_at = now() WHERE id = ANY(%s)"
+_DELETE = "DELETE FROM topology_outbox WHERE id = ANY(%s)"
+_BACKLOG = (
+    "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0) "
+    "FROM topology_outbox WHERE published_at IS NULL"
+)
+_GAUGE_INTERVAL_S = 1.0
+
+
+class OutboxMissing(RuntimeError):
+    """The source database has no outbox table."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    id: int
+    event_type: str
+    partition_key: str
+    payload: bytes
+    headers: dict[str, Any]
+
+    @classmethod
+    def from_row(cls, row: TupleRow) -> OutboxRow:
+        return cls(id=row[0], event_type=row[1], partition_key=row[2], payload=bytes(row[3]), headers=row[4] or {})
+
+    def record(self, settings: Settings) -> EncodedRecord:
+        headers = [(EVENT_TYPE_HEADER, self.event_type.encode("utf-8"))]
+        headers += [
+            (str(name), str(value).encode("utf-8"))
+            for name, value in self.headers.items()
+            if name != EVENT_TYPE_HEADER  # the column is authoritative
+        ]
+        return EncodedRecord(
+            topic=settings.topic_for(self.event_type),
+            key=self.partition_key.encode("utf-8"),
+            value=self.payload,
+            headers=tuple(headers),
+        )
+
+
+def libpq_url(url: str) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+def _backoff(attempt: int, base: float = 0.2, cap: float = 5.0) -> float:
+    """Capped exponential backoff with jitter."""
+    return random.uniform(base / 2, min(cap, base * 2 ** min(attempt, 10)))
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[-1] if lines else repr(exc)
+
+
+async def _sleep(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    except TimeoutError:
+        pass
+
+
+class OutboxRelay:
+    """``await OutboxRelay(settings, source_url).run(stop)`` until ``stop`` is set."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        source_url: str | None = None,
+        *,
+        delete_published: bool | None = None,
+        metrics: RelayMetrics | None = None,
+    ) -> None:
+        url = source_url or settings.relay_source_url
+        if not url:
+            raise ValueError("no outbox database: give --source or set TOPOLOGY_RELAY_SOURCE_URL")
+        self.settings = settings
+        self.source_url = libpq_url(url)
+        self.delete_published = settings.relay_delete_published if delete_published is None else delete_published
+        self.batch_size = settings.relay_batch_size
+        self.poll_interval_s = settings.relay_poll_interval_s
+        self.metrics = metrics or RelayMetrics()
+        self._gauges_at = 0.0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        publisher = await self._start_publisher(stop)
+        if publisher is None:
+            return
+        attempt = 0
+        try:
+            while not stop.is_set():
+                try:
+                    conn = await self._connect()
+                except psycopg.OperationalError as exc:
+                    attempt += 1
+                    self.metrics.database_errors.inc()
+                    log.error("outbox database unreachable (%s); retrying", _one_line(exc))
+                    await _sleep(stop, _backoff(attempt))
+                    continue
+                attempt = 0
+                try:
+                    async with conn:
+                        if await self._acquire_lock(conn, stop):
+                            await self._pump(conn, publisher, stop)
+                except psycopg.Error as exc:
+                    # The session and with it the lock may be gone: start over from
+                    # acquiring the lock; unmarked rows will be republished.
+                    attempt += 1
+                    self.metrics.database_errors.inc()
+                    log.error("outbox database error (%s: %s); reconnecting", type(exc).__name__, _one_line(exc))
+                    await _sleep(stop, _backoff(attempt))
+                finally:
+                    self._stand_by()
+        finally:
+            await publisher.stop()
+        log.info("relay stopped")
+
+    async def _start_publisher(self, stop: asyncio.Event) -> EventPublisher | None:
+        # Before competing for the lock: a relay that cannot reach the broker
+        # leaves the lock to a standby that can.
+        attempt = 0
+        while not stop.is_set():
+            publisher = EventPublisher(self.settings, max_batch_bytes=RELAY_BATCH_BYTES)
+            try:
+                await ensure_topics(self.settings)
+                await publisher.start()
+                return publisher
+            except KafkaError as exc:
+                await publisher.stop()
+                attempt += 1
+                log.error("broker unreachable (%r); retrying", exc)
+                await _sleep(stop, _backoff(attempt))
+        return None
+
+    async def _connect(self) -> psycopg.AsyncConnection[TupleRow]:
+        conn = await psycopg.AsyncConnection.connect(
+            self.source_url,
+            autocommit=True,
+            connect_timeout=10,
+            application_name=f"topology-relay pid={os.getpid()}",
+        )
+        for statement in _SESSION_SETTINGS:
+            try:
+                await conn.execute(statement)
+            except psycopg.errors.UndefinedObject:  # tcp_user_timeout is PostgreSQL 12+
+                log.debug("%s: not supported by this server", statement)
+        return conn
+
+    async def _acquire_lock(self, conn: psycopg.AsyncConnection[TupleRow], stop: asyncio.Event) -> bool:
+        found = await (await conn.execute("SELECT to_regclass('topology_outbox') IS NOT NULL")).fetchone()
+        if not (found and found[0]):
+            raise OutboxMissing("no topology_outbox table in the source database: run `topology relay --init-schema`")
+        said = False
+        while not stop.is_set():
+            row = await (await conn.execute("SELECT pg_try_advisory_lock(%s, %s)", RELAY_LOCK)).fetchone()
+            if row and row[0]:
+                self.metrics.active.set(1)
+                self.metrics.takeovers.inc()
+                log.info("holding the outbox lock: this relay is the active one")
+                return True
+            if not said:
+                log.info("another relay holds the outbox lock; standing by")
+                said = True
+            await _sleep(stop, self.poll_interval_s)
+        return False
+
+    def _stand_by(self) -> None:
+        self.metrics.active.set(0)
+        self.metrics.outbox_depth.set(0)
+        self.metrics.oldest_unpublished_age.set(0)
+
+    async def _pump(self, conn: psycopg.AsyncConnection[TupleRow], publisher: EventPublisher, stop: asyncio.Event) -> None:
+        # LISTEN before the first read: a row committed in between still wakes us.
+        await conn.execute(f"LISTEN {OUTBOX_CHANNEL}")
+        failures = 0
+        while not stop.is_set():
+            cursor = await conn.execute(_FETCH, (self.batch_size,), binary=True)
+            rows = [OutboxRow.from_row(row) for row in await cursor.fetchall()]
+            if not rows:
+                self.metrics.outbox_depth.set(0)
+                self.metrics.oldest_unpublished_age.set(0)
+                await self._wait_for_rows(conn, stop)
+                continue
+            failed = await self._round(conn, publisher, rows)
+            await self._refresh_gauges(conn)
+            if failed:
+                failures += 1
+                await _sleep(stop, _backoff(failures))
+            else:
+                failures = 0
+                if len(rows) < self.batch_size:
+                    await self._wait_for_rows(conn, stop)
+
+    async def _round(self, conn: psycopg.AsyncConnection[TupleRow], publisher: EventPublisher, rows: list[OutboxRow]) -> int:
+        """Publish ``rows``, mark the acknowledged ones; return how many were not acknowledged."""
+        started = time.perf_counter()
+        outcomes = await publisher.publish_encoded([row.record(self.settings) for row in rows])
+        acknowledged = [row for row, outcome in zip(rows, outcomes, strict=True) if outcome is None]
+        for event_type, count in Counter(row.event_type for row in acknowledged).items():
+            self.metrics.published.labels(event_type).inc(count)
+        if acknowledged:
+            await conn.execute(_DELETE if self.delete_published else _MARK, ([row.id for row in acknowledged],))
+        failed = len(rows) - len(acknowledged)
+        if failed:
+            self.metrics.publish_errors.inc(failed)
+            cause = next(outcome for outcome in outcomes if outcome is not None)
+            log.warning("%d of %d outbox rows not acknowledged (%r); they stay unpublished and will be retried",
+                        failed, len(rows), cause)
+        self.metrics.round_seconds.observe(time.perf_counter() - started)
+        log.debug("published %d rows (ids %d..%d)", len(acknowledged), rows[0].id, rows[-1].id)
+        return failed
+
+    async def _refresh_gauges(self, conn: psycopg.AsyncConnection[TupleRow]) -> None:
+        # count(*) walks every unpublished row: at most once a second, not per round.
+        now = time.monotonic()
+        if now - self._gauges_at < _GAUGE_INTERVAL_S:
+            return
+        self._gauges_at = now
+        row = await (await conn.execute(_BACKLOG)).fetchone()
+        if row is not None:
+            self.metrics.outbox_depth.set(row[0])
+            self.metrics.oldest_unpublished_age.set(float(row[1]))
+
+    async def _wait_for_rows(self, conn: psycopg.AsyncConnection[TupleRow], stop: asyncio.Event) -> None:
+        """Until a NOTIFY, the poll interval, or ``stop``, whichever comes first."""
+        deadline = time.monotonic() + self.poll_interval_s
+        while not stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            woken = False
+            # Short slices keep SIGTERM prompt; the generator is always run to its
+            # end (never broken out of), so the connection's lock is released.
+            async for _ in conn.notifies(timeout=min(remaining, 0.25), stop_after=1):
+                woken = True
+            if woken:
+                return
+
+
+async def run_relay(settings: Settings, source_url: str | None = None, delete_published: bool | None = None) -> None:
+    """``topology relay``: run until SIGINT/SIGTERM."""
+    relay = OutboxRelay(settings, source_url, delete_published=delete_published)
+    if settings.relay_metrics_port:
+        start_http_server(settings.relay_metrics_port, addr=settings.metrics_host, registry=relay.metrics.registry)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("relaying the outbox to %s, topics by event type (%s published rows)", settings.kafka_bootstrap,
+             "deleting" if relay.delete_published else "marking")
+    await relay.run(stop)

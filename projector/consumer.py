@@ -1,0 +1,347 @@
+"""The Kafka adapter of the projector: a consumer-group member feeding batches to the store.
+
+Offsets live in PostgreSQL, never in Kafka's commit log (adr/0002): on every
+assignment the member seeks to the stored offsets, and each batch advances them
+in the same transaction as the rows it produced. Auto-commit is off and nothing
+is ever committed to Kafka, so a crash at any instant replays from the last
+committed batch and the event_id record absorbs the redelivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+from aiokafka.structs import ConsumerRecord
+
+from projector.audit import ArchivedRecord
+from projector.domain import PositionedEvent
+from projector.health import Health
+from projector.poison import (
+    CommitOutcome,
+    Position,
+    archive_log_time,
+    backoff,
+    is_transient,
+    on_failure,
+    record_log_time,
+    sleep_unless,
+)
+from projector.metrics import PartitionProgress, ProjectorMetrics
+from projector.observe import apply_span, batch_committed, batch_failed, bounded_event_type
+from projector.store import DeadLetter, FencedError, PartitionAdvance, ProjectionStore
+from producer.publisher import EVENT_TYPE_HEADER
+from schemas.codec import DecodeError, EventCodec
+from schemas.models import EventInputError, parse_event
+from topology.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def read_record(codec: EventCodec, settings: Settings, record: ConsumerRecord) -> PositionedEvent | DeadLetter:
+    """Decode and validate one record, or explain why it is a dead letter."""
+    try:
+        log_time = record_log_time(record)
+        if log_time is None:
+            raise DecodeError(f"record timestamp {record.timestamp} ms is outside the years 1 to 9999")
+        if record.value is None:
+            raise DecodeError("record has no value (tombstone)")
+        decoded = codec.decode(record.value)
+        event = parse_event(decoded.payload, decoded.event_type)
+        expected_topic = settings.topic_for(event.EVENT_TYPE)
+        if record.topic != expected_topic:
+            raise DecodeError(f"{event.EVENT_TYPE} belongs on {expected_topic}, not {record.topic}")
+        if record.key != event.partition_key.encode("utf-8"):
+            # A wrong key could put two events of one resource on two partitions,
+            # where their order is lost.
+            raise DecodeError(f"record key {record.key!r} is not the partition key {event.partition_key!r}")
+    except (DecodeError, EventInputError) as exc:
+        return dead_letter(record, str(exc))
+    return PositionedEvent(
+        event=event,
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        log_time=log_time,
+    )
+
+
+def dead_letter(record: ConsumerRecord, error: str) -> DeadLetter:
+    """The record byte for byte, and why it is not applied."""
+    return DeadLetter(
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key=record.key,
+        value=record.value,
+        headers=tuple((k, bytes(v)) for k, v in record.headers),
+        error=error,
+    )
+
+
+def _event_type_of(record: ConsumerRecord) -> str:
+    for key, value in record.headers:
+        if key == EVENT_TYPE_HEADER:
+            return bounded_event_type(bytes(value).decode("ascii", "replace")[:64])
+    return "unknown"
+
+
+class LogGapError(RuntimeError):
+    """The log no longer holds the records at the stored offsets."""
+
+
+class _SeekToStoredOffsets(ConsumerRebalanceListener):
+    def __init__(self, projector: Projector) -> None:
+        self._projector = projector
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self._projector.rebalances += 1
+        for tp in revoked:
+            self._projector.positions.pop(tp, None)
+        self._projector.metrics.assigned_partitions.set(len(self._projector.positions))
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self._projector.rebalances += 1
+        await self._projector.seek_to_stored(assigned)
+
+
+class Projector:
+    """Consumes both topics and commits one PostgreSQL transaction per batch."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: ProjectionStore,
+        metrics: ProjectorMetrics | None = None,
+        codec: EventCodec | None = None,
+        health: Health | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics or ProjectorMetrics()
+        self.codec = codec or EventCodec()
+        self.health = health or Health(self.metrics)
+        self.stop_event: asyncio.Event | None = None  # set by run(); backoffs wake on it
+        self.failures = 0  # consecutive failed attempts, for the backoff
+        self.rebalances = 0  # bumped by every revoke/assign, to spot one during a commit
+        # Next offset to read per owned partition, as committed in PostgreSQL.
+        self.positions: dict[TopicPartition, int] = {}
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            group_id=settings.consumer_group,
+            enable_auto_commit=False,
+            # Only used while a new assignment's seek to the stored offset is still
+            # on its way; gaps against the stored offsets are caught in _commit.
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+            fetch_max_bytes=32 * 1024 * 1024,
+            session_timeout_ms=settings.consumer_session_timeout_ms,
+            heartbeat_interval_ms=settings.consumer_heartbeat_interval_ms,
+            # A fetch returns as soon as records arrive; this only bounds how long an
+            # idle fetch is parked, which decides how fast a quiet projector reacts.
+            fetch_max_wait_ms=max(10, settings.batch_wait_ms),
+        )
+        self.metrics.watch_partitions(self.partition_progress)
+
+    def partition_progress(self) -> list[PartitionProgress]:
+        """Per owned partition: the committed next offset and the log end offset, for
+        the lag metric. Runs on the metrics server's thread, at scrape time."""
+        progress = []
+        for tp, next_offset in dict(self.positions).items():
+            try:
+                # The high watermark of the last fetch response; correct on Apache
+                # Kafka and, as measured, on Tansu too (unlike ListOffsets, adr/0011).
+                end = self._consumer.highwater(tp)
+            except Exception:  # noqa: BLE001 - revoked meanwhile: no end offset to report
+                end = None
+            progress.append(PartitionProgress(tp.topic, tp.partition, next_offset, end))
+        return progress
+
+    async def seek_to_stored(self, partitions: Sequence[TopicPartition]) -> None:
+        stored = await _retry_database(
+            lambda: self.store.stored_offsets([(tp.topic, tp.partition) for tp in partitions]),
+            self.metrics,
+            self.health,
+            self.stop_event,
+        )
+        for tp in partitions:
+            offset = stored[(tp.topic, tp.partition)]
+            self._consumer.seek(tp, offset)
+            self.positions[tp] = offset
+        self.metrics.assigned_partitions.set(len(self.positions))
+        log.info("assigned %s", {f"{tp.topic}[{tp.partition}]": self.positions[tp] for tp in partitions})
+
+    def rewind(self) -> None:
+        """Seek every owned partition back to its committed position: the batch is read again."""
+        for tp, position in self.positions.items():
+            self._consumer.seek(tp, position)
+
+    async def _start_consumer(self, stop: asyncio.Event) -> bool:
+        """Join the group; an unreachable broker is retried with capped exponential
+        backoff and jitter until it answers (True) or ``stop`` is set (False)."""
+        attempt = 0
+        while not stop.is_set():
+            try:
+                await self._consumer.start()
+            except KafkaError as exc:
+                attempt += 1
+                self.health.broker_failed(exc)
+                delay = backoff(attempt)
+                log.error("broker unreachable (%s); retrying in %.1fs", type(exc).__name__, delay)
+                await sleep_unless(stop, delay)
+            else:
+                self.health.broker_ok()
+                return True
+        return False
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.stop_event = stop
+        self._consumer.subscribe(list(self.settings.topics), listener=_SeekToStoredOffsets(self))
+        try:
+            started = await self._start_consumer(stop)
+            while started and not stop.is_set():
+                try:
+                    batch = await self._consumer.getmany(
+                        timeout_ms=self.settings.batch_wait_ms, max_records=self.settings.batch_max_events
+                    )
+                except KafkaError as exc:  # aiokafka retries connections itself; this is what it gave up on
+                    self.health.broker_failed(exc)
+                    self.failures += 1
+                    await sleep_unless(stop, backoff(self.failures))
+                    continue
+                if batch:
+                    with apply_span(self.settings, batch):  # W3C trace context from the headers (adr/0011)
+                        await self._commit(batch)
+        finally:
+            # Leaves the group, so the partitions move at once rather than after the
+            # session timeout; bounded, since a LeaveGroup to a dead broker never returns.
+            try:
+                await asyncio.wait_for(self._consumer.stop(), self.settings.shutdown_timeout_s)
+            except TimeoutError:
+                log.warning("consumer did not stop within %.0fs; leaving the group to the session timeout",
+                            self.settings.shutdown_timeout_s)
+
+    async def _commit(
+        self,
+        batch: dict[TopicPartition, list[ConsumerRecord]],
+        isolating: bool = False,
+        poisoned: dict[Position, str] | None = None,
+    ) -> CommitOutcome:
+        """Commit one batch. ``poisoned`` names records to dead-letter instead of
+        applying, and ``isolating`` returns a deterministic failure to the caller
+        (projector/poison.py) instead of handling it."""
+        rebalances = self.rebalances
+        events: list[PositionedEvent] = []
+        dead: list[DeadLetter] = []
+        archive: list[ArchivedRecord] = []
+        advances: dict[tuple[str, int], PartitionAdvance] = {}
+        for tp, records in batch.items():
+            position = self.positions.get(tp)
+            if position is None:
+                continue  # revoked while the fetch was in flight
+            if records and records[0].offset != position:
+                # Our topics are neither compacted nor transactional, so the log is
+                # contiguous: a different first offset means records were deleted
+                # (retention) or the topic was recreated and the broker reset us.
+                # Projecting on would silently build a different history.
+                raise LogGapError(
+                    f"{tp.topic}[{tp.partition}]: stored offset is {position} but the log continues at "
+                    f"{records[0].offset}; events were deleted or the topic was recreated. Rebuild from the "
+                    "archive, or reset the stored offsets deliberately."
+                )
+            for record in records:
+                archive.append(
+                    ArchivedRecord(
+                        topic=record.topic,
+                        partition=record.partition,
+                        offset=record.offset,
+                        key=record.key,
+                        value=record.value,
+                        headers=tuple((k, bytes(v)) for k, v in record.headers),
+                        log_time=archive_log_time(record),
+                    )
+                )
+                item = read_record(self.codec, self.settings, record)
+                if poisoned and (record.topic, record.partition, record.offset) in poisoned:
+                    item = dead_letter(record, poisoned[(record.topic, record.partition, record.offset)])
+                if isinstance(item, DeadLetter):
+                    log.error(
+                        "dead letter %s[%d]@%d: %s", record.topic, record.partition, record.offset, item.error,
+                        extra={"topic": record.topic, "partition": record.partition, "offset": record.offset,
+                               "event_type": _event_type_of(record)},
+                    )
+                    self.metrics.events.labels(_event_type_of(record), "dead_lettered").inc()
+                    dead.append(item)
+                else:
+                    events.append(item)
+            advances[(tp.topic, tp.partition)] = PartitionAdvance(
+                expected=position, next_offset=records[-1].offset + 1
+            )
+        if not advances:
+            return "committed"
+        started = time.perf_counter()
+        try:
+            committed = await self.store.commit_batch(events, dead, advances, archive)
+        except FencedError as exc:
+            # Another member committed these partitions meanwhile: what we read is
+            # stale. Start again from what is stored.
+            log.warning("%s; reloading stored offsets", exc)
+            batch_failed(exc)
+            self.metrics.fenced.inc()
+            await self.seek_to_stored(list(self.positions))
+            return "abandoned"
+        except Exception as exc:  # noqa: BLE001 - sorted by projector/poison.py: transient, or a poisonous record
+            batch_failed(exc)
+            if isolating and not is_transient(exc):
+                return exc
+            await on_failure(self, batch, exc)
+            return "abandoned"
+        elapsed = time.perf_counter() - started
+        self.failures = 0
+        self.health.database_ok()
+        # A rebalance during the commit re-read the positions from the database (maybe
+        # before this commit landed): keep those; a stale one is fenced next batch.
+        if self.rebalances == rebalances:
+            for (topic, partition), advance in advances.items():
+                self.positions[TopicPartition(topic, partition)] = advance.next_offset
+        self.metrics.commit_seconds.observe(elapsed)
+        self.metrics.batch_size.observe(len(events) + len(dead))
+        self.metrics.version.set(committed.version)
+        self.metrics.mark_commit()
+        counts = Counter((p.event.EVENT_TYPE, d.outcome.value) for p, d in committed.result.decisions)
+        for (event_type, outcome), count in counts.items():
+            self.metrics.events.labels(event_type, outcome).inc(count)
+        batch_committed(committed.version, committed.result.decisions, len(dead), advances)
+        return "committed"
+
+
+async def _retry_database(  # type: ignore[no-untyped-def]
+    operation, metrics: ProjectorMetrics, health: Health | None = None, stop: asyncio.Event | None = None
+):
+    """Run ``operation`` until the database answers; transient failures are retried
+    with capped exponential backoff and jitter, others raised. Gives up when
+    ``stop`` is set (shutting down), so a SIGTERM never waits for PostgreSQL."""
+    attempt = 0
+    while True:
+        try:
+            result = await operation()
+        except Exception as exc:
+            if not is_transient(exc) or (stop is not None and stop.is_set()):
+                raise
+            attempt += 1
+            metrics.database_errors.inc()
+            if health is not None:
+                health.database_failed(exc)
+            delay = backoff(attempt)
+            log.error("database unavailable (%s); retrying in %.1fs", exc.__class__.__name__, delay)
+            await sleep_unless(stop, delay)
+        else:
+            if health is not None:
+                health.database_ok()
+            return result

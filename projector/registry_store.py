@@ -1,0 +1,188 @@
+"""Loads and writes the claim registry (claims, leases, sequence ranges) for the decider.
+
+Called inside the batch transaction of :mod:`projector.store`, while the registry
+lock is held, so what is loaded cannot change before it is written back.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+from sqlalchemy import text
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from projector.claims import ClaimStatus, HeldClaim, Lease, LeaseStatus, Needs, Registry
+from schemas.models import OwnerType, ReleaseCause
+
+_CLAIM_COLUMNS = "bucket, value, cell_id, owner_type, owner_id, status, lease_id, claimed_at"
+
+
+def _held(row: Row) -> HeldClaim:  # type: ignore[type-arg]
+    return HeldClaim(
+        bucket=row.bucket,
+        value=row.value,
+        cell_id=row.cell_id,
+        owner_type=OwnerType(row.owner_type),
+        owner_id=row.owner_id,
+        status=ClaimStatus(row.status),
+        lease_id=row.lease_id,
+        claimed_at=row.claimed_at,
+    )
+
+
+def _lease(row: Row) -> Lease:  # type: ignore[type-arg]
+    return Lease(
+        lease_id=row.lease_id,
+        request_id=row.request_id,
+        cell_id=row.cell_id,
+        owner_type=OwnerType(row.owner_type),
+        owner_id=row.owner_id,
+        claims=tuple((bucket, value) for bucket, value in row.claims),
+        expires_at=row.expires_at,
+        status=LeaseStatus(row.status),
+        cause=ReleaseCause(row.cause) if row.cause else None,
+    )
+
+
+async def _claims_by_keys(conn: AsyncConnection, keys: Iterable[tuple[str, str]]) -> list[HeldClaim]:
+    keys = list(keys)
+    if not keys:
+        return []
+    rows = await conn.execute(
+        text(
+            f"SELECT {_CLAIM_COLUMNS} FROM claims c "
+            "JOIN unnest(CAST(:buckets AS text[]), CAST(:values AS text[])) AS k(b, v) "
+            "  ON c.bucket = k.b AND c.value = k.v"
+        ),
+        {"buckets": [b for b, _ in keys], "values": [v for _, v in keys]},
+    )
+    return [_held(row) for row in rows]
+
+
+async def load_registry(conn: AsyncConnection, wanted: Needs) -> Registry:
+    registry = Registry()
+    for held in await _claims_by_keys(conn, wanted.keys):
+        registry.claims[held.key] = held
+    if wanted.owners:
+        rows = await conn.execute(
+            text(
+                f"SELECT {_CLAIM_COLUMNS} FROM claims c "
+                "JOIN unnest(CAST(:cells AS text[]), CAST(:types AS text[]), CAST(:ids AS bigint[])) AS o(c, t, i) "
+                "  ON c.cell_id = o.c AND c.owner_type = o.t AND c.owner_id = o.i"
+            ),
+            {
+                "cells": [o[0] for o in wanted.owners],
+                "types": [o[1] for o in wanted.owners],
+                "ids": [o[2] for o in wanted.owners],
+            },
+        )
+        for row in rows:
+            registry.claims[(row.bucket, row.value)] = _held(row)
+    lease_ids = set(wanted.lease_ids) | {h.lease_id for h in registry.claims.values() if h.lease_id is not None}
+    rows = await conn.execute(
+        text(
+            "SELECT lease_id, request_id, cell_id, owner_type, owner_id, claims, expires_at, status, cause "
+            "FROM leases WHERE lease_id = ANY(CAST(:ids AS uuid[])) "
+            "   OR (status = 'OPEN' AND expires_at <= CAST(:until AS timestamptz))"
+        ),
+        {"ids": list(lease_ids), "until": wanted.expire_until},
+    )
+    for row in rows:
+        registry.leases[row.lease_id] = _lease(row)
+    # Releasing a lease frees all its claims, so all of them must be in view.
+    open_keys = {key for lease in registry.leases.values() if lease.status is LeaseStatus.OPEN for key in lease.claims}
+    for held in await _claims_by_keys(conn, open_keys - registry.claims.keys()):
+        registry.claims[held.key] = held
+    if wanted.sequences:
+        rows = await conn.execute(
+            text(
+                'SELECT sequence_name, max("end") AS next_start FROM sequence_ranges '
+                "WHERE sequence_name = ANY(CAST(:names AS text[])) GROUP BY sequence_name"
+            ),
+            {"names": list(wanted.sequences)},
+        )
+        registry.sequences.update({row.sequence_name: row.next_start for row in rows})
+    return registry
+
+
+async def write_registry(conn: AsyncConnection, registry: Registry, version: int) -> None:
+    held = [registry.claims[k] for k in sorted(registry.changed_claims) if k in registry.claims]
+    freed = [k for k in sorted(registry.changed_claims) if k not in registry.claims]
+    if freed:
+        await conn.execute(
+            text(
+                "DELETE FROM claims c USING unnest(CAST(:buckets AS text[]), CAST(:values AS text[])) AS k(b, v) "
+                "WHERE c.bucket = k.b AND c.value = k.v"
+            ),
+            {"buckets": [b for b, _ in freed], "values": [v for _, v in freed]},
+        )
+    if held:
+        await conn.execute(
+            text(
+                f"INSERT INTO claims ({_CLAIM_COLUMNS}, version) "
+                "SELECT u.*, CAST(:version AS bigint) FROM unnest(CAST(:buckets AS text[]), CAST(:values AS text[]), "
+                "  CAST(:cells AS text[]), CAST(:owner_types AS text[]), CAST(:owner_ids AS bigint[]), "
+                "  CAST(:statuses AS text[]), CAST(:lease_ids AS uuid[]), CAST(:claimed_at AS timestamptz[])) AS u "
+                "ON CONFLICT (bucket, value) DO UPDATE SET cell_id = excluded.cell_id, "
+                "  owner_type = excluded.owner_type, owner_id = excluded.owner_id, status = excluded.status, "
+                "  lease_id = excluded.lease_id, claimed_at = excluded.claimed_at, version = excluded.version"
+            ),
+            {
+                "version": version,
+                "buckets": [c.bucket for c in held],
+                "values": [c.value for c in held],
+                "cells": [c.cell_id for c in held],
+                "owner_types": [c.owner_type.value for c in held],
+                "owner_ids": [c.owner_id for c in held],
+                "statuses": [c.status.value for c in held],
+                "lease_ids": [c.lease_id for c in held],
+                "claimed_at": [c.claimed_at for c in held],
+            },
+        )
+    leases = [registry.leases[i] for i in sorted(registry.changed_leases, key=str)]
+    if leases:
+        await conn.execute(
+            text(
+                "INSERT INTO leases (lease_id, request_id, cell_id, owner_type, owner_id, claims, expires_at, "
+                "  status, cause, version) "
+                "SELECT u.*, CAST(:version AS bigint) FROM unnest(CAST(:ids AS uuid[]), CAST(:requests AS uuid[]), "
+                "  CAST(:cells AS text[]), CAST(:owner_types AS text[]), CAST(:owner_ids AS bigint[]), "
+                "  CAST(:claims AS jsonb[]), CAST(:expires AS timestamptz[]), CAST(:statuses AS text[]), "
+                "  CAST(:causes AS text[])) AS u "
+                "ON CONFLICT (lease_id) DO UPDATE SET status = excluded.status, cause = excluded.cause, "
+                "  version = excluded.version"
+            ),
+            {
+                "version": version,
+                "ids": [l.lease_id for l in leases],
+                "requests": [l.request_id for l in leases],
+                "cells": [l.cell_id for l in leases],
+                "owner_types": [l.owner_type.value for l in leases],
+                "owner_ids": [l.owner_id for l in leases],
+                "claims": [json.dumps([list(k) for k in l.claims]) for l in leases],
+                "expires": [l.expires_at for l in leases],
+                "statuses": [l.status.value for l in leases],
+                "causes": [l.cause.value if l.cause else None for l in leases],
+            },
+        )
+    ranges = registry.granted_ranges
+    if ranges:
+        await conn.execute(
+            text(
+                'INSERT INTO sequence_ranges (sequence_name, start, "end", cell_id, request_id, version) '
+                "SELECT u.*, CAST(:version AS bigint) FROM unnest(CAST(:names AS text[]), CAST(:starts AS bigint[]), "
+                "  CAST(:ends AS bigint[]), CAST(:cells AS text[]), CAST(:requests AS uuid[])) AS u"
+            ),
+            {
+                "version": version,
+                "names": [r.sequence_name for r in ranges],
+                "starts": [r.start for r in ranges],
+                "ends": [r.end for r in ranges],
+                "cells": [r.cell_id for r in ranges],
+                "requests": [r.request_id for r in ranges],
+            },
+        )
+
+

@@ -1,0 +1,367 @@
+"""The PostgreSQL adapter of the projector: one transaction per batch.
+
+Each commit, atomically (adr/0002):
+1. advances the stored next offset of every partition in the batch by
+   compare-and-set against the offset this member started the batch from; a
+   member that lost a partition in a rebalance fails here and writes nothing
+   (fencing);
+2. loads the rows the batch touches (under the claim registry lock when it holds
+   claim requests, adr/0010) and folds the events over them with the pure
+   :func:`projector.domain.project_batch`;
+3. when routing rows changed, bumps the topology version, writes the cells and the
+   change log, and NOTIFYs the version (PostgreSQL delivers it only on commit);
+4. writes the claim registry, the decision events into the outbox, one row per
+   event into ``processed_events`` (idempotency and audit), and the dead letters,
+   all set-based (``unnest``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from uuid import UUID
+
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from projector.changelog import prune_routing_changes
+from projector.bulk import copy_rows
+from projector.audit import ArchivedRecord, audit_rows, headers_json, write_archive, write_audit_keys
+from projector.claims import CLAIM_COMMANDS, Registry, needs
+from projector.domain import BatchResult, Cell, Outcome, PositionedEvent, project_batch
+from projector.registry_store import load_registry, write_registry
+from projector.tables import partition_offsets, topology_version
+from schemas.codec import EventCodec
+from schemas.models import CellRegistered, CellState, CellStateChanged, CellUpdated, Event
+
+NOTIFY_CHANNEL = "topology_version"
+DECISIONS_CHANNEL = "topology_decisions"  # a batch decided claim requests; payload empty
+CLAIM_REGISTRY_LOCK = 0x746F706F636C6D  # pg advisory lock key held while deciding claims
+
+TopicPartitionKey = tuple[str, int]
+
+
+class FencedError(RuntimeError):
+    """The stored offset of a partition is not where this member believed it was:
+    another member committed it meanwhile. Nothing of the batch was written."""
+
+    def __init__(self, partitions: Sequence[TopicPartitionKey]) -> None:
+        super().__init__(f"fenced on {', '.join(f'{t}[{p}]' for t, p in partitions)}")
+        self.partitions = list(partitions)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A record that could not be read as a valid event, kept byte for byte."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...]
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionAdvance:
+    expected: int  # where this member's batch started (the stored next offset)
+    next_offset: int  # one past the last record of the batch
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    version: int
+    changed: bool
+    result: BatchResult
+    dead_letters: int
+
+
+def create_engine(sqlalchemy_url: str, pool_size: int = 5) -> AsyncEngine:
+    return create_async_engine(sqlalchemy_url, pool_size=pool_size, pool_pre_ping=True)
+
+
+class ProjectionStore:
+    def __init__(self, engine: AsyncEngine, secret: bytes, codec: EventCodec | None = None) -> None:
+        self._engine = engine
+        self._secret = secret  # keys the hashes of sensitive claim values
+        self._codec = codec or EventCodec()
+
+    async def stored_offsets(self, partitions: Sequence[TopicPartitionKey]) -> dict[TopicPartitionKey, int]:
+        """The next offset to read for each partition, creating 0 for a new one."""
+        if not partitions:
+            return {}
+        topics = [t for t, _ in partitions]
+        numbers = [p for _, p in partitions]
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO partition_offsets (topic, partition, next_offset) "
+                    "SELECT t, p, 0 FROM unnest(CAST(:topics AS text[]), CAST(:numbers AS int[])) AS u(t, p) "
+                    "ON CONFLICT DO NOTHING"
+                ),
+                {"topics": topics, "numbers": numbers},
+            )
+            rows = await conn.execute(
+                select(partition_offsets.c.topic, partition_offsets.c.partition, partition_offsets.c.next_offset)
+            )
+            stored = {(row.topic, row.partition): row.next_offset for row in rows}
+        return {tp: stored[tp] for tp in partitions}
+
+    async def current_version(self) -> int:
+        async with self._engine.connect() as conn:
+            return int((await conn.execute(select(topology_version.c.version))).scalar_one())
+
+    async def commit_batch(
+        self,
+        events: Sequence[PositionedEvent],
+        dead_letters: Sequence[DeadLetter],
+        advances: Mapping[TopicPartitionKey, PartitionAdvance],
+        archive: Sequence[ArchivedRecord] = (),
+        *,
+        then: Callable[[AsyncConnection, BatchResult], Awaitable[None]] | None = None,
+    ) -> CommitResult:
+        """Commit one batch; ``archive`` holds the batch's records as received.
+        ``then`` runs last inside the transaction (a dead letter's re-drive marks it
+        resolved there, so the event and its resolution commit together)."""
+        async with self._engine.begin() as conn:
+            await _advance_offsets(conn, advances)
+            seen = await _seen_event_ids(conn, [p.event.event_id for p in events])
+            cells = await _load_cells(conn) if any(_is_cell_event(p) for p in events) else {}
+            commands = [(p.event, p.at) for p in events if isinstance(p.event, CLAIM_COMMANDS)]
+            if commands:
+                # One decider at a time across all members: a multi-claim request
+                # spans partitions, and uniqueness needs every decision to see the
+                # one before it (adr/0010). Claims are rare next to reads.
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_REGISTRY_LOCK})
+                registry = await load_registry(conn, needs(commands, self._secret))
+            else:
+                registry = Registry()
+            result = project_batch(events, cells, registry, seen, self._secret)
+            # The version moves only when routers would see a difference, so an
+            # unchanged ETag really means an unchanged routing table.
+            if result.routing_changed:
+                version = int(
+                    (
+                        await conn.execute(
+                            text(
+                                "UPDATE topology_version SET version = version + 1, committed_at = now() "
+                                "WHERE id = 1 RETURNING version"
+                            )
+                        )
+                    ).scalar_one()
+                )
+                await _write_cells(conn, result.cells, version)
+                await write_routing_changes(conn, version, cells=result.cells, namespaces=result.namespaces)
+                await prune_routing_changes(conn, version)  # change-log coverage and retention (adr/0009)
+                await conn.execute(
+                    text("SELECT pg_notify(:channel, :payload)"), {"channel": NOTIFY_CHANNEL, "payload": str(version)}
+                )
+            else:
+                version = int((await conn.execute(select(topology_version.c.version))).scalar_one())
+            await write_registry(conn, result.registry, version)
+            await _append_to_outbox(conn, self._codec, result.claim_decisions)
+            await _record_decisions(conn, result, version)
+            await _write_dead_letters(conn, dead_letters)
+            await write_archive(conn, archive)
+            await write_audit_keys(conn, audit_rows(result, self._secret))
+            if commands:
+                await conn.execute(text("SELECT pg_notify(:channel, '')"), {"channel": DECISIONS_CHANNEL})
+            if then is not None:
+                await then(conn, result)
+        return CommitResult(
+            version=version, changed=result.routing_changed, result=result, dead_letters=len(dead_letters)
+        )
+
+
+def _is_cell_event(positioned: PositionedEvent) -> bool:
+    return isinstance(positioned.event, CellRegistered | CellUpdated | CellStateChanged)
+
+
+async def _advance_offsets(conn: AsyncConnection, advances: Mapping[TopicPartitionKey, PartitionAdvance]) -> None:
+    if not advances:
+        return
+    # Sorted, so two members touching overlapping partitions lock in the same order.
+    items = sorted(advances.items())
+    rows = await conn.execute(
+        text(
+            "UPDATE partition_offsets AS o SET next_offset = u.next_offset, updated_at = now() "
+            "FROM unnest(CAST(:topics AS text[]), CAST(:numbers AS int[]), "
+            "            CAST(:expected AS bigint[]), CAST(:next AS bigint[])) "
+            "     AS u(topic, partition, expected, next_offset) "
+            "WHERE o.topic = u.topic AND o.partition = u.partition AND o.next_offset = u.expected "
+            "RETURNING o.topic, o.partition"
+        ),
+        {
+            "topics": [t for (t, _), _ in items],
+            "numbers": [p for (_, p), _ in items],
+            "expected": [a.expected for _, a in items],
+            "next": [a.next_offset for _, a in items],
+        },
+    )
+    advanced = {(row.topic, row.partition) for row in rows}
+    lost = [tp for tp, _ in items if tp not in advanced]
+    if lost:
+        raise FencedError(lost)
+
+
+async def _seen_event_ids(conn: AsyncConnection, event_ids: list[UUID]) -> set[UUID]:
+    if not event_ids:
+        return set()
+    rows = await conn.execute(
+        text("SELECT event_id FROM processed_events WHERE event_id = ANY(CAST(:ids AS uuid[]))"), {"ids": event_ids}
+    )
+    return {row.event_id for row in rows}
+
+
+async def _load_cells(conn: AsyncConnection) -> dict[str, Cell]:
+    # The cells table is small (one row per cell), and cell rules compare cells
+    # with each other, so the whole table is the input.
+    rows = await conn.execute(
+        text("SELECT cell_id, address, session_prefix, region, weight, state, state_reason FROM cells")
+    )
+    return {
+        row.cell_id: Cell(
+            cell_id=row.cell_id,
+            address=row.address,
+            session_prefix=row.session_prefix,
+            region=row.region,
+            weight=row.weight,
+            state=CellState(row.state),
+            state_reason=row.state_reason,
+        )
+        for row in rows
+    }
+
+
+async def _write_cells(conn: AsyncConnection, cells: Mapping[str, Cell], version: int) -> None:
+    if not cells:
+        return
+    rows = list(cells.values())
+    await conn.execute(
+        text(
+            "INSERT INTO cells (cell_id, address, session_prefix, region, weight, state, state_reason, version) "
+            "SELECT u.*, CAST(:version AS bigint) FROM unnest(CAST(:ids AS text[]), CAST(:addresses AS text[]), "
+            "  CAST(:prefixes AS text[]), CAST(:regions AS text[]), CAST(:weights AS int[]), "
+            "  CAST(:states AS text[]), CAST(:reasons AS text[])) AS u "
+            "ON CONFLICT (cell_id) DO UPDATE SET address = excluded.address, "
+            "  session_prefix = excluded.session_prefix, region = excluded.region, weight = excluded.weight, "
+            "  state = excluded.state, state_reason = excluded.state_reason, version = excluded.version"
+        ),
+        {
+            "version": version,
+            "ids": [c.cell_id for c in rows],
+            "addresses": [c.address for c in rows],
+            "prefixes": [c.session_prefix for c in rows],
+            "regions": [c.region for c in rows],
+            "weights": [c.weight for c in rows],
+            "states": [c.state.value for c in rows],
+            "reasons": [c.state_reason for c in rows],
+        },
+    )
+
+
+def cell_document(cell: Cell) -> dict[str, object]:
+    """A cell as routers see it, in snapshots and in the change log."""
+    return {
+        "cell_id": cell.cell_id,
+        "address": cell.address,
+        "session_prefix": cell.session_prefix,
+        "region": cell.region,
+        "weight": cell.weight,
+        "state": cell.state.value,
+        "state_reason": cell.state_reason,
+    }
+
+
+async def write_routing_changes(
+    conn: AsyncConnection, version: int, cells: Mapping[str, Cell], namespaces: Mapping[str, str | None]
+) -> None:
+    """Record what ``version`` changed for routers: each cell's new row, and each
+    namespace's new owning cell (``None``: no longer claimed)."""
+    kinds = ["cell"] * len(cells) + ["namespace"] * len(namespaces)
+    keys = [*cells, *namespaces]
+    values = [json.dumps(cell_document(c)) for c in cells.values()] + [
+        json.dumps({"cell_id": cell_id}) if cell_id is not None else None for cell_id in namespaces.values()
+    ]
+    if not keys:
+        return
+    await conn.execute(
+        text(
+            "INSERT INTO routing_changes (version, kind, key, value) "
+            "SELECT CAST(:version AS bigint), k, key, v FROM unnest(CAST(:kinds AS text[]), "
+            "  CAST(:keys AS text[]), CAST(:values AS jsonb[])) AS u(k, key, v)"
+        ),
+        {"version": version, "kinds": kinds, "keys": keys, "values": values},
+    )
+
+
+async def _record_decisions(conn: AsyncConnection, result: BatchResult, version: int) -> None:
+    # Duplicates are not recorded again: the first decision for an event_id stands.
+    fresh = [(p, d) for p, d in result.decisions if d.outcome is not Outcome.DUPLICATE]
+    if not fresh:
+        return
+    await copy_rows(
+        conn,
+        "processed_events",
+        ("event_id", "event_type", "topic", "partition", "offset", "outcome", "reason", "source", "occurred_at",
+         "detail", "version"),
+        (
+            (p.event.event_id, p.event.EVENT_TYPE, p.topic, p.partition, p.offset, d.outcome.value, d.reason,
+             p.event.source, p.event.occurred_at, _detail(d.events), version)
+            for p, d in fresh
+        ),
+    )
+
+
+def _detail(decisions: tuple[Event, ...]) -> str | None:
+    """The decision events of a claim request, as JSON, for the synchronous answer."""
+    if not decisions:
+        return None
+    return json.dumps([{"type": d.EVENT_TYPE, **d.model_dump(mode="json")} for d in decisions])
+
+
+async def _append_to_outbox(conn: AsyncConnection, codec: EventCodec, decisions: Sequence[Event]) -> None:
+    """Record the decisions in the log: the relay publishes the outbox to the
+    claim-decisions topic, in id order, which under the registry lock is decision order."""
+    if not decisions:
+        return
+    await conn.execute(
+        text(
+            "INSERT INTO topology_outbox (event_id, event_type, partition_key, payload) "
+            "SELECT event_id, event_type, partition_key, payload FROM unnest(CAST(:ids AS uuid[]), "
+            "  CAST(:types AS text[]), CAST(:keys AS text[]), CAST(:payloads AS bytea[])) "
+            "  WITH ORDINALITY AS u(event_id, event_type, partition_key, payload, n) "
+            "ORDER BY n"
+        ),
+        {
+            "ids": [d.event_id for d in decisions],
+            "types": [d.EVENT_TYPE for d in decisions],
+            "keys": [d.partition_key for d in decisions],
+            "payloads": [codec.encode(d.EVENT_TYPE, d.to_avro()) for d in decisions],
+        },
+    )
+
+
+async def _write_dead_letters(conn: AsyncConnection, dead_letters: Sequence[DeadLetter]) -> None:
+    if not dead_letters:
+        return
+    await conn.execute(
+        text(
+            'INSERT INTO dead_letters (topic, partition, "offset", key, value, headers, error) '
+            "SELECT * FROM unnest(CAST(:topics AS text[]), CAST(:numbers AS int[]), CAST(:offsets AS bigint[]), "
+            "  CAST(:keys AS bytea[]), CAST(:values AS bytea[]), CAST(:headers AS jsonb[]), CAST(:errors AS text[]))"
+        ),
+        {
+            "topics": [d.topic for d in dead_letters],
+            "numbers": [d.partition for d in dead_letters],
+            "offsets": [d.offset for d in dead_letters],
+            "keys": [d.key for d in dead_letters],
+            "values": [d.value for d in dead_letters],
+            "headers": [headers_json(d.headers) for d in dead_letters],
+            # ASCII with escapes: the error quotes what could not be read, and a
+            # database whose encoding cannot hold it must still take the dead letter.
+            "errors": [d.error.encode("ascii", "backslashreplace").decode("ascii") for d in dead_letters],
+        },
+    )

@@ -1,0 +1,322 @@
+"""HTTP for clients that do not speak Kafka: claim requests with a synchronous answer.
+
+Each call publishes a command to the claim-requests topic and waits for the
+projector's decision (read-your-writes): 201/200 when granted, 409 naming the
+conflicting cell, 504 with the request id when no decision arrives in time (the
+client then polls ``GET /v1/requests/{id}``). A request id given twice gets the
+same answer and never a second claim: the request id is the command's event_id,
+which the projector processes once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, ValidationError
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from producer.publisher import EventPublisher, PublishFailed
+from query_api.auth import Authorizer
+from query_api.decisions import DecisionWaiter, RequestDecision, lookup
+from query_api.models import ErrorDocument
+from schemas.models import (
+    MAX_CLAIMS_PER_REQUEST,
+    MAX_LEASE_TTL_MS,
+    ClaimBucket,
+    ClaimsDestroyRequested,
+    ClaimsRequested,
+    Event,
+    LeaseCommitRequested,
+    LeaseRollbackRequested,
+    OwnerType,
+    stored_claim_value,
+)
+from topology.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ClaimInput(BaseModel):
+    bucket: ClaimBucket
+    value: str = Field(min_length=1, max_length=255)
+
+
+class BeginRequest(BaseModel):
+    """Reserve all claims for one owner under a lease, or none."""
+
+    request_id: uuid.UUID | None = Field(default=None, description="Idempotency key; generated when absent")
+    lease_id: uuid.UUID | None = Field(default=None, description="Generated when absent")
+    cell_id: str
+    owner_type: OwnerType
+    owner_id: int = Field(ge=0, le=2**63 - 1)
+    claims: list[ClaimInput] = Field(min_length=1, max_length=MAX_CLAIMS_PER_REQUEST)
+    lease_ttl_ms: int = Field(default=60_000, ge=1000, le=MAX_LEASE_TTL_MS)
+
+
+class LeaseAction(BaseModel):
+    cell_id: str
+    request_id: uuid.UUID | None = None
+
+
+class RequestAnswer(BaseModel):
+    request_id: uuid.UUID
+    request_type: str
+    outcome: str = Field(description="applied, unchanged or rejected")
+    reason: str | None
+    decisions: list[dict[str, Any]] = Field(description="The decision events recorded in the log")
+
+
+class PendingAnswer(BaseModel):
+    request_id: uuid.UUID
+    status: str = "pending"
+    message: str
+
+
+class OwnerClaim(BaseModel):
+    bucket: str
+    value: str
+    status: str
+    lease_id: uuid.UUID | None
+    claimed_at: datetime
+
+
+class OwnerDocument(BaseModel):
+    cell_id: str
+    owner_type: OwnerType
+    owner_id: int
+    claims: list[OwnerClaim]
+
+
+CLAIMS_READ = "claims:read"
+CLAIMS_WRITE = "claims:write"
+
+
+def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, **extra}}, status_code=status)
+
+
+def denied(request: Request, authorizer: Authorizer, scope: str) -> JSONResponse | None:
+    """The 401/403 answer when the request's bearer token lacks ``scope``; else None."""
+    header = request.headers.get("authorization")
+    refused = authorizer.check(header.encode("latin-1") if header else None, scope)
+    if refused is None:
+        return None
+    status, code, message = refused
+    challenge = 'Bearer realm="topology"' if status == 401 else (
+        f'Bearer realm="topology", error="insufficient_scope", scope="{scope}"')
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status,
+                        headers={"WWW-Authenticate": challenge})
+
+
+def _answer(decision: RequestDecision, created: bool = False) -> JSONResponse:
+    body = RequestAnswer(
+        request_id=decision.request_id,
+        request_type=decision.request_type,
+        outcome=decision.outcome,
+        reason=decision.reason,
+        decisions=decision.decisions,
+    ).model_dump(mode="json")
+    if decision.outcome == "rejected":
+        rejected = next((d for d in decision.decisions if d.get("type") == "RequestRejected"), {})
+        return _error(
+            409,
+            str(rejected.get("reason", "rejected")).lower(),
+            decision.reason or "rejected",
+            request_id=str(decision.request_id),
+            conflicts=rejected.get("conflicts", []),
+        )
+    return JSONResponse(body, status_code=201 if created and decision.outcome == "applied" else 200)
+
+
+class ClaimsService:
+    """The writer side of the API: a Kafka publisher (started on first use, so
+    reads keep working while the broker is away) and the decision waiter."""
+
+    def __init__(self, settings: Settings, engine: AsyncEngine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.authorizer = Authorizer.from_settings(settings)
+        self.waiter = DecisionWaiter(engine, settings.libpq_url)
+        self._publisher: EventPublisher | None = None
+        self._publisher_lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self.waiter.run(), name="decision-waiter")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self._publisher is not None:
+            await self._publisher.stop()
+
+    async def _started_publisher(self) -> EventPublisher:
+        async with self._publisher_lock:
+            if self._publisher is None:
+                publisher = EventPublisher(self.settings)
+                await publisher.start()
+                self._publisher = publisher
+            return self._publisher
+
+    async def submit(self, command: Event, created: bool = False) -> JSONResponse:
+        """Publish ``command`` (unless already decided) and answer with its decision."""
+        known = (await lookup(self.engine, [command.event_id])).get(command.event_id)
+        if known is not None:
+            return _answer(known, created)
+        waiting = asyncio.create_task(self.waiter.wait(command.event_id, self.settings.decision_wait_s))
+        await asyncio.sleep(0)  # let the waiter register before the request can be decided
+        try:
+            publisher = await self._started_publisher()
+            await publisher.publish(command)
+        except (PublishFailed, OSError, Exception) as exc:  # noqa: BLE001 - any broker failure is a 503
+            waiting.cancel()
+            log.warning("could not publish %s %s: %s", command.EVENT_TYPE, command.event_id, exc.__class__.__name__)
+            return _error(503, "broker_unavailable", "the request could not be published; retry with the same request_id",
+                          request_id=str(command.event_id))
+        decision = await waiting
+        if decision is None:
+            return JSONResponse(
+                PendingAnswer(
+                    request_id=command.event_id,
+                    message=f"no decision within {self.settings.decision_wait_s}s; poll GET /v1/requests/{command.event_id}",
+                ).model_dump(mode="json"),
+                status_code=504,
+            )
+        return _answer(decision, created)
+
+
+def claims_router() -> APIRouter:
+    router = APIRouter(tags=["claims"])
+    errors: dict[int | str, dict[str, Any]] = {
+        400: {"model": ErrorDocument}, 401: {"model": ErrorDocument}, 403: {"model": ErrorDocument},
+        409: {"model": ErrorDocument}, 503: {"model": ErrorDocument},
+        504: {"model": PendingAnswer},
+    }
+
+    def service(request: Request) -> ClaimsService:
+        return request.app.state.claims  # type: ignore[no-any-return]
+
+    def invalid(exc: ValidationError | ValueError) -> JSONResponse:
+        if isinstance(exc, ValidationError):
+            message = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors())
+        else:
+            message = str(exc)
+        return _error(400, "invalid_request", message)
+
+    @router.post("/v1/claims", status_code=201, response_model=RequestAnswer, responses=errors,
+                 summary="Begin: reserve claims under a lease, all or none")
+    async def begin(request: Request, body: BeginRequest) -> JSONResponse:
+        if refused := denied(request, service(request).authorizer, CLAIMS_WRITE):
+            return refused
+        try:
+            command = ClaimsRequested(
+                event_id=body.request_id or uuid.uuid4(),
+                lease_id=body.lease_id or uuid.uuid4(),
+                source=f"http:{body.cell_id}",
+                cell_id=body.cell_id,
+                owner_type=body.owner_type,
+                owner_id=body.owner_id,
+                claims=[c.model_dump() for c in body.claims],
+                lease_ttl_ms=body.lease_ttl_ms,
+            )
+        except ValidationError as exc:
+            return invalid(exc)
+        return await service(request).submit(command, created=True)
+
+    async def lease_action(request: Request, lease_id: uuid.UUID, body: LeaseAction, commit: bool) -> JSONResponse:
+        if refused := denied(request, service(request).authorizer, CLAIMS_WRITE):
+            return refused
+        model = LeaseCommitRequested if commit else LeaseRollbackRequested
+        try:
+            command = model(event_id=body.request_id or uuid.uuid4(), source=f"http:{body.cell_id}",
+                            lease_id=lease_id, cell_id=body.cell_id)
+        except ValidationError as exc:
+            return invalid(exc)
+        return await service(request).submit(command)
+
+    @router.post("/v1/leases/{lease_id}/commit", response_model=RequestAnswer, responses=errors,
+                 summary="Make a lease's claims permanent")
+    async def commit(request: Request, lease_id: uuid.UUID, body: LeaseAction) -> JSONResponse:
+        return await lease_action(request, lease_id, body, commit=True)
+
+    @router.post("/v1/leases/{lease_id}/rollback", response_model=RequestAnswer, responses=errors,
+                 summary="Free a lease's claims")
+    async def rollback(request: Request, lease_id: uuid.UUID, body: LeaseAction) -> JSONResponse:
+        return await lease_action(request, lease_id, body, commit=False)
+
+    @router.delete("/v1/claims/{bucket}/{value:path}", response_model=RequestAnswer, responses=errors,
+                   summary="Destroy: free a committed claim of its owner")
+    async def destroy(request: Request, bucket: str, value: str, cell_id: str, owner_type: OwnerType,
+                      owner_id: int, request_id: uuid.UUID | None = None) -> JSONResponse:
+        if refused := denied(request, service(request).authorizer, CLAIMS_WRITE):
+            return refused
+        try:
+            command = ClaimsDestroyRequested(
+                event_id=request_id or uuid.uuid4(), source=f"http:{cell_id}", cell_id=cell_id,
+                owner_type=owner_type, owner_id=owner_id, claims=[{"bucket": bucket.upper(), "value": value}],
+            )
+        except ValidationError as exc:
+            return invalid(exc)
+        return await service(request).submit(command)
+
+    @router.get("/v1/requests/{request_id}", response_model=RequestAnswer,
+                responses={404: {"model": ErrorDocument}, 409: {"model": ErrorDocument}},
+                summary="The decision on a request (after a 504)")
+    async def get_request(request: Request, request_id: uuid.UUID) -> JSONResponse:
+        if refused := denied(request, service(request).authorizer, CLAIMS_READ):
+            return refused
+        decision = (await lookup(service(request).engine, [request_id])).get(request_id)
+        if decision is None:
+            return _error(404, "request_not_found", "no decision on this request (yet)")
+        return _answer(decision)
+
+    @router.get("/v1/owners/{owner_type}/{owner_id}", response_model=OwnerDocument,
+                responses={404: {"model": ErrorDocument}}, summary="All claims of an owner in a cell")
+    async def get_owner(request: Request, owner_type: OwnerType, owner_id: int, cell_id: str) -> JSONResponse:
+        if refused := denied(request, service(request).authorizer, CLAIMS_READ):
+            return refused
+        async with service(request).engine.connect() as conn:
+            rows = (await conn.execute(
+                text("SELECT bucket, value, status, lease_id, claimed_at FROM claims "
+                     "WHERE cell_id = :cell AND owner_type = :type AND owner_id = :id ORDER BY bucket, value"),
+                {"cell": cell_id, "type": owner_type.value, "id": owner_id},
+            )).all()
+        if not rows:
+            return _error(404, "owner_not_found", f"{owner_type.value} {owner_id} holds no claims in {cell_id}")
+        document = OwnerDocument(cell_id=cell_id, owner_type=owner_type, owner_id=owner_id,
+                                 claims=[OwnerClaim.model_validate(row._asdict()) for row in rows])
+        return JSONResponse(document.model_dump(mode="json"))
+
+    return router
+
+
+async def login_cell(service: ClaimsService, login: str) -> str | None:
+    """The cell of a user, given their username or e-mail: the holder of the
+    committed USERNAME or EMAIL claim (e-mails are compared as keyed hashes)."""
+    candidates: list[tuple[str, str]] = []
+    for bucket in (ClaimBucket.EMAIL, ClaimBucket.USERNAME) if "@" in login else (ClaimBucket.USERNAME,):
+        try:
+            candidates.append((bucket.value, stored_claim_value(bucket, login, service.settings.claim_secret)))
+        except ValueError:
+            continue
+    if not candidates:
+        return None
+    async with service.engine.connect() as conn:
+        row = (await conn.execute(
+            text("SELECT c.cell_id FROM claims c JOIN unnest(CAST(:buckets AS text[]), CAST(:values AS text[])) "
+                 "AS k(b, v) ON c.bucket = k.b AND c.value = k.v WHERE c.status = 'COMMITTED' LIMIT 1"),
+            {"buckets": [b for b, _ in candidates], "values": [v for _, v in candidates]},
+        )).first()
+    return row.cell_id if row is not None else None
+

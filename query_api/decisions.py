@@ -1,0 +1,109 @@
+"""Waiting for the decision on a claim request: read-your-writes for HTTP clients.
+
+The projector NOTIFYs ``topology_decisions`` when a batch that decided claim
+requests commits. One listening connection per API process wakes every waiting
+request at once; each wake-up costs one query for all pending request ids. A
+slow poll covers a notification lost while the listening connection was down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from projector.store import DECISIONS_CHANNEL
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestDecision:
+    request_id: uuid.UUID
+    request_type: str
+    outcome: str  # applied | unchanged | rejected
+    reason: str | None
+    decisions: list[dict[str, Any]]  # the decision events, as JSON
+
+
+async def lookup(engine: AsyncEngine, request_ids: list[uuid.UUID]) -> dict[uuid.UUID, RequestDecision]:
+    if not request_ids:
+        return {}
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            text(
+                "SELECT event_id, event_type, outcome, reason, detail FROM processed_events "
+                "WHERE event_id = ANY(CAST(:ids AS uuid[]))"
+            ),
+            {"ids": request_ids},
+        )
+        return {
+            row.event_id: RequestDecision(row.event_id, row.event_type, row.outcome, row.reason, row.detail or [])
+            for row in rows
+        }
+
+
+class DecisionWaiter:
+    def __init__(self, engine: AsyncEngine, libpq_url: str, poll_interval_s: float = 1.0) -> None:
+        self._engine = engine
+        self._libpq_url = libpq_url
+        self._poll_interval_s = poll_interval_s
+        self._pending: dict[uuid.UUID, list[asyncio.Future[RequestDecision]]] = {}
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(f) for f in self._pending.values())
+
+    async def wait(self, request_id: uuid.UUID, timeout_s: float) -> RequestDecision | None:
+        """The decision on ``request_id``, or None if none arrives within ``timeout_s``.
+        Register before publishing the request, so no decision can slip past."""
+        future: asyncio.Future[RequestDecision] = asyncio.get_running_loop().create_future()
+        self._pending.setdefault(request_id, []).append(future)
+        try:
+            # The decision may already exist (a retried request id).
+            found = (await lookup(self._engine, [request_id])).get(request_id)
+            if found is not None:
+                return found
+            return await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        except TimeoutError:
+            return None
+        finally:
+            waiters = self._pending.get(request_id, [])
+            if future in waiters:
+                waiters.remove(future)
+            if not waiters:
+                self._pending.pop(request_id, None)
+
+    async def _resolve_pending(self) -> None:
+        if not self._pending:
+            return
+        found = await lookup(self._engine, list(self._pending))
+        for request_id, decision in found.items():
+            for future in self._pending.get(request_id, []):
+                if not future.done():
+                    future.set_result(decision)
+
+    async def run(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(self._libpq_url, autocommit=True) as conn:
+                    await conn.execute(f"LISTEN {DECISIONS_CHANNEL}")
+                    attempt = 0
+                    while True:
+                        async for _ in conn.notifies(timeout=self._poll_interval_s, stop_after=1):
+                            pass
+                        await self._resolve_pending()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep answering from polls until LISTEN is back
+                attempt += 1
+                delay = min(10.0, 0.2 * 2**attempt)
+                log.warning("decision listener failed (%s); retrying in %.1fs", exc.__class__.__name__, delay)
+                await asyncio.sleep(delay)

@@ -1,0 +1,75 @@
+"""The revalidation fast path below ASGI (adr/0009).
+
+A fleet of routers mostly asks "I hold version V; anything newer?" and the answer is
+mostly 304. Through ASGI that costs a scope, a request/response cycle object, an
+asyncio task and two ``send`` calls per request; here, in uvicorn's httptools
+protocol, the parser callback that completes the headers writes the prebuilt 304
+straight to the transport when, and only when, all of these hold:
+
+``GET /v1/snapshot`` without a query, HTTP/1.1 keep-alive, no pipelined request in
+flight, a valid bearer token with ``snapshot:read``, and an If-None-Match naming the
+current version or a newer one. Anything else (including every error) takes the
+normal ASGI path, so behaviour is the same either way; only the cost differs.
+
+It relies on uvicorn's ``HttpToolsProtocol`` internals; :func:`protocol_for`
+returns None (and the server uses uvicorn's own protocol) when they are not what
+this code expects.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from query_api.sync import RouterSync
+
+log = logging.getLogger(__name__)
+
+_EXPECTED = ("on_headers_complete", "on_message_complete", "on_body", "on_response_complete")
+
+
+def protocol_for(sync: RouterSync) -> type[Any] | None:
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # needs httptools
+    except ImportError:
+        return None
+    if not all(hasattr(HttpToolsProtocol, name) for name in _EXPECTED):
+        log.warning("uvicorn's httptools protocol changed; the revalidation fast path is off")
+        return None
+
+    class FastRevalidationProtocol(HttpToolsProtocol):  # type: ignore[misc]
+        _fast = False
+
+        def on_headers_complete(self) -> None:
+            if self.url == b"/v1/snapshot" and (self.cycle is None or self.cycle.response_complete):
+                parser = self.parser
+                if (parser.get_method() == b"GET" and parser.get_http_version() == "1.1"
+                        and parser.should_keep_alive() and not parser.should_upgrade()):
+                    authorization = if_none_match = None
+                    for name, value in self.headers:
+                        if name == b"authorization":
+                            authorization = value
+                        elif name == b"if-none-match":
+                            if_none_match = value
+                    if authorization is not None and if_none_match is not None:
+                        raw = sync.revalidation_response(authorization, if_none_match,
+                                                         self.server_state.default_headers)
+                        if raw is not None:
+                            self._fast = True
+                            self.transport.write(raw)
+                            self.on_response_complete()
+                            return
+            self._fast = False
+            super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            if not self._fast:
+                super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            if self._fast:
+                self._fast = False
+                return
+            super().on_message_complete()
+
+    return FastRevalidationProtocol

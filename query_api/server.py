@@ -1,0 +1,56 @@
+"""``topology serve``: the read API on uvicorn.
+
+uvloop and httptools are used when installed (they are dependencies). On SIGINT or
+SIGTERM, long-polling requests are released at once (they answer 304), so
+shutting down does not wait out their ``wait``.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import FrameType
+
+import uvicorn
+
+from query_api.app import create_app
+from query_api.fast_protocol import protocol_for
+from query_api.sync import RouterSync, RouterSyncMiddleware
+from query_api.uvicorn_server import GracefulServer
+from topology.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class _Server(GracefulServer):
+    def __init__(self, config: uvicorn.Config, sync: RouterSync) -> None:
+        super().__init__(config)
+        self._sync = sync
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._sync.close_soon()
+        super().handle_exit(sig, frame)
+
+
+def serve(settings: Settings) -> None:
+    app = create_app(settings)
+    sync: RouterSync = app.state.sync
+    if sync.authorizer.configured == 0:
+        log.warning("no API tokens configured (TOPOLOGY_API_TOKENS): every routing-data request gets 401")
+    config = uvicorn.Config(
+        # The fast path also in front of Starlette itself: revalidations skip its
+        # request setup and error middleware (the copy inside guards the routes when
+        # the app is used without this wrapper).
+        RouterSyncMiddleware(app, sync),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_level="info",
+        log_config=None,  # uvicorn's records go to the JSON, redacting handler of topology/logs.py
+        access_log=settings.api_access_log,
+        timeout_graceful_shutdown=5,
+        # Clients' addresses are never logged or used, so X-Forwarded-For parsing
+        # would only cost time on every request; neither is a Server header needed.
+        proxy_headers=False,
+        server_header=False,
+        http=protocol_for(sync) or "auto",  # 304 revalidations below ASGI (query_api/fast_protocol.py)
+    )
+    _Server(config, sync).run()

@@ -1,0 +1,436 @@
+"""Consistent snapshots of the routing tables, kept fresh by LISTEN/NOTIFY and the
+change log (adr/0009).
+
+The projector NOTIFYs ``topology_version`` in the transaction that bumps the
+version; PostgreSQL delivers it on commit. One listening connection per API
+process wakes the refresh; a slow poll covers notifications missed while the
+listening connection was down (and refreshes the freshness heartbeat).
+
+A refresh reads, in one REPEATABLE READ transaction, the new version and the net
+routing changes since the version held (``routing_changes``), and derives the new
+snapshot from the old one: O(changes), not O(table). Only the first load, or a
+gap the change log no longer covers, reads the whole tables. Each snapshot is
+immutable (the namespace table is a shared base plus a per-version overlay), so a
+request that took one snapshot answers from that version only, and the delta
+from the previous version is handed to the delta cache for the long-polling
+routers that wake up on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import msgpack
+import orjson
+import psycopg
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from projector.store import NOTIFY_CHANNEL
+from query_api.encodings import Compression, Observer, Representations
+from query_api.models import CellView
+from query_api.protocol import JSON, MSGPACK, digest_after, namespace_digest
+
+log = logging.getLogger(__name__)
+
+CELLS_QUERY = (
+    "SELECT cell_id, address, session_prefix, region, weight, state, state_reason FROM cells ORDER BY cell_id"
+)
+# Only committed NAMESPACE claims route (a leased claim does not, yet).
+NAMESPACES_QUERY = (
+    "SELECT value, cell_id FROM claims WHERE bucket = 'NAMESPACE' AND status = 'COMMITTED' ORDER BY value"
+)
+HEAD_QUERY = text(
+    "SELECT v.version, v.committed_at, greatest(v.committed_at, (SELECT max(updated_at) FROM partition_offsets)) "
+    "AS last_commit_at FROM topology_version v WHERE v.id = 1"
+)
+COVERAGE_QUERY = text(
+    "SELECT count(*) FROM routing_versions WHERE version > :since AND version <= :target"
+)
+CHANGES_QUERY = text(
+    "SELECT DISTINCT ON (kind, key) kind, key, value FROM routing_changes "
+    "WHERE version > :since AND version <= :target ORDER BY kind, key, version DESC"
+)
+FLOOR_QUERY = text(
+    "SELECT coalesce((SELECT min(version) - 1 FROM routing_versions), "
+    "(SELECT version FROM topology_version WHERE id = 1))"
+)
+
+
+def _epoch(moment: datetime) -> float:
+    return moment.timestamp()
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceTable:
+    """namespace path -> cell id at one version: ``base`` (shared between
+    versions, never changed) overlaid by ``overlay`` (this version's changes since
+    the base; ``None`` means deleted)."""
+
+    base: dict[str, str]
+    overlay: dict[str, str | None]
+    count: int
+    digest: int
+
+    @classmethod
+    def full(cls, namespaces: dict[str, str]) -> NamespaceTable:
+        return cls(namespaces, {}, len(namespaces), namespace_digest(namespaces))
+
+    def get(self, path: str, default: str | None = None) -> str | None:
+        if path in self.overlay:
+            value = self.overlay[path]
+            return default if value is None else value
+        return self.base.get(path, default)
+
+    def materialize(self) -> dict[str, str]:
+        if not self.overlay:
+            return self.base
+        merged = dict(self.base)
+        for path, cell_id in self.overlay.items():
+            if cell_id is None:
+                merged.pop(path, None)
+            else:
+                merged[path] = cell_id
+        return merged
+
+    def apply(self, upserts: Mapping[str, str], deletions: list[str]) -> NamespaceTable:
+        digest, count = digest_after(self, self.digest, self.count, upserts, deletions)
+        overlay = dict(self.overlay)
+        for path in deletions:
+            overlay[path] = None
+        overlay.update(upserts)
+        if len(overlay) > max(50_000, len(self.base) // 16):
+            # Fold the overlay into a new base now and then, so lookups and
+            # serialization stay one dict away.
+            return NamespaceTable(NamespaceTable(self.base, overlay, count, digest).materialize(), {}, count, digest)
+        return NamespaceTable(self.base, overlay, count, digest)
+
+
+class Snapshot:
+    """The routing tables at one version. Immutable; serialized lazily, once per
+    format and content coding."""
+
+    __slots__ = (
+        "build_seconds", "cells", "cells_by_id", "committed_at", "committed_ts", "confirmed_ts", "etag", "namespaces",
+        "representations", "version",
+    )
+
+    def __init__(
+        self,
+        version: int,
+        committed_at: datetime,
+        cells: list[dict[str, Any]],
+        namespaces: NamespaceTable,
+        build_seconds: float,
+        compression: Compression,
+        observe: Observer | None = None,
+    ) -> None:
+        self.version = version
+        self.committed_at = committed_at
+        self.committed_ts = _epoch(committed_at)
+        # The projector's latest commit seen while this was the stored version
+        # (freshness metadata, not data: a refresh that finds no newer version moves it).
+        self.confirmed_ts = self.committed_ts
+        self.cells = sorted(cells, key=lambda c: c["cell_id"])
+        self.cells_by_id = {c["cell_id"]: c for c in self.cells}
+        self.namespaces = namespaces
+        self.build_seconds = build_seconds
+        self.etag = f'"{version}"'
+        self.representations = Representations("snapshot", self._serialize, compression, observe)
+
+    @property
+    def namespace_count(self) -> int:
+        return self.namespaces.count
+
+    @property
+    def cell_views(self) -> list[CellView]:
+        return [CellView.model_validate(c) for c in self.cells]
+
+    def age_seconds(self, now: datetime | None = None) -> float:
+        """How long since the projector last committed, as far as this process
+        knows: this version's commit, or a later batch that found nothing to change."""
+        now_ts = now.timestamp() if now is not None else time.time()
+        return max(0.0, now_ts - max(self.committed_ts, self.confirmed_ts))
+
+    def _head(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "committed_at": self.committed_at.isoformat(),
+            "namespace_count": self.namespaces.count,
+            "namespace_digest": self.namespaces.digest,
+            "cells": self.cells,
+        }
+
+    def _serialize(self, fmt: str) -> bytes:
+        namespaces = self.namespaces.materialize()
+        if fmt == JSON:
+            head = orjson.dumps(self._head())
+            return head[:-1] + b',"namespaces":' + orjson.dumps(namespaces) + b"}"
+        if fmt == MSGPACK:
+            cell_ids = sorted(set(namespaces.values()))
+            index = {cell_id: n for n, cell_id in enumerate(cell_ids)}
+            document = self._head()
+            document["cell_ids"] = cell_ids
+            document["namespace_paths"] = list(namespaces)
+            document["namespace_cells"] = list(map(index.__getitem__, namespaces.values()))
+            return msgpack.packb(document)  # type: ignore[no-any-return]
+        raise ValueError(f"unknown format {fmt!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """Net routing changes between two versions, from the change log."""
+
+    cells: list[dict[str, Any]]
+    deleted_cells: list[str]
+    namespaces: dict[str, str]
+    deleted_namespaces: list[str]
+
+    @property
+    def size(self) -> int:
+        return len(self.cells) + len(self.deleted_cells) + len(self.namespaces) + len(self.deleted_namespaces)
+
+
+class Delta:
+    """What changed from ``since`` to ``version`` (net: one final state per key)."""
+
+    __slots__ = ("changes", "committed_at", "committed_ts", "namespace_count", "namespace_digest",
+                 "representations", "since", "version")
+
+    def __init__(self, since: int, target: Snapshot, changes: Changes, compression: Compression,
+                 observe: Observer | None = None) -> None:
+        self.since = since
+        self.version = target.version
+        self.committed_at = target.committed_at
+        self.committed_ts = target.committed_ts
+        self.namespace_count = target.namespaces.count
+        self.namespace_digest = target.namespaces.digest
+        self.changes = changes
+        self.representations = Representations("delta", self._serialize, compression, observe)
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "since": self.since,
+            "version": self.version,
+            "committed_at": self.committed_at.isoformat(),
+            "namespace_count": self.namespace_count,
+            "namespace_digest": self.namespace_digest,
+            "cells": self.changes.cells,
+            "deleted_cells": self.changes.deleted_cells,
+            "namespaces": self.changes.namespaces,
+            "deleted_namespaces": self.changes.deleted_namespaces,
+        }
+
+    def _serialize(self, fmt: str) -> bytes:
+        if fmt == JSON:
+            return orjson.dumps(self.document())
+        if fmt == MSGPACK:
+            return msgpack.packb(self.document())  # type: ignore[no-any-return]
+        raise ValueError(f"unknown format {fmt!r}")
+
+
+async def read_changes(conn: AsyncConnection, since: int, target: int) -> Changes | None:
+    """The net changes in ``(since, target]``; None when the change log does not
+    hold every one of those versions (pruned, or never recorded)."""
+    covered = int((await conn.execute(COVERAGE_QUERY, {"since": since, "target": target})).scalar_one())
+    if covered != target - since:
+        return None
+    cells: list[dict[str, Any]] = []
+    deleted_cells: list[str] = []
+    namespaces: dict[str, str] = {}
+    deleted_namespaces: list[str] = []
+    for kind, key, value in await conn.execute(CHANGES_QUERY, {"since": since, "target": target}):
+        if kind == "namespace":
+            if value is None:
+                deleted_namespaces.append(key)
+            else:
+                namespaces[key] = value["cell_id"]
+        elif kind == "cell":
+            if value is None:
+                deleted_cells.append(key)
+            else:
+                cells.append(value)
+    return Changes(cells, deleted_cells, namespaces, deleted_namespaces)
+
+
+async def read_floor(conn: AsyncConnection) -> int:
+    """The oldest ``since`` a delta can start from."""
+    return int((await conn.execute(FLOOR_QUERY)).scalar_one())
+
+
+async def read_only_connection(engine: AsyncEngine) -> AsyncConnection:
+    conn = await engine.connect()
+    return await conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+
+
+@dataclass
+class _Waiters:
+    """One event per version: setting it wakes every request waiting for a newer one."""
+
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class SnapshotCache:
+    """Holds the newest snapshot; ``run`` keeps it fresh until cancelled."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        libpq_url: str,
+        poll_interval_s: float,
+        on_loaded: Callable[[Snapshot], None] | None = None,
+        compression: Compression | None = None,
+        observe: Observer | None = None,
+        on_delta: Callable[[Delta], None] | None = None,
+    ) -> None:
+        self._engine = engine
+        self._on_loaded = on_loaded
+        self._on_delta = on_delta
+        self._libpq_url = libpq_url
+        self._poll_interval_s = poll_interval_s
+        self._compression = compression or Compression()
+        self._observe = observe
+        self._refresh_lock = asyncio.Lock()
+        self._waiters = _Waiters()
+        self._closing = False
+        self.current: Snapshot | None = None
+        self.last_refresh_error: str | None = None
+        self.refreshes = 0
+        self.full_loads = 0
+
+    @property
+    def compression(self) -> Compression:
+        return self._compression
+
+    async def refresh(self) -> Snapshot | None:
+        """Move to the stored version if it is past the one held."""
+        async with self._refresh_lock:
+            self.refreshes += 1
+            started = time.perf_counter()
+            previous = self.current
+            delta: Delta | None = None
+            conn = await read_only_connection(self._engine)
+            try:
+                async with conn.begin():
+                    head = (await conn.execute(HEAD_QUERY)).one()
+                    if previous is not None and head.version <= previous.version:
+                        if head.version == previous.version:
+                            previous.confirmed_ts = max(previous.confirmed_ts, _epoch(head.last_commit_at))
+                        return previous
+                    changes = None
+                    if previous is not None:
+                        changes = await read_changes(conn, previous.version, head.version)
+                    if changes is not None and previous is not None:
+                        snapshot = Snapshot(
+                            head.version,
+                            head.committed_at,
+                            _merge_cells(previous.cells_by_id, changes),
+                            previous.namespaces.apply(changes.namespaces, changes.deleted_namespaces),
+                            0.0,
+                            self._compression,
+                            self._observe,
+                        )
+                        delta = Delta(previous.version, snapshot, changes, self._compression, self._observe)
+                    else:
+                        snapshot = await self._load_full(conn, head.version, head.committed_at)
+                        self.full_loads += 1
+            finally:
+                await conn.close()
+            snapshot.build_seconds = time.perf_counter() - started
+            self.current = snapshot
+            snapshot.confirmed_ts = max(snapshot.committed_ts, _epoch(head.last_commit_at))
+            if delta is not None and self._on_delta is not None:
+                self._on_delta(delta)
+            if self._on_loaded is not None:
+                self._on_loaded(snapshot)
+            log.info(
+                "snapshot version %d (%s, %d namespaces) in %.3fs",
+                snapshot.version,
+                f"delta of {delta.changes.size} from {delta.since}" if delta is not None else "full load",
+                snapshot.namespace_count,
+                snapshot.build_seconds,
+            )
+        self._wake()
+        return snapshot
+
+    async def _load_full(self, conn: AsyncConnection, version: int, committed_at: datetime) -> Snapshot:
+        cells = [dict(row._mapping) for row in await conn.execute(text(CELLS_QUERY))]
+        # A million rows: the driver's cursor directly, without SQLAlchemy's row objects.
+        raw = await conn.get_raw_connection()
+        driver: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
+        async with driver.cursor() as cursor:
+            await cursor.execute(NAMESPACES_QUERY)
+            namespaces = dict(await cursor.fetchall())
+        return Snapshot(version, committed_at, cells, NamespaceTable.full(namespaces), 0.0, self._compression,
+                        self._observe)
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, _Waiters()
+        waiters.event.set()
+
+    def close(self) -> None:
+        """Release every waiting request now (the process is shutting down)."""
+        self._closing = True
+        self._wake()
+
+    async def wait_newer(self, version: int, timeout_s: float) -> Snapshot | None:
+        """The current snapshot once it is newer than ``version``, or whatever is
+        current when ``timeout_s`` runs out. No database access: the refresh
+        (woken by NOTIFY) sets one event that releases every waiter at once."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            current = self.current
+            if (current is not None and current.version > version) or self._closing:
+                return current
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return current
+            event = self._waiters.event
+            try:
+                async with asyncio.timeout(remaining):
+                    await event.wait()
+            except TimeoutError:
+                return self.current
+
+    async def run(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._listen_and_refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep serving the old snapshot whatever failed
+                attempt += 1
+                self.last_refresh_error = f"{exc.__class__.__name__}: {exc}"
+                delay = min(10.0, 0.2 * 2**attempt)
+                log.warning("snapshot refresh failed (%s); retrying in %.1fs", self.last_refresh_error, delay)
+                await asyncio.sleep(delay)
+            else:
+                attempt = 0
+
+    async def _listen_and_refresh(self) -> None:
+        async with await psycopg.AsyncConnection.connect(self._libpq_url, autocommit=True) as conn:
+            await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            # Refresh after LISTEN is in place, so no commit can fall between the two.
+            await self.refresh()
+            self.last_refresh_error = None
+            while True:
+                async for _ in conn.notifies(timeout=self._poll_interval_s, stop_after=1):
+                    pass  # one wake-up is enough: refresh reads the newest version
+                await self.refresh()
+
+
+def _merge_cells(cells_by_id: Mapping[str, dict[str, Any]], changes: Changes) -> list[dict[str, Any]]:
+    merged = dict(cells_by_id)
+    for cell_id in changes.deleted_cells:
+        merged.pop(cell_id, None)
+    for cell in changes.cells:
+        merged[cell["cell_id"]] = cell
+    return list(merged.values())
+

@@ -1,0 +1,553 @@
+"""Pydantic models of the events, for validation at the edges (producer input,
+projector input). They mirror ``*.avsc`` by hand so they read as plain typed
+Python; ``tests/unit/test_contract.py`` fails the moment the two drift apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+
+
+class CellState(StrEnum):
+    PROVISIONING = "PROVISIONING"
+    ACTIVE = "ACTIVE"
+    DRAINING = "DRAINING"
+    READ_ONLY = "READ_ONLY"
+    DECOMMISSIONED = "DECOMMISSIONED"
+
+
+class ClaimBucket(StrEnum):
+    NAMESPACE = "NAMESPACE"
+    USERNAME = "USERNAME"
+    EMAIL = "EMAIL"
+    KEY = "KEY"
+    PACKAGE = "PACKAGE"
+    IMAGE = "IMAGE"
+    ORGANIZATION_ID = "ORGANIZATION_ID"
+
+
+class OwnerType(StrEnum):
+    GROUP = "GROUP"
+    PROJECT = "PROJECT"
+    USER = "USER"
+    ORGANIZATION = "ORGANIZATION"
+
+
+# GitLab's rule for a path segment: starts with a letter, digit or underscore.
+_PATH_SEGMENT = re.compile(r"^[a-z0-9_][a-z0-9_.-]*$")
+_CELL_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+$")
+_IMAGE = re.compile(r"^[a-z0-9][a-z0-9._/-]*$")
+_DIGITS = re.compile(r"^[1-9][0-9]{0,18}$")
+# A sensitive value may arrive already protected: the keyed hash of its canonical form.
+PROTECTED_PREFIX = "hmac-sha256:"
+_PROTECTED = re.compile(r"^hmac-sha256:[0-9a-f]{64}$")
+SENSITIVE_BUCKETS = frozenset({"EMAIL"})
+
+CellId = Annotated[str, Field(pattern=_CELL_ID.pattern, description="Lower-case DNS label, e.g. cell-1")]
+
+
+def _require_unicode_text(value: str) -> None:
+    """Avro strings are UTF-8: a lone surrogate (JSON allows "\\ud800") cannot be
+    encoded, and would fail only when published, after earlier events were sent."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (no lone surrogates)") from None
+
+
+def canonical_claim_value(bucket: ClaimBucket | str, value: str) -> str:
+    """The one spelling of a claimed value under which uniqueness is decided.
+
+    Namespace paths, usernames and e-mails are unique case-insensitively, so the
+    canonical form is lower-case; keys (fingerprints) and package names are
+    compared as given. A sensitive value may also be given already protected
+    (``hmac-sha256:<hex>``, see :func:`protect_value`).
+    Raises ValueError with a readable reason for a value the bucket cannot hold.
+    """
+    bucket = ClaimBucket(bucket)
+    if not value or value != value.strip():
+        raise ValueError("must be non-empty without surrounding whitespace")
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    _require_unicode_text(value)
+    if bucket.value in SENSITIVE_BUCKETS and value.startswith(PROTECTED_PREFIX):
+        if not _PROTECTED.match(value):
+            raise ValueError(f"a protected {bucket.value} must be {PROTECTED_PREFIX} and 64 lower-case hex digits")
+        return value
+    canonical = value if bucket in (ClaimBucket.KEY, ClaimBucket.PACKAGE) else value.lower()
+    # Measured after lower-casing, which can lengthen some Unicode text.
+    if len(canonical) > 255:
+        raise ValueError("must be at most 255 characters")
+    if bucket in (ClaimBucket.NAMESPACE, ClaimBucket.USERNAME):
+        if not _PATH_SEGMENT.match(canonical):
+            raise ValueError(
+                f"{bucket.value} must be one path segment of letters, digits, '_', '-' or '.', "
+                "not starting with '-' or '.' (a top-level namespace, not a full path)"
+            )
+    elif bucket is ClaimBucket.EMAIL and not _EMAIL.match(canonical):
+        raise ValueError("EMAIL must look like local@domain")
+    elif bucket is ClaimBucket.IMAGE and not _IMAGE.match(canonical):
+        raise ValueError("IMAGE must be lower-case letters, digits, '.', '_', '-' and '/'")
+    elif bucket is ClaimBucket.ORGANIZATION_ID and (not _DIGITS.match(canonical) or int(canonical) > 2**63 - 1):
+        raise ValueError("ORGANIZATION_ID must be a positive integer below 2**63")
+    return canonical
+
+
+def protect_value(bucket: ClaimBucket | str, canonical: str, secret: bytes) -> str:
+    """The value as stored and compared: sensitive buckets keep only a keyed hash
+    (HMAC-SHA256 with the deployment's secret), so a clear e-mail never reaches
+    PostgreSQL, logs, metrics or snapshots, while equal e-mails still collide."""
+    if ClaimBucket(bucket).value not in SENSITIVE_BUCKETS or canonical.startswith(PROTECTED_PREFIX):
+        return canonical
+    return PROTECTED_PREFIX + hmac.new(secret, canonical.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def stored_claim_value(bucket: ClaimBucket | str, value: str, secret: bytes) -> str:
+    """The spelling under which a value a client gives is stored: canonical, then protected."""
+    return protect_value(bucket, canonical_claim_value(bucket, value), secret)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Event(BaseModel):
+    """The envelope every event carries."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
+
+    EVENT_TYPE: ClassVar[str]
+
+    event_id: uuid.UUID = Field(default_factory=uuid.uuid4, description="Idempotency key")
+    occurred_at: AwareDatetime = Field(default_factory=_now, validate_default=True)
+    source: str = Field(min_length=1, max_length=255, description="Emitting cell or service")
+    trace_id: str | None = Field(default=None, max_length=64)
+
+    @property
+    def partition_key(self) -> str:
+        raise NotImplementedError
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _fits_the_wire(cls, value: Any) -> Any:
+        # PostgreSQL text cannot hold NUL: such an event would fail its batch's
+        # transaction on every retry, so it is refused at the edge instead.
+        if isinstance(value, str) and "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        if isinstance(value, str):
+            _require_unicode_text(value)
+        # Avro carries timestamp-millis; truncating keeps a model equal to its
+        # own round trip through the wire format (and a replay to the live run).
+        if isinstance(value, datetime):
+            return value.replace(microsecond=value.microsecond // 1000 * 1000)
+        return value
+
+    def to_avro(self) -> dict[str, Any]:
+        """The record handed to the Avro writer. fastavro takes UUIDs for uuid
+        fields and StrEnum members (which are str) for enum symbols as they are."""
+        return self.model_dump(mode="python")
+
+
+class _CellEvent(Event):
+    cell_id: CellId
+
+    @property
+    def partition_key(self) -> str:
+        return self.cell_id
+
+
+class CellRegistered(_CellEvent):
+    EVENT_TYPE: ClassVar[str] = "CellRegistered"
+
+    address: str = Field(pattern=r"^https?://\S+$", max_length=2048)
+    session_prefix: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    region: str = Field(min_length=1, max_length=64)
+
+
+class CellUpdated(_CellEvent):
+    EVENT_TYPE: ClassVar[str] = "CellUpdated"
+
+    address: str | None = Field(default=None, pattern=r"^https?://\S+$", max_length=2048)
+    region: str | None = Field(default=None, min_length=1, max_length=64)
+    weight: int | None = Field(default=None, ge=0, le=2**31 - 1)
+
+    @model_validator(mode="after")
+    def _changes_something(self) -> CellUpdated:
+        if self.address is None and self.region is None and self.weight is None:
+            raise ValueError("CellUpdated must set at least one of address, region, weight")
+        return self
+
+
+class CellStateChanged(_CellEvent):
+    EVENT_TYPE: ClassVar[str] = "CellStateChanged"
+
+    state: CellState
+    reason: str = Field(default="", max_length=1024)
+
+
+class _ClaimEvent(Event):
+    bucket: ClaimBucket
+    value: str
+    cell_id: CellId
+    owner_type: OwnerType
+    owner_id: int = Field(ge=0, le=2**63 - 1)
+
+    @field_validator("value")
+    @classmethod
+    def _canonical_value(cls, value: str, info: ValidationInfo) -> str:
+        bucket = info.data.get("bucket")
+        if bucket is None:  # the bucket itself failed validation and is reported
+            return value
+        return canonical_claim_value(bucket, value)
+
+    @property
+    def partition_key(self) -> str:
+        return f"{self.bucket.value}:{self.value}"
+
+
+class ClaimCreated(_ClaimEvent):
+    EVENT_TYPE: ClassVar[str] = "ClaimCreated"
+
+
+class ClaimReleased(_ClaimEvent):
+    EVENT_TYPE: ClassVar[str] = "ClaimReleased"
+
+
+class ClaimRef(BaseModel):
+    """One (bucket, value) of a request, value in canonical form."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    bucket: ClaimBucket
+    value: str
+
+    @field_validator("value")
+    @classmethod
+    def _canonical_value(cls, value: str, info: ValidationInfo) -> str:
+        bucket = info.data.get("bucket")
+        if bucket is None:
+            return value
+        return canonical_claim_value(bucket, value)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.bucket.value, self.value)
+
+
+MAX_CLAIMS_PER_REQUEST = 100
+MAX_LEASE_TTL_MS = 24 * 3600 * 1000
+MAX_SEQUENCE_RANGE = 2**40
+
+ClaimRefs = Annotated[tuple[ClaimRef, ...], Field(min_length=1, max_length=MAX_CLAIMS_PER_REQUEST)]
+LeaseId = uuid.UUID
+OwnerId = Annotated[int, Field(ge=0, le=2**63 - 1)]
+
+
+def _distinct(claims: tuple[ClaimRef, ...]) -> tuple[ClaimRef, ...]:
+    keys = [c.key for c in claims]
+    if len(set(keys)) != len(keys):
+        raise ValueError("a request names each (bucket, value) once")
+    return claims
+
+
+def _owner_key(cell_id: str, owner_type: OwnerType, owner_id: int) -> str:
+    return f"{cell_id}/{owner_type.value}/{owner_id}"
+
+
+# --- Commands: requests on the claim-requests topic; event_id is the request id. ---
+
+
+class ClaimsRequested(Event):
+    """Begin: reserve every claim for one owner under a lease, or none."""
+
+    EVENT_TYPE: ClassVar[str] = "ClaimsRequested"
+
+    lease_id: LeaseId = Field(default_factory=uuid.uuid4)
+    cell_id: CellId
+    owner_type: OwnerType
+    owner_id: OwnerId
+    claims: ClaimRefs
+    lease_ttl_ms: int = Field(default=60_000, ge=1000, le=MAX_LEASE_TTL_MS)
+
+    _distinct_claims = field_validator("claims")(_distinct)
+
+    @property
+    def partition_key(self) -> str:
+        return str(self.lease_id)
+
+
+class LeaseCommitRequested(Event):
+    EVENT_TYPE: ClassVar[str] = "LeaseCommitRequested"
+
+    lease_id: LeaseId
+    cell_id: CellId
+
+    @property
+    def partition_key(self) -> str:
+        return str(self.lease_id)
+
+
+class LeaseRollbackRequested(Event):
+    EVENT_TYPE: ClassVar[str] = "LeaseRollbackRequested"
+
+    lease_id: LeaseId
+    cell_id: CellId
+
+    @property
+    def partition_key(self) -> str:
+        return str(self.lease_id)
+
+
+class ClaimsDestroyRequested(Event):
+    EVENT_TYPE: ClassVar[str] = "ClaimsDestroyRequested"
+
+    cell_id: CellId
+    owner_type: OwnerType
+    owner_id: OwnerId
+    claims: ClaimRefs
+
+    _distinct_claims = field_validator("claims")(_distinct)
+
+    @property
+    def partition_key(self) -> str:
+        return _owner_key(self.cell_id, self.owner_type, self.owner_id)
+
+
+class OwnerTransferRequested(Event):
+    EVENT_TYPE: ClassVar[str] = "OwnerTransferRequested"
+
+    owner_type: OwnerType
+    owner_id: OwnerId
+    from_cell_id: CellId
+    to_cell_id: CellId
+    to_owner_id: OwnerId | None = None
+
+    @model_validator(mode="after")
+    def _two_cells(self) -> OwnerTransferRequested:
+        if self.from_cell_id == self.to_cell_id:
+            raise ValueError("to_cell_id must differ from from_cell_id")
+        return self
+
+    @property
+    def partition_key(self) -> str:
+        return _owner_key(self.from_cell_id, self.owner_type, self.owner_id)
+
+
+class SequenceRangeRequested(Event):
+    EVENT_TYPE: ClassVar[str] = "SequenceRangeRequested"
+
+    cell_id: CellId
+    sequence_name: str = Field(min_length=1, max_length=128, pattern=r"^[a-z0-9_.:-]+$")
+    size: int = Field(ge=1, le=MAX_SEQUENCE_RANGE)
+
+    @property
+    def partition_key(self) -> str:
+        return self.sequence_name
+
+
+class LeaseExpiryTick(Event):
+    """The log's clock reached this record's time: leases that ended before it expire."""
+
+    EVENT_TYPE: ClassVar[str] = "LeaseExpiryTick"
+
+    @property
+    def partition_key(self) -> str:
+        return "tick"
+
+
+# --- Decisions: on the claim-decisions topic, written once by the decider. ---
+
+
+class ReleaseCause(StrEnum):
+    ROLLBACK = "ROLLBACK"
+    EXPIRED = "EXPIRED"
+
+
+class RejectionReason(StrEnum):
+    CONFLICT = "CONFLICT"
+    UNKNOWN_LEASE = "UNKNOWN_LEASE"
+    LEASE_EXPIRED = "LEASE_EXPIRED"
+    WRONG_CELL = "WRONG_CELL"
+    NOT_HELD = "NOT_HELD"
+    INVALID = "INVALID"
+    EXHAUSTED = "EXHAUSTED"
+
+
+class Conflict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    bucket: ClaimBucket
+    value: str
+    cell_id: str
+
+
+class _Decision(Event):
+    request_id: uuid.UUID
+
+    @property
+    def partition_key(self) -> str:
+        return str(self.request_id)
+
+
+class LeaseGranted(_Decision):
+    EVENT_TYPE: ClassVar[str] = "LeaseGranted"
+
+    lease_id: LeaseId
+    cell_id: str
+    owner_type: OwnerType
+    owner_id: OwnerId
+    claims: tuple[ClaimRef, ...]
+    expires_at: AwareDatetime
+
+
+class LeaseCommitted(_Decision):
+    EVENT_TYPE: ClassVar[str] = "LeaseCommitted"
+
+    lease_id: LeaseId
+    cell_id: str
+    owner_type: OwnerType
+    owner_id: OwnerId
+    claims: tuple[ClaimRef, ...]
+
+
+class LeaseReleased(Event):
+    EVENT_TYPE: ClassVar[str] = "LeaseReleased"
+
+    request_id: uuid.UUID | None = None  # None: expired, no request asked for it
+    lease_id: LeaseId
+    cell_id: str
+    owner_type: OwnerType
+    owner_id: OwnerId
+    claims: tuple[ClaimRef, ...]
+    cause: ReleaseCause
+
+    @property
+    def partition_key(self) -> str:
+        return str(self.lease_id)
+
+
+class ClaimsCommitted(_Decision):
+    EVENT_TYPE: ClassVar[str] = "ClaimsCommitted"
+
+    cell_id: str
+    owner_type: OwnerType
+    owner_id: OwnerId
+    claims: tuple[ClaimRef, ...]
+
+
+class ClaimsDestroyed(_Decision):
+    EVENT_TYPE: ClassVar[str] = "ClaimsDestroyed"
+
+    cell_id: str
+    owner_type: OwnerType
+    owner_id: OwnerId
+    claims: tuple[ClaimRef, ...]
+
+
+class OwnerTransferred(_Decision):
+    EVENT_TYPE: ClassVar[str] = "OwnerTransferred"
+
+    owner_type: OwnerType
+    owner_id: OwnerId
+    from_cell_id: str
+    to_cell_id: str
+    to_owner_id: OwnerId
+    claims: tuple[ClaimRef, ...]
+
+
+class SequenceRangeGranted(_Decision):
+    EVENT_TYPE: ClassVar[str] = "SequenceRangeGranted"
+
+    cell_id: str
+    sequence_name: str
+    start: int = Field(ge=0, le=2**63 - 1)
+    end: int = Field(ge=0, le=2**63 - 1)
+
+
+class RequestRejected(_Decision):
+    EVENT_TYPE: ClassVar[str] = "RequestRejected"
+
+    request_type: str
+    reason: RejectionReason
+    message: str
+    conflicts: tuple[Conflict, ...] = ()
+
+
+EVENT_MODELS: dict[str, type[Event]] = {
+    model.EVENT_TYPE: model
+    for model in (
+        CellRegistered, CellUpdated, CellStateChanged, ClaimCreated, ClaimReleased,
+        ClaimsRequested, LeaseCommitRequested, LeaseRollbackRequested, ClaimsDestroyRequested,
+        OwnerTransferRequested, SequenceRangeRequested, LeaseExpiryTick,
+        LeaseGranted, LeaseCommitted, LeaseReleased, ClaimsCommitted, ClaimsDestroyed, OwnerTransferred,
+        SequenceRangeGranted, RequestRejected,
+    )
+}
+
+CELL_EVENT_TYPES = frozenset({"CellRegistered", "CellUpdated", "CellStateChanged"})
+CLAIM_EVENT_TYPES = frozenset({"ClaimCreated", "ClaimReleased"})
+REQUEST_EVENT_TYPES = frozenset(
+    {"ClaimsRequested", "LeaseCommitRequested", "LeaseRollbackRequested", "ClaimsDestroyRequested",
+     "OwnerTransferRequested", "SequenceRangeRequested", "LeaseExpiryTick"}
+)
+DECISION_EVENT_TYPES = frozenset(
+    {"LeaseGranted", "LeaseCommitted", "LeaseReleased", "ClaimsCommitted", "ClaimsDestroyed", "OwnerTransferred",
+     "SequenceRangeGranted", "RequestRejected"}
+)
+
+
+class EventInputError(ValueError):
+    """Input that is not a valid event; the message names every offending field."""
+
+    def __init__(self, message: str, errors: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or []
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"]) or "(event)"
+        parts.append(f"{location}: {item['msg']}")
+    return "; ".join(parts)
+
+
+def parse_event(data: dict[str, Any], event_type: str | None = None) -> Event:
+    """Validate one event given as a mapping with a ``type`` field (or ``event_type``)."""
+    if not isinstance(data, dict):
+        raise EventInputError("an event must be a JSON object")
+    fields = dict(data)
+    stated_type = fields.pop("type", None)
+    if event_type is not None and stated_type is not None and stated_type != event_type:
+        raise EventInputError(f"type: {stated_type!r} contradicts the event type {event_type!r}")
+    given_type = event_type or stated_type
+    if given_type is None:
+        raise EventInputError(f"type: missing; one of {', '.join(sorted(EVENT_MODELS))}")
+    model = EVENT_MODELS.get(given_type)
+    if model is None:
+        raise EventInputError(f"type: unknown event type {given_type!r}; one of {', '.join(sorted(EVENT_MODELS))}")
+    try:
+        return model.model_validate(fields)
+    except ValidationError as exc:
+        raise EventInputError(f"{given_type}: {_describe(exc)}", exc.errors(include_url=False)) from None
+
+

@@ -1,0 +1,142 @@
+"""Fixtures: real servers (chosen in ``tests/servers.py``), and per-test isolation —
+a database of its own (copied from a migrated template) and topics and a consumer
+group of their own — so tests run in any order."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import ExitStack
+
+import psycopg
+import pytest
+from pydantic import SecretStr
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+from projector.migrate import upgrade_to_head
+from tests.servers import Servers, start_servers
+from topology.settings import Settings
+from topology.topics import ensure_topics
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("TOPOLOGY_SOAK") == "1":
+        return
+    skip = pytest.mark.skip(reason="soak/benchmark run: set TOPOLOGY_SOAK=1")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)
+
+
+# Read API bearer tokens of every test's settings: one router token, one without scopes.
+TEST_TOKEN = "test-router-token-0123456789"
+TEST_TOKEN_NO_SCOPE = "test-scopeless-token-0123456789"
+TEST_CLAIMS_TOKEN = "test-claims-token-0123456789"
+TEST_API_TOKENS = (
+    f'{{"{TEST_TOKEN}": ["snapshot:read"], "{TEST_TOKEN_NO_SCOPE}": [], '
+    f'"{TEST_CLAIMS_TOKEN}": ["claims:read", "claims:write", "audit:read"]}}'
+)
+AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
+CLAIMS_AUTH = {"Authorization": f"Bearer {TEST_CLAIMS_TOKEN}"}
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[Servers]:
+    with ExitStack() as stack:
+        chosen = start_servers(stack)
+        print(f"\nintegration servers: {chosen.description}")
+        yield chosen
+
+
+def _database_url(servers: Servers, name: str) -> str:
+    return make_conninfo(servers.postgres_url, dbname=name)
+
+
+def _as_url(conninfo_or_url: str) -> str:
+    """Settings want a URL; build one from the conninfo pieces."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = conninfo_to_dict(conninfo_or_url)
+    user = params.get("user", "postgres")
+    password = params.get("password", "")
+    host = params.get("host", "127.0.0.1")
+    port = params.get("port", "5432")
+    auth = f"{user}:{password}@" if password else f"{user}@"
+    if host.startswith("/"):
+        return f"postgresql://{auth}/{params['dbname']}?host={host}&port={port}"
+    return f"postgresql://{auth}{host}:{port}/{params['dbname']}"
+
+
+@pytest.fixture(scope="session")
+def template_database(servers: Servers) -> Iterator[str]:
+    """A database migrated once; every test copies it (CREATE DATABASE ... TEMPLATE)."""
+    name = f"topology_template_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(servers.postgres_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    upgrade_to_head(Settings(database_url=_as_url(_database_url(servers, name))).sqlalchemy_url)
+    yield name
+    with psycopg.connect(servers.postgres_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def new_database(servers: Servers, template_database: str) -> Iterator[Callable[[], str]]:
+    """Makes migrated, empty databases (copies of the template); drops them after the test."""
+    created: list[str] = []
+
+    def make() -> str:
+        name = f"topology_test_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(servers.postgres_url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template_database))
+            )
+        created.append(name)
+        return _as_url(_database_url(servers, name))
+
+    yield make
+    with psycopg.connect(servers.postgres_url, autocommit=True) as conn:
+        for name in created:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def database_url(new_database: Callable[[], str]) -> str:
+    return new_database()
+
+
+@pytest.fixture
+def settings(servers: Servers, database_url: str) -> Settings:
+    """Settings naming this test's own database, topics and consumer group."""
+    run = uuid.uuid4().hex[:10]
+    return Settings(
+        kafka_bootstrap=servers.kafka_bootstrap,
+        database_url=database_url,
+        cells_topic=f"test-{run}.cells",
+        claims_topic=f"test-{run}.claims",
+        claim_requests_topic=f"test-{run}.claim-requests",
+        claim_decisions_topic=f"test-{run}.claim-decisions",
+        claims_partitions=4,
+        consumer_group=f"test-{run}",
+        projector_metrics_port=0,
+        batch_wait_ms=50,
+        snapshot_poll_interval_s=1.0,
+        api_tokens=TEST_API_TOKENS,
+    )
+
+
+@pytest.fixture
+async def topics(settings: Settings) -> AsyncIterator[Settings]:
+    """``settings`` with its topics created on the broker."""
+    await ensure_topics(settings)
+    yield settings
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes a child process (``topology ...``) use ``settings``."""
+    def plain(value: object) -> str:
+        return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+
+    values = settings.model_dump()
+    return {**os.environ, **{f"TOPOLOGY_{key.upper()}": plain(value) for key, value in values.items() if value is not None}}

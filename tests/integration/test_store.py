@@ -1,0 +1,184 @@
+"""The PostgreSQL adapter on a real database: one transaction per batch, fencing,
+idempotency by event_id, set-based writes, version and NOTIFY."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import psycopg
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from projector.domain import PositionedEvent
+from projector.store import (
+    NOTIFY_CHANNEL,
+    DeadLetter,
+    FencedError,
+    PartitionAdvance,
+    ProjectionStore,
+    create_engine,
+)
+from schemas.models import CellRegistered, ClaimBucket, ClaimCreated, ClaimReleased, OwnerType
+from topology.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+TOPIC = "claims"
+
+
+@pytest.fixture
+async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(settings.sqlalchemy_url)
+    yield engine
+    await engine.dispose()
+
+
+def claim(value: str, cell: str = "cell-1", owner: int = 1) -> ClaimCreated:
+    return ClaimCreated(
+        source=cell, bucket=ClaimBucket.NAMESPACE, value=value, cell_id=cell, owner_type=OwnerType.GROUP, owner_id=owner
+    )
+
+
+def at(event: object, offset: int, partition: int = 0, topic: str = TOPIC) -> PositionedEvent:
+    return PositionedEvent(event=event, topic=topic, partition=partition, offset=offset)  # type: ignore[arg-type]
+
+
+async def rows(engine: AsyncEngine, query: str) -> list[tuple[object, ...]]:
+    async with engine.connect() as conn:
+        return [tuple(row) for row in await conn.execute(text(query))]
+
+
+async def test_a_batch_writes_rows_offsets_decisions_and_one_version(engine: AsyncEngine) -> None:
+    store = ProjectionStore(engine, b"test-secret")
+    assert await store.stored_offsets([(TOPIC, 0), (TOPIC, 1)]) == {(TOPIC, 0): 0, (TOPIC, 1): 0}
+    events = [at(claim("alpha"), 0), at(claim("beta", "cell-2", 2), 1), at(claim("alpha", "cell-2", 9), 0, partition=1)]
+    result = await store.commit_batch(
+        events, [], {(TOPIC, 0): PartitionAdvance(0, 2), (TOPIC, 1): PartitionAdvance(0, 1)}
+    )
+    assert result.version == 1 and result.changed
+    assert await rows(engine, "SELECT bucket, value, cell_id, owner_id, version FROM claims ORDER BY value") == [
+        ("NAMESPACE", "alpha", "cell-1", 1, 1),
+        ("NAMESPACE", "beta", "cell-2", 2, 1),
+    ]
+    assert await rows(engine, "SELECT partition, next_offset FROM partition_offsets ORDER BY partition") == [(0, 2), (1, 1)]
+    outcomes = await rows(engine, 'SELECT "offset", partition, outcome, reason FROM processed_events ORDER BY partition, "offset"')
+    assert outcomes == [
+        (0, 0, "applied", None),
+        (1, 0, "applied", None),
+        (0, 1, "rejected", "already claimed in cell cell-1"),
+    ]
+
+
+async def test_a_stale_member_is_fenced_and_writes_nothing(engine: AsyncEngine) -> None:
+    store = ProjectionStore(engine, b"test-secret")
+    await store.stored_offsets([(TOPIC, 0)])
+    await store.commit_batch([at(claim("alpha"), 0)], [], {(TOPIC, 0): PartitionAdvance(0, 1)})
+    # A member that still believes partition 0 starts at 0 replays offset 0 with a different outcome.
+    with pytest.raises(FencedError) as fenced:
+        await store.commit_batch(
+            [at(claim("gamma"), 0)], [], {(TOPIC, 0): PartitionAdvance(expected=0, next_offset=1)}
+        )
+    assert fenced.value.partitions == [(TOPIC, 0)]
+    assert await rows(engine, "SELECT value FROM claims") == [("alpha",)]
+    assert await rows(engine, "SELECT next_offset FROM partition_offsets") == [(1,)]
+    assert await store.current_version() == 1
+
+
+async def test_fencing_aborts_the_whole_batch_even_when_one_partition_is_still_owned(engine: AsyncEngine) -> None:
+    store = ProjectionStore(engine, b"test-secret")
+    await store.stored_offsets([(TOPIC, 0), (TOPIC, 1)])
+    await store.commit_batch([at(claim("one"), 0, partition=1)], [], {(TOPIC, 1): PartitionAdvance(0, 1)})
+    with pytest.raises(FencedError):
+        await store.commit_batch(
+            [at(claim("zero"), 0, partition=0), at(claim("late"), 0, partition=1)],
+            [],
+            {(TOPIC, 0): PartitionAdvance(0, 1), (TOPIC, 1): PartitionAdvance(0, 1)},
+        )
+    assert await rows(engine, "SELECT value FROM claims") == [("one",)]
+    assert await rows(engine, "SELECT partition, next_offset FROM partition_offsets ORDER BY 1") == [(0, 0), (1, 1)]
+
+
+async def test_concurrent_commits_from_the_same_position_let_exactly_one_win(engine: AsyncEngine) -> None:
+    store = ProjectionStore(engine, b"test-secret")
+    await store.stored_offsets([(TOPIC, 0)])
+    attempts = [
+        store.commit_batch([at(claim(f"racer-{n}"), 0)], [], {(TOPIC, 0): PartitionAdvance(0, 1)}) for n in range(5)
+    ]
+    results = await asyncio.gather(*attempts, return_exceptions=True)
+    assert sum(not isinstance(r, BaseException) for r in results) == 1
+    assert all(isinstance(r, FencedError) for r in results if isinstance(r, BaseException))
+    assert len(await rows(engine, "SELECT value FROM claims")) == 1
+
+
+async def test_a_redelivered_event_id_changes_nothing(engine: AsyncEngine) -> None:
+    store = ProjectionStore(engine, b"test-secret")
+    await store.stored_offsets([(TOPIC, 0)])
+    created = claim("alpha")
+    released = ClaimReleased(**created.model_dump(exclude={"event_id", "occurred_at"}))
+    await store.commit_batch([at(created, 0), at(released, 1)], [], {(TOPIC, 0): PartitionAdvance(0, 2)})
+    # The producer retried the create (same event_id): it must not resurrect the claim.
+    result = await store.commit_batch([at(created, 2)], [], {(TOPIC, 0): PartitionAdvance(2, 3)})
+    assert not result.changed
+    assert [d.outcome.value for _, d in result.result.decisions] == ["duplicate"]
+    assert await rows(engine, "SELECT count(*) FROM claims") == [(0,)]
+    assert await rows(engine, "SELECT count(*) FROM processed_events") == [(2,)]
+    # Claimed and released in one batch: routers never saw it, so the version never moved.
+    assert await store.current_version() == 0
+
+
+async def test_a_batch_that_changes_nothing_does_not_bump_the_version(engine: AsyncEngine) -> None:
+    store = ProjectionStore(engine, b"test-secret")
+    await store.stored_offsets([(TOPIC, 0)])
+    await store.commit_batch([at(claim("alpha"), 0)], [], {(TOPIC, 0): PartitionAdvance(0, 1)})
+    rejected = await store.commit_batch(
+        [at(claim("alpha", "cell-2", 5), 1)], [], {(TOPIC, 0): PartitionAdvance(1, 2)}
+    )
+    assert (rejected.version, rejected.changed) == (1, False)
+    assert await rows(engine, "SELECT next_offset FROM partition_offsets") == [(2,)]
+
+
+async def test_dead_letters_are_kept_byte_for_byte(engine: AsyncEngine) -> None:
+    store = ProjectionStore(engine, b"test-secret")
+    await store.stored_offsets([(TOPIC, 0)])
+    letter = DeadLetter(TOPIC, 0, 0, b"NAMESPACE:x", b"\x00garbage\xff", (("event_type", b"ClaimCreated"),), "bad marker")
+    await store.commit_batch([], [letter], {(TOPIC, 0): PartitionAdvance(0, 1)})
+    assert await rows(engine, 'SELECT topic, partition, "offset", key, value, headers, error FROM dead_letters') == [
+        (TOPIC, 0, 0, b"NAMESPACE:x", b"\x00garbage\xff", [["event_type", b"ClaimCreated".hex()]], "bad marker")
+    ]
+    assert await rows(engine, "SELECT next_offset FROM partition_offsets") == [(1,)]
+
+
+async def test_commit_notifies_the_new_version_only_on_commit(engine: AsyncEngine, settings: Settings) -> None:
+    store = ProjectionStore(engine, b"test-secret")
+    await store.stored_offsets([("cells", 0)])
+    async with await psycopg.AsyncConnection.connect(settings.libpq_url, autocommit=True) as listener:
+        await listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        cell = CellRegistered(
+            source="ops", cell_id="cell-1", address="https://c1.example.com", session_prefix="c1", region="eu"
+        )
+        await store.commit_batch([at(cell, 0, topic="cells")], [], {("cells", 0): PartitionAdvance(0, 1)})
+        payloads = [n.payload async for n in listener.notifies(timeout=5, stop_after=1)]
+    assert payloads == ["1"]
+
+
+async def test_routing_changes_record_each_version_in_the_same_transaction(engine: AsyncEngine) -> None:
+    store = ProjectionStore(engine, b"test-secret")
+    await store.stored_offsets([(TOPIC, 0), ("cells", 0)])
+    cell = CellRegistered(source="ops", cell_id="cell-1", address="https://c1.example.com", session_prefix="c1", region="eu")
+    await store.commit_batch([at(cell, 0, topic="cells")], [], {("cells", 0): PartitionAdvance(0, 1)})
+    created = claim("alpha")
+    await store.commit_batch(
+        [at(created, 0), at(claim("bob", owner=3).model_copy(update={"bucket": ClaimBucket.USERNAME}), 1)],
+        [], {(TOPIC, 0): PartitionAdvance(0, 2)},
+    )
+    released = ClaimReleased(**created.model_dump(exclude={"event_id", "occurred_at"}))
+    await store.commit_batch([at(released, 2)], [], {(TOPIC, 0): PartitionAdvance(2, 3)})
+    changes = await rows(engine, "SELECT version, kind, key, value FROM routing_changes ORDER BY version, kind, key")
+    assert changes == [
+        (1, "cell", "cell-1", {"cell_id": "cell-1", "address": "https://c1.example.com", "session_prefix": "c1",
+                               "region": "eu", "weight": 0, "state": "PROVISIONING", "state_reason": ""}),
+        (2, "namespace", "alpha", {"cell_id": "cell-1"}),  # the USERNAME claim does not route
+        (3, "namespace", "alpha", None),
+    ]

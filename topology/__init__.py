@@ -1,0 +1,1 @@
+"""The application shell: typed settings, the ``topology`` command and the embedded dev stack."""

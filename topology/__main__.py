@@ -1,0 +1,3 @@
+from topology.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,247 @@
+"""The ``topology`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from topology.settings import Settings
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(f"TOPOLOGY_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        raise SystemExit(f"topology: bad configuration: {problems}") from None
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from projector.migrate import ensure_database, upgrade_to_head
+
+    settings = _settings()
+    if args.create_database and ensure_database(settings.libpq_url):
+        print("created database", file=sys.stderr)
+    upgrade_to_head(settings.sqlalchemy_url)
+    print("schema at head", file=sys.stderr)
+    return 0
+
+
+def _cmd_emit(args: argparse.Namespace) -> int:
+    from producer.emit import emit
+
+    if args.event is not None and args.file is not None:
+        raise SystemExit("topology emit: give one event or --file, not both")
+    if args.event is not None:
+        lines = [args.event]
+    elif args.file in (None, "-"):
+        try:
+            lines = sys.stdin.buffer.read().decode("utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            print(f"topology emit: stdin is not UTF-8 text (byte {exc.start}); nothing was sent", file=sys.stderr)
+            return 2
+    else:
+        try:
+            lines = Path(args.file).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise SystemExit(f"topology emit: cannot read {args.file}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:  # invalid input, like a bad line: exit 2, nothing sent
+            print(f"topology emit: {args.file} is not UTF-8 text (byte {exc.start}); nothing was sent",
+                  file=sys.stderr)
+            return 2
+    return asyncio.run(emit(_settings(), lines))
+
+
+def _cmd_topics(args: argparse.Namespace) -> int:
+    from topology.topics import ensure_topics
+
+    settings = _settings()
+    asyncio.run(ensure_topics(settings))
+    print(f"topics ready: {', '.join(settings.topics)}", file=sys.stderr)
+    return 0
+
+
+def _cmd_project(args: argparse.Namespace) -> int:
+    import signal
+
+    # Until run_projector installs the event loop's handler: a SIGTERM during the
+    # imports and start-up is a clean stop too (nothing is in flight yet), exit 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    from projector.main import run_projector
+
+    asyncio.run(run_projector(_settings()))
+    return 0
+
+
+def _cmd_relay(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from producer.outbox import create_outbox
+    from producer.relay import OutboxMissing, libpq_url, run_relay
+
+    settings = _settings()
+    source = args.source or settings.relay_source_url
+    if not source:
+        raise SystemExit("topology relay: give --source postgresql://... or set TOPOLOGY_RELAY_SOURCE_URL")
+    if args.init_schema:
+        try:
+            with psycopg.connect(libpq_url(source)) as conn:
+                create_outbox(conn)
+        except psycopg.Error as exc:
+            raise SystemExit(f"topology relay: cannot create the outbox: {exc}") from None
+        print("outbox schema ready", file=sys.stderr)
+        return 0
+    try:
+        asyncio.run(run_relay(settings, source, delete_published=True if args.delete_published else None))
+    except OutboxMissing as exc:
+        raise SystemExit(f"topology relay: {exc}") from None
+    return 0
+
+
+def _cmd_claim(args: argparse.Namespace) -> int:
+    from producer.requests import run_request
+
+    return asyncio.run(run_request(_settings(), args))
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from query_api.auth import TokenConfigError
+    from query_api.server import serve
+
+    try:
+        serve(_settings())
+    except TokenConfigError as exc:
+        raise SystemExit(f"topology serve: bad configuration: {exc}") from None
+    return 0
+
+
+def _cmd_router(args: argparse.Namespace) -> int:
+    from router.sidecar import run_router, token_from
+
+    settings = _settings()
+    urls = [u.strip() for u in (args.api or settings.router_api_urls).split(",") if u.strip()]
+    try:
+        token = token_from(settings, args.token_file)
+    except OSError as exc:
+        raise SystemExit(f"topology router: cannot read {args.token_file}: {exc.strerror}") from None
+    if not token:
+        raise SystemExit("topology router: set TOPOLOGY_ROUTER_TOKEN or give --token-file")
+    from topology.logs import register_secrets
+
+    register_secrets([token])  # never in a log line, also when it came from --token-file
+    state_file = Path(args.state_file or settings.router_state_file)
+    port = args.port if args.port is not None else settings.router_port
+    run_router(settings, urls, token, state_file, port)
+    return 0
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from topology.up import up
+
+    return up(data_dir=args.data_dir, api_port=args.api_port or _settings().api_port, demo=args.demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="topology",
+        description="Event-sourced topology store: which cell owns this? Configuration: TOPOLOGY_* variables.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    migrate = commands.add_parser("migrate", help="bring the projection schema to the newest migration")
+    migrate.add_argument("--create-database", action="store_true", help="create the database first if missing")
+    migrate.set_defaults(run=_cmd_migrate)
+
+    emit = commands.add_parser("emit", help="publish events given as JSON; one result line per event")
+    emit.add_argument("event", nargs="?", help='one event as JSON, e.g. {"type": "ClaimCreated", ...}')
+    emit.add_argument("-f", "--file", help="JSON-lines file of events, or - for stdin (the default)")
+    emit.set_defaults(run=_cmd_emit)
+
+    topics = commands.add_parser("topics", help="create the topics if missing and check their layout")
+    topics.set_defaults(run=_cmd_topics)
+
+    project = commands.add_parser("project", help="run a projector (consumer group member)")
+    project.set_defaults(run=_cmd_project)
+
+    relay = commands.add_parser("relay", help="publish a PostgreSQL transactional outbox to Kafka (adr/0008)")
+    relay.add_argument("--source", help="libpq URL of the outbox database (default TOPOLOGY_RELAY_SOURCE_URL)")
+    relay.add_argument("--delete-published", action="store_true",
+                       help="delete rows once published instead of marking them (TOPOLOGY_RELAY_DELETE_PUBLISHED)")
+    relay.add_argument("--init-schema", action="store_true",
+                       help="create or update the outbox table and triggers (producer/outbox.sql), then exit")
+    relay.set_defaults(run=_cmd_relay)
+
+    from producer.requests import add_claim_parser
+    from projector.audit_cli import add_audit_parsers
+
+    add_claim_parser(commands).set_defaults(run=_cmd_claim)
+    add_audit_parsers(commands)
+    from projector.dlq_cli import add_dlq_parsers
+    from schemas.compatibility import add_schemas_parsers
+
+    add_dlq_parsers(commands)  # topology dlq list | show | replay | discard
+    add_schemas_parsers(commands)  # topology schemas check
+
+    serve = commands.add_parser("serve", help="run the read API")
+    serve.set_defaults(run=_cmd_serve)
+
+    router = commands.add_parser("router", help="edge router sidecar: routing table in memory, local /classify")
+    router.add_argument("--api", help="read API base URLs, comma-separated (default TOPOLOGY_ROUTER_API_URLS)")
+    router.add_argument("--token-file", help="file holding the bearer token (default TOPOLOGY_ROUTER_TOKEN)")
+    router.add_argument("--state-file", help="last-known-good table (default TOPOLOGY_ROUTER_STATE_FILE)")
+    router.add_argument("--port", type=int, default=None, help="local port (default TOPOLOGY_ROUTER_PORT)")
+    router.set_defaults(run=_cmd_router)
+
+    up = commands.add_parser("up", help="run the whole stack (embedded servers unless TOPOLOGY_* name real ones)")
+    up.add_argument("--demo", action="store_true", help="emit a small realistic topology")
+    up.add_argument("--data-dir", type=Path, default=Path(".topology"), help="embedded servers' data (default .topology)")
+    up.add_argument("--api-port", type=int, default=None, help="read API port (default TOPOLOGY_API_PORT or 8080)")
+    up.set_defaults(run=_cmd_up)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # JSON for services, text for people, redacted either way (topology/logs.py, adr/0011).
+    from topology.logs import choose_format, configure_logging, register_secrets
+    from topology.tracing import configure_tracing
+
+    try:
+        settings: Settings | None = Settings()
+    except ValidationError:
+        settings = None  # the command reports the problem itself
+    configure_logging(
+        choose_format(settings.log_format if settings else "auto", args.command),
+        logging.DEBUG if args.verbose else (settings.log_level if settings else logging.INFO),
+    )
+    if settings is not None:
+        register_secrets(_configured_secrets(settings))
+    configure_tracing(f"topology-{args.command}")
+    return int(args.run(args))
+
+
+def _configured_secrets(settings: Settings) -> list[str]:
+    """Values no log line may show: bearer tokens, the HMAC key (topology/logs.py)."""
+    import json
+
+    values = [settings.router_token, settings.claim_hmac_secret.get_secret_value()]
+    sources = [settings.api_tokens]
+    if settings.api_tokens_file:
+        try:
+            sources.append(Path(settings.api_tokens_file).read_text(encoding="utf-8"))
+        except OSError:
+            pass  # `topology serve` reports it
+    for raw in sources:
+        try:
+            document = json.loads(raw) if raw.strip() else {}
+        except json.JSONDecodeError:
+            continue
+        if isinstance(document, dict):
+            values.extend(str(token) for token in document)
+    return values

@@ -1,0 +1,172 @@
+"""All configuration, in one typed object read once from the environment (prefix ``TOPOLOGY_``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.models import CELL_EVENT_TYPES, DECISION_EVENT_TYPES, REQUEST_EVENT_TYPES
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TOPOLOGY_", extra="ignore", frozen=True)
+
+    # Servers
+    kafka_bootstrap: str = Field(default="127.0.0.1:9092", description="Comma-separated host:port list")
+    database_url: str = Field(
+        default="postgresql://postgres@127.0.0.1:5432/topology",
+        description="libpq URL of the projection database",
+    )
+
+    # Topics
+    cells_topic: str = "topology.cells"
+    claims_topic: str = "topology.claims"
+    claim_requests_topic: str = "topology.claim-requests"
+    claim_decisions_topic: str = "topology.claim-decisions"
+    claim_requests_partitions: int = Field(default=8, ge=1)
+    claims_partitions: int = Field(default=8, ge=1)
+    replication_factor: int = Field(default=1, ge=1)
+
+    # Producer
+    producer_idempotence: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="auto: idempotent where the broker serves InitProducerId, plain acks=all otherwise",
+    )
+    producer_linger_ms: int = Field(default=5, ge=0)
+    producer_request_timeout_ms: int = Field(default=30_000, ge=1000)
+
+    # Projector
+    consumer_group: str = "topology-projector"
+    batch_max_events: int = Field(default=5000, ge=1)
+    batch_wait_ms: int = Field(default=200, ge=0, description="How long a fetch waits for a batch to fill")
+    projector_metrics_port: int = Field(default=9464, ge=0, description="0 disables the projector's /metrics")
+    # Reliability (README "Reliability"): how fast a dead member's partitions move, how
+    # often the dependencies are probed for /readyz, how long a SIGTERM may take.
+    consumer_session_timeout_ms: int = Field(
+        default=10_000, ge=1000, description="A member silent this long is dropped and its partitions reassigned"
+    )
+    consumer_heartbeat_interval_ms: int = Field(default=3_000, ge=100, description="Below a third of the session timeout")
+    projector_probe_interval_s: float = Field(
+        default=5.0, gt=0, description="How often the projector probes the broker and PostgreSQL (/readyz, *_up gauges)"
+    )
+    shutdown_timeout_s: float = Field(
+        default=10.0, gt=0, description="SIGTERM: the current batch may finish this long, then it is abandoned"
+    )
+
+    # Claims
+    claim_hmac_secret: SecretStr = Field(
+        default=SecretStr("insecure-development-secret"),
+        description="Keys the HMAC under which e-mails are stored; set a real secret in production",
+    )
+    lease_tick_interval_s: float = Field(
+        default=5.0, gt=0, description="How often a projector publishes a LeaseExpiryTick (log-time clock)"
+    )
+    decision_wait_s: float = Field(default=5.0, gt=0, le=60, description="How long HTTP claim calls wait")
+
+    # Read API
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8080, ge=0)
+    snapshot_poll_interval_s: float = Field(
+        default=5.0, gt=0, description="Fallback refresh when no NOTIFY arrives (e.g. after a reconnect)"
+    )
+
+    # Router sync (adr/0009): access tokens, long-poll, change-log retention, compression, router sidecar
+    api_tokens: str = Field(
+        default="",
+        repr=False,
+        description='JSON object: bearer token -> list of scopes, e.g. {"s3cr3t": ["snapshot:read"]}; never logged',
+    )
+    api_tokens_file: str = Field(default="", description="Path of a JSON file of the same shape (merged)")
+    api_max_wait_s: float = Field(default=60.0, gt=0, le=3600, description="Upper bound of a long-poll's ?wait=")
+    api_access_log: bool = Field(default=False, description="uvicorn access log (one line per request)")
+    changelog_keep_versions: int = Field(default=100_000, ge=0, description="Versions the change log keeps; 0: no limit")
+    changelog_keep_seconds: float = Field(default=86_400.0, ge=0, description="Age the change log keeps; 0: no limit")
+    snapshot_gzip_level: int = Field(default=6, ge=1, le=9)
+    snapshot_zstd_level: int = Field(default=3, ge=1, le=19)
+    router_api_urls: str = Field(default="http://127.0.0.1:8080", description="Comma-separated read API base URLs")
+    router_token: str = Field(default="", repr=False, description="Bearer token of `topology router`; never logged")
+    router_state_file: str = Field(default=".topology/router-state.json", description="Last-known-good table")
+    router_port: int = Field(default=9466, ge=0, description="`topology router`: port of local /classify, /metrics")
+    router_wait_s: float = Field(default=30.0, gt=0, description="Long-poll wait the router asks for")
+
+    # Outbox relay
+    relay_source_url: str = Field(
+        default="",
+        description="libpq URL of the database holding the outbox (the monolith's); empty: give --source. "
+        "A string, not None, so that the setting survives a round trip through the environment",
+    )
+    relay_batch_size: int = Field(default=500, ge=1, le=100_000, description="Outbox rows per publish-and-mark round")
+    relay_poll_interval_s: float = Field(
+        default=1.0, gt=0, description="Poll when no NOTIFY arrives; also how often a standby tries for the lock"
+    )
+    relay_delete_published: bool = Field(default=False, description="Delete rows once published instead of marking")
+    relay_metrics_port: int = Field(default=9465, ge=0, description="0 disables the relay's /metrics")
+
+    # Observability (adr/0011; tracing exporters use the standard OTEL_* variables, topology/tracing.py)
+    log_format: Literal["auto", "json", "text"] = Field(
+        default="auto", description="auto: JSON for project/serve/relay/router, text for interactive commands"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="-v forces DEBUG")
+    metrics_host: str = Field(
+        default="127.0.0.1", description="Address the projector's and relay's /metrics listen on (0.0.0.0 in containers)"
+    )
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _case_insensitive(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        return value.upper() if value.lower() in ("debug", "info", "warning", "error") else value.lower()
+
+    @field_validator("database_url")
+    @classmethod
+    def _libpq_url(cls, value: str) -> str:
+        if not value.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
+            raise ValueError("must be a postgresql:// URL")
+        return value
+
+    @property
+    def libpq_url(self) -> str:
+        """The URL for psycopg itself (LISTEN/NOTIFY)."""
+        return self.database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The same database for SQLAlchemy, pinned to the psycopg 3 driver."""
+        url = self.libpq_url
+        if url.startswith("postgres://"):
+            url = "postgresql://" + url[len("postgres://") :]
+        return url.replace("postgresql://", "postgresql+psycopg://", 1)
+
+    @property
+    def cells_partitions(self) -> int:
+        # One partition, always: cell rules (a session prefix belongs to one cell)
+        # compare cells with each other, and only a total order keeps replays
+        # deterministic (adr/0004).
+        return 1
+
+    @property
+    def claim_decisions_partitions(self) -> int:
+        # One partition: the decision log is totally ordered, so replaying it
+        # applies decisions in exactly the order they were made (adr/0010).
+        return 1
+
+    @property
+    def topics(self) -> tuple[str, ...]:
+        """The topics a projector consumes."""
+        return (self.cells_topic, self.claims_topic, self.claim_requests_topic)
+
+    def topic_for(self, event_type: str) -> str:
+        if event_type in CELL_EVENT_TYPES:
+            return self.cells_topic
+        if event_type in REQUEST_EVENT_TYPES:
+            return self.claim_requests_topic
+        if event_type in DECISION_EVENT_TYPES:
+            return self.claim_decisions_topic
+        return self.claims_topic
+
+    @property
+    def claim_secret(self) -> bytes:
+        return self.claim_hmac_secret.get_secret_value().encode("utf-8")

@@ -1,0 +1,203 @@
+"""``topology up``: the whole stack in one command, for development and demos.
+
+Servers named by ``TOPOLOGY_KAFKA_BOOTSTRAP`` / ``TOPOLOGY_DATABASE_URL`` are used
+when set; otherwise the embedded broker and database start here. The projector and
+the read API run as child processes, exactly as ``topology project`` and
+``topology serve`` would; Ctrl-C stops all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from producer.publisher import EventPublisher, PublishFailed
+from projector.migrate import ensure_database, upgrade_to_head
+from schemas.models import ClaimBucket, ClaimCreated
+from topology.demo import demo_events
+from topology.devstack import EmbeddedKafka, EmbeddedPostgres, free_port
+from topology.settings import Settings
+from topology.topics import ensure_topics
+
+
+def _say(message: str) -> None:
+    print(f"topology up: {message}", flush=True)
+
+
+def _reset_database(libpq_url: str) -> None:
+    import psycopg
+    from psycopg import sql
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    name = conninfo_to_dict(libpq_url).get("dbname") or "topology"
+    with psycopg.connect(make_conninfo(libpq_url, dbname="postgres"), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def _wait_ready(url: str, children: list[subprocess.Popen[bytes]], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for child in children:
+            if child.poll() is not None:
+                raise RuntimeError(f"{' '.join(map(str, child.args))} exited with status {child.returncode}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"read API not ready within {timeout_s}s")
+
+
+async def _emit_demo(settings: Settings) -> int:
+    count = 0
+    async with EventPublisher(settings) as publisher:
+        async for outcome in publisher.publish_many(demo_events()):
+            if isinstance(outcome, PublishFailed):
+                raise outcome
+            count += 1
+    return count
+
+
+# The development token may do everything the API offers.
+DEV_SCOPES = ("snapshot:read", "claims:read", "claims:write", "audit:read")
+
+
+def _dev_tokens(token: str) -> str:
+    """TOPOLOGY_API_TOKENS plus a development token with every scope."""
+    import json
+
+    try:
+        tokens = json.loads(os.environ.get("TOPOLOGY_API_TOKENS") or "{}")
+    except json.JSONDecodeError:
+        tokens = {}
+    return json.dumps({**(tokens if isinstance(tokens, dict) else {}), token: list(DEV_SCOPES)})
+
+
+def _wait_for_demo(url: str, token: str, timeout_s: float = 120) -> dict[str, object]:
+    deadline = time.monotonic() + timeout_s
+    expected = sum(1 for e in demo_events() if isinstance(e, ClaimCreated) and e.bucket is ClaimBucket.NAMESPACE)
+    while time.monotonic() < deadline:
+        document = httpx.get(f"{url}/v1/snapshot", headers={"Authorization": f"Bearer {token}"}, timeout=5).json()
+        if len(document.get("namespaces", {})) >= expected:
+            return document  # type: ignore[no-any-return]
+        time.sleep(0.3)
+    raise RuntimeError("demo data did not reach the snapshot in time")
+
+
+def up(data_dir: Path, api_port: int, demo: bool) -> int:
+    env_kafka = os.environ.get("TOPOLOGY_KAFKA_BOOTSTRAP")
+    env_database = os.environ.get("TOPOLOGY_DATABASE_URL")
+    kafka: EmbeddedKafka | None = None
+    postgres: EmbeddedPostgres | None = None
+    children: list[subprocess.Popen[bytes]] = []
+    stop_requested = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        if env_kafka:
+            bootstrap = env_kafka
+            _say(f"using Kafka at {bootstrap}")
+        else:
+            kafka = EmbeddedKafka(port=9092 if _port_free(9092) else free_port(), log_path=data_dir / "tansu.log")
+            bootstrap = kafka.start().bootstrap
+            _say(f"embedded Tansu broker (memory storage) at {bootstrap}")
+        if env_database:
+            database_url = env_database
+            _say("using PostgreSQL from TOPOLOGY_DATABASE_URL")
+        else:
+            postgres = EmbeddedPostgres(data_dir / "postgres").start()
+            database_url = postgres.url("topology")
+            _say(f"embedded PostgreSQL, data in {data_dir / 'postgres'}")
+        if kafka is not None and postgres is not None:
+            # The embedded broker forgets its log on exit; offsets stored from an
+            # earlier run would point past the new, empty log. Start clean — but
+            # only ever the embedded database, never one named by the operator.
+            _reset_database(Settings(database_url=database_url).libpq_url)
+        elif kafka is not None:
+            _say("warning: a fresh embedded broker with an existing database: offsets stored by an earlier "
+                 "run point past the new, empty log, and the projector will stop and say so")
+        overrides = {
+            "TOPOLOGY_KAFKA_BOOTSTRAP": bootstrap,
+            "TOPOLOGY_DATABASE_URL": database_url,
+            "TOPOLOGY_API_PORT": str(api_port),
+        }
+        if kafka is not None:
+            overrides["TOPOLOGY_PRODUCER_IDEMPOTENCE"] = "off"
+        # The children share this terminal: human-readable logs unless asked otherwise (adr/0011).
+        overrides.setdefault("TOPOLOGY_LOG_FORMAT", os.environ.get("TOPOLOGY_LOG_FORMAT", "text"))
+        dev_token = f"dev-{secrets.token_urlsafe(24)}"  # routing data needs a bearer token (adr/0009)
+        overrides["TOPOLOGY_API_TOKENS"] = _dev_tokens(dev_token)
+        env = {**os.environ, **overrides}
+        settings = Settings(**{k.removeprefix("TOPOLOGY_").lower(): v for k, v in overrides.items()})  # type: ignore[arg-type]
+        ensure_database(settings.libpq_url)
+        upgrade_to_head(settings.sqlalchemy_url)
+        asyncio.run(ensure_topics(settings))
+        # The relay publishes the projector's claim decisions (its outbox) to the decision log.
+        for command in (["project"], ["serve"], ["relay", "--source", settings.libpq_url]):
+            children.append(subprocess.Popen([sys.executable, "-m", "topology", *command], env=env))
+        url = f"http://{settings.api_host}:{api_port}"
+        _wait_ready(url, children)
+        if demo:
+            count = asyncio.run(_emit_demo(settings))
+            document = _wait_for_demo(url, dev_token)
+            _say(f"demo: {count} events emitted; snapshot version {document['version']} "
+                 f"with {len(document['cells'])} cells and {len(document['namespaces'])} namespaces")  # type: ignore[arg-type]
+        _say(f"read API    {url}/v1/snapshot   (OpenAPI: {url}/docs)")
+        _say(f"dev token   {dev_token}   ({', '.join(DEV_SCOPES)}; valid until this stack stops)")
+        _say(f"            curl -H 'Authorization: Bearer {dev_token}' {url}/v1/snapshot")
+        _say(f"metrics     {url}/metrics")
+        _say(f"Kafka       {bootstrap}")
+        _say(f"PostgreSQL  {database_url}")
+        _say("Ctrl-C stops everything")
+        while not stop_requested:
+            for child in children:
+                if child.poll() is not None:
+                    _say(f"{' '.join(map(str, child.args))} exited with status {child.returncode}; stopping")
+                    return 1
+            time.sleep(0.5)
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        # A second Ctrl-C must not cut the teardown short and orphan a server.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _say("stopping")
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        if kafka is not None:
+            kafka.stop()
+        if postgres is not None:
+            postgres.stop()
+        _say("stopped")
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
