@@ -169,9 +169,29 @@ def choose_format(configured: str, command: str | None) -> str:
     return "json" if command in SERVICE_COMMANDS else "text"
 
 
+class _CurrentStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever `sys.stderr` is at emit time.
+
+    Binding the stream once breaks when the CLI runs in-process under a harness that
+    swaps and later closes `sys.stderr` (pytest's capture): every later record would
+    fail with "I/O operation on closed file".
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> IO[str]:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: IO[str]) -> None:
+        pass  # always the current sys.stderr
+
+
 def configure_logging(fmt: str = "json", level: int | str = logging.INFO, stream: IO[str] | None = None) -> logging.Handler:
     """Replace the root logger's handlers with one redacting handler; return it."""
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler = logging.StreamHandler(stream) if stream is not None else _CurrentStderrHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()

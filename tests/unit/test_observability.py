@@ -180,3 +180,24 @@ def test_tracing_is_off_unless_an_exporter_is_named() -> None:
     assert result.returncode == 0, result.stderr
     assert '"name": "probe span"' in result.stderr and '"service.name": "topology-test"' in result.stderr
     assert result.stdout == ""  # stdout is for command output (topology emit's result lines)
+
+
+def test_the_default_handler_follows_sys_stderr_when_it_is_swapped(monkeypatch: pytest.MonkeyPatch) -> None:
+    # In-process CLI runs under a capturing harness: the stderr seen at configure time
+    # may be closed later; records must go to the stderr of the moment instead.
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    first, second = io.StringIO(), io.StringIO()
+    try:
+        monkeypatch.setattr(sys, "stderr", first)
+        configure_logging("text", logging.INFO)
+        first.close()
+        monkeypatch.setattr(sys, "stderr", second)
+        logging.getLogger("x").info("after the swap")
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+    assert "after the swap" in second.getvalue()
