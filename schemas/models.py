@@ -151,13 +151,14 @@ class Event(BaseModel):
     def _fits_the_wire(cls, value: Any) -> Any:
         # PostgreSQL text cannot hold NUL: such an event would fail its batch's
         # transaction on every retry, so it is refused at the edge instead.
-        if isinstance(value, str) and "\x00" in value:
-            raise ValueError("must not contain NUL characters")
         if isinstance(value, str):
-            _require_unicode_text(value)
+            if "\x00" in value:
+                raise ValueError("must not contain NUL characters")
+            if not value.isascii():  # ASCII is always valid UTF-8; this runs for every field of every event
+                _require_unicode_text(value)
         # Avro carries timestamp-millis; truncating keeps a model equal to its
         # own round trip through the wire format (and a replay to the live run).
-        if isinstance(value, datetime):
+        elif isinstance(value, datetime) and value.microsecond % 1000:
             return value.replace(microsecond=value.microsecond // 1000 * 1000)
         return value
 

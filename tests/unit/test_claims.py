@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from projector.claims import (
     DECIDER_SOURCE,
@@ -1060,3 +1061,37 @@ def test_the_property_checks_can_fail() -> None:
     problems = invariant_violations(registry)
     assert any("open lease" in p and str(lease.lease_id) in p for p in problems)
     assert any("unknown lease" in p for p in problems)
+
+
+# --- the hot path's shortcuts equal the validated definitions -------------------------------
+
+_CLAIM_TEXT = st.text(alphabet=st.sampled_from("abcXYZ019_.-@é+ "), min_size=1, max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(bucket=st.sampled_from(list(ClaimBucket)), value=_CLAIM_TEXT)
+def test_the_shortcut_keys_and_refs_equal_what_validation_gives(bucket: ClaimBucket, value: str) -> None:
+    from projector.claims import _refs, command_keys, stored_claims
+    from schemas.models import ClaimCreated
+
+    try:
+        validated = ClaimRef(bucket=bucket, value=value)
+    except ValueError:
+        return  # not a value of this bucket: nothing to compare
+    event = ClaimCreated(source="cell-1", bucket=bucket, value=value, cell_id="cell-1", owner_type=OwnerType.GROUP,
+                         owner_id=1)
+    # command_keys skips ClaimRef: the model already holds the canonical value.
+    assert command_keys(event, SECRET) == stored_claims([validated], SECRET)
+    # _refs builds refs of stored keys without validating them again.
+    (stored_key,) = stored_claims([validated], SECRET)
+    assert _refs([stored_key]) == (ClaimRef(bucket=stored_key[0], value=stored_key[1]),)  # type: ignore[arg-type]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(log=command_logs())
+def test_every_decision_survives_validation_unchanged(log: list[tuple[Event, datetime]]) -> None:
+    # Decisions carry refs built without validation; each must still be a valid event.
+    registry = Registry()
+    for command, at in log:
+        for decision in decide(registry, command, at, SECRET).decisions:
+            assert type(decision).model_validate(decision.model_dump()) == decision
