@@ -13,7 +13,7 @@
 CREATE SEQUENCE IF NOT EXISTS topology_outbox_id_seq AS bigint CACHE 1 NO CYCLE;
 
 CREATE TABLE IF NOT EXISTS topology_outbox (
-    -- Assigned by the trigger below, never by the writer.
+    -- Assigned by the trigger below, not by the writer (one exception: see the trigger).
     id            bigint      PRIMARY KEY,
     event_id      uuid        NOT NULL,
     event_type    text        NOT NULL,
@@ -61,10 +61,22 @@ BEGIN
 END
 $$;
 
+-- One exception, for a writer that already runs ALL its outbox writes, in every
+-- process, behind one transaction-level lock of its own (the topology store's
+-- claim decider holds its registry lock): inside that lock it may draw the ids
+-- from the sequence itself and say so for its transaction with
+-- SET LOCAL topology.outbox_ids_drawn_under_lock = 'on'; the trigger then leaves
+-- its unpublished rows alone. Commit order is still id order for every key, and
+-- it saves a trigger call and an advisory lock per row: thousands of per-key
+-- locks in one transaction exhaust PostgreSQL's lock table ("out of shared
+-- memory"). Any other writer leaves id out; an id it gives is replaced anyway.
 DROP TRIGGER IF EXISTS topology_outbox_before_insert ON topology_outbox;
 CREATE TRIGGER topology_outbox_before_insert
     BEFORE INSERT ON topology_outbox
-    FOR EACH ROW EXECUTE FUNCTION topology_outbox_before_insert();
+    FOR EACH ROW
+    WHEN (NEW.id IS NULL OR NEW.published_at IS NOT NULL
+          OR current_setting('topology.outbox_ids_drawn_under_lock', true) IS DISTINCT FROM 'on')
+    EXECUTE FUNCTION topology_outbox_before_insert();
 
 -- Wakes the relay (LISTEN topology_outbox) when the inserting transaction
 -- commits; notifications of one transaction collapse into one. Optional: the

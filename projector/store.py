@@ -319,28 +319,31 @@ def _detail(decisions: tuple[Event, ...]) -> str | None:
     """The decision events of a claim request, as JSON, for the synchronous answer."""
     if not decisions:
         return None
-    return json.dumps([{"type": d.EVENT_TYPE, **d.model_dump(mode="json")} for d in decisions])
+    # pydantic's own JSON writer, with the type spliced in front: this runs for every
+    # claim event, and the dict-then-json.dumps route cost three times as much.
+    return "[" + ",".join(f'{{"type":"{d.EVENT_TYPE}",' + d.model_dump_json()[1:] for d in decisions) + "]"
 
 
 async def _append_to_outbox(conn: AsyncConnection, codec: EventCodec, decisions: Sequence[Event]) -> None:
     """Record the decisions in the log: the relay publishes the outbox to the
-    claim-decisions topic, in id order, which under the registry lock is decision order."""
+    claim-decisions topic, in id order. The ids are drawn here, in decision order,
+    while the registry lock is held, so id order is decision order and commit order
+    (producer/outbox.sql: such rows skip the per-row trigger and its per-key locks)."""
     if not decisions:
         return
-    await conn.execute(
-        text(
-            "INSERT INTO topology_outbox (event_id, event_type, partition_key, payload) "
-            "SELECT event_id, event_type, partition_key, payload FROM unnest(CAST(:ids AS uuid[]), "
-            "  CAST(:types AS text[]), CAST(:keys AS text[]), CAST(:payloads AS bytea[])) "
-            "  WITH ORDINALITY AS u(event_id, event_type, partition_key, payload, n) "
-            "ORDER BY n"
+    await conn.execute(text("SELECT set_config('topology.outbox_ids_drawn_under_lock', 'on', true)"))
+    drawn = await conn.execute(
+        text("SELECT nextval('topology_outbox_id_seq') FROM generate_series(1, :count)"), {"count": len(decisions)}
+    )
+    ids = sorted(row[0] for row in drawn)
+    await copy_rows(
+        conn,
+        "topology_outbox",
+        ("id", "event_id", "event_type", "partition_key", "payload"),
+        (
+            (outbox_id, d.event_id, d.EVENT_TYPE, d.partition_key, codec.encode(d.EVENT_TYPE, d.to_avro()))
+            for outbox_id, d in zip(ids, decisions, strict=True)
         ),
-        {
-            "ids": [d.event_id for d in decisions],
-            "types": [d.EVENT_TYPE for d in decisions],
-            "keys": [d.partition_key for d in decisions],
-            "payloads": [codec.encode(d.EVENT_TYPE, d.to_avro()) for d in decisions],
-        },
     )
 
 

@@ -182,3 +182,17 @@ async def test_routing_changes_record_each_version_in_the_same_transaction(engin
         (2, "namespace", "alpha", {"cell_id": "cell-1"}),  # the USERNAME claim does not route
         (3, "namespace", "alpha", None),
     ]
+
+
+async def test_a_batch_larger_than_the_lock_table_records_its_decisions_in_decision_order(engine: AsyncEngine) -> None:
+    # A per-key advisory lock per outbox row used to exhaust PostgreSQL's lock table
+    # ("out of shared memory") on a batch this large.
+    store = ProjectionStore(engine, b"test-secret")
+    await store.stored_offsets([(TOPIC, 0)])
+    count = 16_000  # the old trigger failed from about 15,000 rows on a default server
+    events = [at(claim(f"big-{n:05d}", owner=n), n) for n in range(count)]
+    await store.commit_batch(events, [], {(TOPIC, 0): PartitionAdvance(0, count)})
+    recorded = await rows(engine, "SELECT partition_key FROM topology_outbox ORDER BY id")
+    # A decision's key is the request it answers: here, each ClaimCreated in log order.
+    assert [key for (key,) in recorded] == [str(p.event.event_id) for p in events]
+    assert await rows(engine, "SELECT count(*) FROM topology_outbox WHERE published_at IS NOT NULL") == [(0,)]
