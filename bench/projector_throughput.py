@@ -37,6 +37,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from psycopg import sql
 
 from projector.consumer import Projector
+from projector.main import tune_gc_for_batches
 from projector.migrate import upgrade_to_head
 from projector.store import ProjectionStore, create_engine
 from schemas.codec import EventCodec
@@ -162,6 +163,7 @@ def copy_resulting_rows(settings: Settings) -> tuple[float, dict[str, int]]:
 
 async def project(settings: Settings, total: int, profile: bool) -> float:
     engine = create_engine(settings.sqlalchemy_url)
+    tune_gc_for_batches()  # as `topology project` does
     stop = asyncio.Event()
     projector = Projector(settings, ProjectionStore(engine, settings.claim_secret))
     profiler = None

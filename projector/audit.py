@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from uuid import UUID
 
 from sqlalchemy import text
@@ -47,6 +48,13 @@ class ArchivedRecord:
 
 def headers_json(headers: Iterable[tuple[str, bytes]]) -> str:
     """Kafka headers as stored beside the raw record: [[name, hex of the value], ...]."""
+    return _headers_json(tuple(headers))
+
+
+@lru_cache(maxsize=1024)
+def _headers_json(headers: tuple[tuple[str, bytes], ...]) -> str:
+    # Most records of a batch carry the same few headers (the event type); the
+    # archive writes one per record.
     return json.dumps([[name, value.hex()] for name, value in headers])
 
 

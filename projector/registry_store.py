@@ -8,27 +8,34 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from datetime import datetime
+from uuid import UUID
 
 from sqlalchemy import text
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from projector.bulk import execute_binary
 from projector.claims import ClaimStatus, HeldClaim, Lease, LeaseStatus, Needs, Registry
 from schemas.models import OwnerType, ReleaseCause
 
 _CLAIM_COLUMNS = "bucket, value, cell_id, owner_type, owner_id, status, lease_id, claimed_at"
 
 
-def _held(row: Row) -> HeldClaim:  # type: ignore[type-arg]
+def _held(
+    bucket: str, value: str, cell_id: str, owner_type: str, owner_id: int, status: str, lease_id: UUID | None,
+    claimed_at: datetime,
+) -> HeldClaim:
+    """One row of ``SELECT {_CLAIM_COLUMNS}``."""
     return HeldClaim(
-        bucket=row.bucket,
-        value=row.value,
-        cell_id=row.cell_id,
-        owner_type=OwnerType(row.owner_type),
-        owner_id=row.owner_id,
-        status=ClaimStatus(row.status),
-        lease_id=row.lease_id,
-        claimed_at=row.claimed_at,
+        bucket=bucket,
+        value=value,
+        cell_id=cell_id,
+        owner_type=OwnerType(owner_type),
+        owner_id=owner_id,
+        status=ClaimStatus(status),
+        lease_id=lease_id,
+        claimed_at=claimed_at,
     )
 
 
@@ -50,15 +57,13 @@ async def _claims_by_keys(conn: AsyncConnection, keys: Iterable[tuple[str, str]]
     keys = list(keys)
     if not keys:
         return []
-    rows = await conn.execute(
-        text(
-            f"SELECT {_CLAIM_COLUMNS} FROM claims c "
-            "JOIN unnest(CAST(:buckets AS text[]), CAST(:values AS text[])) AS k(b, v) "
-            "  ON c.bucket = k.b AND c.value = k.v"
-        ),
+    rows = await execute_binary(
+        conn,
+        f"SELECT {_CLAIM_COLUMNS} FROM claims c "
+        "JOIN unnest(%(buckets)b::text[], %(values)b::text[]) AS k(b, v) ON c.bucket = k.b AND c.value = k.v",
         {"buckets": [b for b, _ in keys], "values": [v for _, v in keys]},
     )
-    return [_held(row) for row in rows]
+    return [_held(*row) for row in rows]
 
 
 async def load_registry(conn: AsyncConnection, wanted: Needs) -> Registry:
@@ -79,7 +84,7 @@ async def load_registry(conn: AsyncConnection, wanted: Needs) -> Registry:
             },
         )
         for row in rows:
-            registry.claims[(row.bucket, row.value)] = _held(row)
+            registry.claims[(row.bucket, row.value)] = _held(*row)
     lease_ids = set(wanted.lease_ids) | {h.lease_id for h in registry.claims.values() if h.lease_id is not None}
     rows = await conn.execute(
         text(
@@ -111,24 +116,22 @@ async def write_registry(conn: AsyncConnection, registry: Registry, version: int
     held = [registry.claims[k] for k in sorted(registry.changed_claims) if k in registry.claims]
     freed = [k for k in sorted(registry.changed_claims) if k not in registry.claims]
     if freed:
-        await conn.execute(
-            text(
-                "DELETE FROM claims c USING unnest(CAST(:buckets AS text[]), CAST(:values AS text[])) AS k(b, v) "
-                "WHERE c.bucket = k.b AND c.value = k.v"
-            ),
+        await execute_binary(
+            conn,
+            "DELETE FROM claims c USING unnest(%(buckets)b::text[], %(values)b::text[]) AS k(b, v) "
+            "WHERE c.bucket = k.b AND c.value = k.v",
             {"buckets": [b for b, _ in freed], "values": [v for _, v in freed]},
         )
     if held:
-        await conn.execute(
-            text(
-                f"INSERT INTO claims ({_CLAIM_COLUMNS}, version) "
-                "SELECT u.*, CAST(:version AS bigint) FROM unnest(CAST(:buckets AS text[]), CAST(:values AS text[]), "
-                "  CAST(:cells AS text[]), CAST(:owner_types AS text[]), CAST(:owner_ids AS bigint[]), "
-                "  CAST(:statuses AS text[]), CAST(:lease_ids AS uuid[]), CAST(:claimed_at AS timestamptz[])) AS u "
-                "ON CONFLICT (bucket, value) DO UPDATE SET cell_id = excluded.cell_id, "
-                "  owner_type = excluded.owner_type, owner_id = excluded.owner_id, status = excluded.status, "
-                "  lease_id = excluded.lease_id, claimed_at = excluded.claimed_at, version = excluded.version"
-            ),
+        await execute_binary(
+            conn,
+            f"INSERT INTO claims ({_CLAIM_COLUMNS}, version) "
+            "SELECT u.*, %(version)b::bigint FROM unnest(%(buckets)b::text[], %(values)b::text[], "
+            "  %(cells)b::text[], %(owner_types)b::text[], %(owner_ids)b::bigint[], "
+            "  %(statuses)b::text[], %(lease_ids)b::uuid[], %(claimed_at)b::timestamptz[]) AS u "
+            "ON CONFLICT (bucket, value) DO UPDATE SET cell_id = excluded.cell_id, "
+            "  owner_type = excluded.owner_type, owner_id = excluded.owner_id, status = excluded.status, "
+            "  lease_id = excluded.lease_id, claimed_at = excluded.claimed_at, version = excluded.version",
             {
                 "version": version,
                 "buckets": [c.bucket for c in held],

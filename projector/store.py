@@ -26,7 +26,7 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from projector.changelog import prune_routing_changes
-from projector.bulk import copy_rows
+from projector.bulk import copy_rows, execute_binary
 from projector.audit import ArchivedRecord, audit_rows, headers_json, write_archive, write_audit_keys
 from projector.claims import CLAIM_COMMANDS, Registry, needs
 from projector.domain import BatchResult, Cell, Outcome, PositionedEvent, project_batch
@@ -209,10 +209,10 @@ async def _advance_offsets(conn: AsyncConnection, advances: Mapping[TopicPartiti
 async def _seen_event_ids(conn: AsyncConnection, event_ids: list[UUID]) -> set[UUID]:
     if not event_ids:
         return set()
-    rows = await conn.execute(
-        text("SELECT event_id FROM processed_events WHERE event_id = ANY(CAST(:ids AS uuid[]))"), {"ids": event_ids}
+    rows = await execute_binary(
+        conn, "SELECT event_id FROM processed_events WHERE event_id = ANY(%(ids)b::uuid[])", {"ids": event_ids}
     )
-    return {row.event_id for row in rows}
+    return {event_id for (event_id,) in rows}
 
 
 async def _load_cells(conn: AsyncConnection) -> dict[str, Cell]:
@@ -282,17 +282,18 @@ async def write_routing_changes(
     namespace's new owning cell (``None``: no longer claimed)."""
     kinds = ["cell"] * len(cells) + ["namespace"] * len(namespaces)
     keys = [*cells, *namespaces]
+    # A namespace's value names one of a few cells: serialize each once per batch.
+    routes = {cell_id: json.dumps({"cell_id": cell_id}) for cell_id in set(namespaces.values()) if cell_id is not None}
     values = [json.dumps(cell_document(c)) for c in cells.values()] + [
-        json.dumps({"cell_id": cell_id}) if cell_id is not None else None for cell_id in namespaces.values()
+        routes[cell_id] if cell_id is not None else None for cell_id in namespaces.values()
     ]
     if not keys:
         return
-    await conn.execute(
-        text(
-            "INSERT INTO routing_changes (version, kind, key, value) "
-            "SELECT CAST(:version AS bigint), k, key, v FROM unnest(CAST(:kinds AS text[]), "
-            "  CAST(:keys AS text[]), CAST(:values AS jsonb[])) AS u(k, key, v)"
-        ),
+    await execute_binary(
+        conn,
+        "INSERT INTO routing_changes (version, kind, key, value) "
+        "SELECT %(version)b::bigint, k, key, v FROM unnest(%(kinds)b::text[], %(keys)b::text[], "
+        "  %(values)b::text[]::jsonb[]) AS u(k, key, v)",
         {"version": version, "kinds": kinds, "keys": keys, "values": values},
     )
 
