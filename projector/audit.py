@@ -76,11 +76,14 @@ def event_audit_keys(event: Event, decisions: Iterable[Event], secret: bytes) ->
     if isinstance(event, OwnerTransferRequested):
         keys.add(("owner", f"{event.from_cell_id}/{event.owner_type.value}/{event.owner_id}"))
     for decision in decisions:
-        for ref in getattr(decision, "claims", ()):
-            keys.add(("claim", claim_key_text(ref.bucket.value, ref.value)))
-        lease_id = getattr(decision, "lease_id", None)
-        if lease_id is not None:
-            keys.add(("lease", str(lease_id)))
+        # Field presence by the model's declaration: getattr with a default on a
+        # pydantic model raises and catches an AttributeError inside, per event.
+        fields = type(decision).model_fields
+        if "claims" in fields:
+            for ref in decision.claims:  # type: ignore[attr-defined]
+                keys.add(("claim", claim_key_text(ref.bucket.value, ref.value)))
+        if "lease_id" in fields and decision.lease_id is not None:  # type: ignore[attr-defined]
+            keys.add(("lease", str(decision.lease_id)))  # type: ignore[attr-defined]
     return keys
 
 
