@@ -49,12 +49,51 @@ async def lookup(engine: AsyncEngine, request_ids: list[uuid.UUID]) -> dict[uuid
         }
 
 
+class LookupBatcher:
+    """Point lookups of decisions, many requests to one query.
+
+    Under a burst every claim request looks its id up (a retried request may be
+    decided already); one query each queued thousands of them behind the small
+    connection pool. Ids asked for while a query runs go into the next one.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._queued: dict[uuid.UUID, list[asyncio.Future[RequestDecision | None]]] = {}
+        self._flushing: asyncio.Task[None] | None = None
+
+    async def find(self, request_id: uuid.UUID) -> RequestDecision | None:
+        future: asyncio.Future[RequestDecision | None] = asyncio.get_running_loop().create_future()
+        self._queued.setdefault(request_id, []).append(future)
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.create_task(self._flush(), name="decision-lookups")
+        return await future
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(0)  # the other requests of this loop iteration join the first query
+        while self._queued:
+            batch, self._queued = self._queued, {}
+            try:
+                found = await lookup(self._engine, list(batch))
+            except Exception as exc:  # noqa: BLE001 - each caller decides what a failed lookup means
+                for futures in batch.values():
+                    for future in futures:
+                        if not future.done():
+                            future.set_exception(exc)
+                continue
+            for request_id, futures in batch.items():
+                for future in futures:
+                    if not future.done():
+                        future.set_result(found.get(request_id))
+
+
 class DecisionWaiter:
     def __init__(self, engine: AsyncEngine, libpq_url: str, poll_interval_s: float = 1.0) -> None:
         self._engine = engine
         self._libpq_url = libpq_url
         self._poll_interval_s = poll_interval_s
         self._pending: dict[uuid.UUID, list[asyncio.Future[RequestDecision]]] = {}
+        self.lookups = LookupBatcher(engine)
 
     @property
     def waiting(self) -> int:
@@ -67,7 +106,7 @@ class DecisionWaiter:
         self._pending.setdefault(request_id, []).append(future)
         try:
             # The decision may already exist (a retried request id).
-            found = (await lookup(self._engine, [request_id])).get(request_id)
+            found = await self.lookups.find(request_id)
             if found is not None:
                 return found
             return await asyncio.wait_for(asyncio.shield(future), timeout_s)
