@@ -9,5 +9,7 @@
 - ``encodings``     serialize once, compress once, per version.
 - ``auth``          tokens and scopes.
 - ``models``        the response documents (pydantic, for validation and OpenAPI).
+- ``errors``        the one error document; exception handlers, request limits, and the
+                    errors the OpenAPI document declares.
 - ``app``           the HTTP routes (FastAPI on uvicorn); ``server`` runs it.
 """

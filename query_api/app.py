@@ -8,8 +8,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Annotated
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Path, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
@@ -17,22 +18,19 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from projector.store import create_engine
 from query_api.audit_api import audit_router
-from query_api.claims_api import CLAIMS_READ, ClaimsService, claims_router, denied
+from query_api.claims_api import CLAIMS_READ, ClaimsService, claims_router, denied, secured
+from query_api.errors import RequestLimitsMiddleware, document_errors, error, install_error_handlers
 from query_api.metrics import ApiMetrics
-from query_api.models import CellsDocument, CellView, ClaimView, ErrorDocument
+from query_api.models import CellsDocument, CellView, ClaimView, ErrorDocument, ReadyDocument, any_case_pattern
 from query_api.snapshot import Snapshot, SnapshotCache
 from query_api.sync import RouterSync, install_router_sync
-from schemas.models import ClaimBucket, stored_claim_value
+from schemas.models import CellId, ClaimBucket, stored_claim_value
 from topology.settings import Settings
 
 log = logging.getLogger(__name__)
 
 VERSION_HEADER = "X-Topology-Version"
 AGE_HEADER = "X-Topology-Age-Seconds"
-
-def error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
-
 
 def _version_headers(snapshot: Snapshot) -> dict[str, str]:
     return {
@@ -83,6 +81,8 @@ def create_app(settings: Settings, metrics: ApiMetrics | None = None) -> FastAPI
 
     app.include_router(claims_router())
     app.include_router(audit_router())
+    install_error_handlers(app)
+    app.add_middleware(RequestLimitsMiddleware, max_bytes=settings.api_max_body_bytes)
 
     def state(request: Request) -> ApiState:
         return request.app.state.api  # type: ignore[no-any-return]
@@ -90,12 +90,16 @@ def create_app(settings: Settings, metrics: ApiMetrics | None = None) -> FastAPI
     @app.middleware("http")
     async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        template = getattr(route, "path", "unmatched")  # a template, never a raw value
-        api_metrics.requests.labels(template, str(response.status_code)).inc()
-        api_metrics.latency.labels(template).observe(time.perf_counter() - started)
-        return response
+        status = 500  # what the last-resort handler answers when call_next raises
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            template = getattr(route, "path", "unmatched")  # a template, never a raw value
+            api_metrics.requests.labels(template, str(status)).inc()
+            api_metrics.latency.labels(template).observe(time.perf_counter() - started)
 
     def served_snapshot(request: Request) -> Snapshot | None:
         return state(request).cache.current
@@ -104,15 +108,16 @@ def create_app(settings: Settings, metrics: ApiMetrics | None = None) -> FastAPI
     async def list_cells(request: Request) -> Response:
         snapshot = served_snapshot(request)
         if snapshot is None:
-            return error(503, "not_loaded", "no snapshot loaded yet")
+            return error(503, "not_loaded", "no snapshot loaded yet", headers={"Retry-After": "1"})
         document = CellsDocument(version=snapshot.version, cells=snapshot.cell_views)
         return Response(document.model_dump_json(), media_type="application/json", headers=_version_headers(snapshot))
 
-    @app.get("/v1/cells/{cell_id}", response_model=CellView, responses={404: {"model": ErrorDocument}})
-    async def get_cell(request: Request, cell_id: str) -> Response:
+    @app.get("/v1/cells/{cell_id}", response_model=CellView,
+             responses={404: {"model": ErrorDocument}, 503: {"model": ErrorDocument}})
+    async def get_cell(request: Request, cell_id: Annotated[CellId, Path()]) -> Response:
         snapshot = served_snapshot(request)
         if snapshot is None:
-            return error(503, "not_loaded", "no snapshot loaded yet")
+            return error(503, "not_loaded", "no snapshot loaded yet", headers={"Retry-After": "1"})
         for cell in snapshot.cell_views:
             if cell.cell_id == cell_id:
                 return Response(cell.model_dump_json(), media_type="application/json", headers=_version_headers(snapshot))
@@ -121,10 +126,20 @@ def create_app(settings: Settings, metrics: ApiMetrics | None = None) -> FastAPI
     @app.get(
         "/v1/claims/{bucket}/{value:path}",
         response_model=ClaimView,
-        responses={400: {"model": ErrorDocument}, 404: {"model": ErrorDocument}},
+        responses={400: {"model": ErrorDocument}, 404: {"model": ErrorDocument},
+                   503: {"model": ErrorDocument, "description": "PostgreSQL does not answer (Retry-After)"}},
         summary="Who holds a claim (read from PostgreSQL, not the snapshot)",
+        openapi_extra=secured(CLAIMS_READ),
     )
-    async def get_claim(request: Request, bucket: str, value: str) -> Response:
+    async def get_claim(
+        request: Request,
+        bucket: str = Path(min_length=1, max_length=32, description="A claim bucket (any case): "
+                           + ", ".join(b.value for b in ClaimBucket),
+                           # Documented, checked below: the message then lists the buckets.
+                           json_schema_extra={"pattern": any_case_pattern(ClaimBucket)}),
+        value: str = Path(min_length=1, max_length=1024, description="The value as the client spells it; canonicalized "
+                          "(e.g. lower-cased) before the lookup, e-mails hashed"),
+    ) -> Response:
         if refused := denied(request, request.app.state.claims.authorizer, CLAIMS_READ):
             return refused
         try:
@@ -154,7 +169,15 @@ def create_app(settings: Settings, metrics: ApiMetrics | None = None) -> FastAPI
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="PostgreSQL answers and a snapshot is loaded", responses={503: {"model": ErrorDocument}})
+    @app.get(
+        "/readyz",
+        response_model=ReadyDocument,
+        summary="A snapshot is loaded: ready, also while PostgreSQL is unreachable (then stale: true)",
+        description="200 once a snapshot is in memory. A database outage keeps the process ready and "
+        "serving the snapshot it holds, flagged stale with its age (README \"Reliability\"); 503 only "
+        "before the first snapshot is loaded.",
+        responses={503: {"model": ErrorDocument, "description": "No snapshot loaded yet"}},
+    )
     async def readyz(request: Request) -> Response:
         api = state(request)
         if api.cache.current is None:
@@ -173,9 +196,12 @@ def create_app(settings: Settings, metrics: ApiMetrics | None = None) -> FastAPI
         return JSONResponse({"status": "ready", "stale": False, "version": api.cache.current.version,
                              "age_seconds": round(api.cache.current.age_seconds(), 3)})
 
-    @app.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
+    @app.get("/metrics", summary="Prometheus metrics", include_in_schema=True, response_class=Response,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text exposition format"}})
     async def metrics() -> Response:
         return Response(generate_latest(api_metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     install_router_sync(app, sync)  # last: its middleware must be the outermost
+    document_errors(app)  # after install_router_sync: it completes what that one adds to the document
     return app

@@ -6,18 +6,36 @@ hold ``audit:pii`` — everyone else sees the keyed hash.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from projector.audit import audit_key, key_history
-from query_api.claims_api import ClaimsService, denied
-from query_api.models import ErrorDocument
+from query_api.claims_api import ClaimsService, denied, secured
+from query_api.errors import error
+from query_api.models import AuditDocument, ErrorDocument, any_case_pattern
+from schemas.models import CellId, ClaimBucket, OwnerType
 
 AUDIT_READ = "audit:read"
 AUDIT_PII = "audit:pii"
+MAX_HISTORY = 1000
+AUDIT_KINDS = ("ROUTE", "CELL", "LEASE", "OWNER", *ClaimBucket)
+
+_CELL_ID = TypeAdapter(CellId)
+# The audit index's owner key (projector/audit.py): cell/TYPE/id.
+_OWNER_KEY = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}/(" + "|".join(t.value for t in OwnerType) + r")/[0-9]{1,19}$")
+
+
+def _check_free_form(kind: str, value: str) -> None:
+    """CELL and OWNER keys are looked up as given; refuse what no key can be (a NUL
+    would even fail the query) instead of answering an empty history."""
+    if kind.upper() == "CELL":
+        _CELL_ID.validate_python(value)
+    elif kind.upper() == "OWNER" and not _OWNER_KEY.match(value):
+        raise ValueError("an OWNER is cell/TYPE/id, e.g. cell-1/USER/42")
 
 
 def audit_router() -> APIRouter:
@@ -25,13 +43,19 @@ def audit_router() -> APIRouter:
 
     @router.get(
         "/v1/audit/history",
-        responses={400: {"model": ErrorDocument}, 401: {"model": ErrorDocument}, 403: {"model": ErrorDocument}},
-        summary="Every event that touched a key, in log order, with what the projector decided",
+        response_model=AuditDocument,
+        responses={400: {"model": ErrorDocument}, 401: {"model": ErrorDocument}, 403: {"model": ErrorDocument},
+                   503: {"model": ErrorDocument}},
+        summary="Every event that touched a key, in log order, with what the projector decided (the first "
+        "limit of them; truncated says whether more exist)",
+        openapi_extra=secured(AUDIT_READ),
     )
     async def history(
         request: Request,
-        type: str = Query(..., description="ROUTE, CELL, LEASE, OWNER or a claim bucket"),  # noqa: A002
+        type: str = Query(..., max_length=32, description="ROUTE, CELL, LEASE, OWNER or a claim bucket (any case)",  # noqa: A002
+                          json_schema_extra={"pattern": any_case_pattern(AUDIT_KINDS)}),
         value: str = Query(..., max_length=1024),
+        limit: int = Query(MAX_HISTORY, ge=1, le=MAX_HISTORY, description="At most this many events"),
     ) -> JSONResponse:
         service: ClaimsService = request.app.state.claims
         if refused := denied(request, service.authorizer, AUDIT_READ):
@@ -39,11 +63,15 @@ def audit_router() -> APIRouter:
         header = request.headers.get("authorization")
         pii = service.authorizer.check(header.encode("latin-1") if header else None, AUDIT_PII) is None
         try:
+            _check_free_form(type, value)
             kind, key = audit_key(type, value, service.settings.claim_secret)
-        except (ValueError, ValidationError) as exc:
-            return JSONResponse({"error": {"code": "bad_key", "message": str(exc).splitlines()[0]}}, status_code=400)
+        except ValidationError as exc:
+            return error(400, "bad_key", f"{type.upper()}: {exc.errors()[0]['msg']}")
+        except ValueError as exc:
+            return error(400, "bad_key", str(exc).splitlines()[0])
         async with service.engine.connect() as conn:
             entries = await key_history(conn, kind, key, service.settings.claim_secret, pii=pii)
+        truncated = len(entries) > limit
         body: list[dict[str, Any]] = [
             {
                 "position": {"topic": e.topic, "partition": e.partition, "offset": e.offset},
@@ -55,8 +83,8 @@ def audit_router() -> APIRouter:
                 "payload": e.payload,
                 "decisions": e.decisions,
             }
-            for e in entries
+            for e in entries[:limit]
         ]
-        return JSONResponse({"kind": kind, "key": key, "events": body})
+        return JSONResponse({"kind": kind, "key": key, "events": body, "truncated": truncated})
 
     return router

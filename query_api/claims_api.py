@@ -14,9 +14,9 @@ import asyncio
 import logging
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import text
@@ -25,10 +25,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from producer.publisher import EventPublisher, PublishFailed
 from query_api.auth import Authorizer
 from query_api.decisions import DecisionWaiter, RequestDecision, lookup
-from query_api.models import ErrorDocument
+from query_api.errors import DATABASE_DOWN, RETRY_AFTER_S, error, validation_message
+from query_api.models import ErrorDocument, any_case_pattern
 from schemas.models import (
     MAX_CLAIMS_PER_REQUEST,
     MAX_LEASE_TTL_MS,
+    CellId,
     ClaimBucket,
     ClaimsDestroyRequested,
     ClaimsRequested,
@@ -43,6 +45,10 @@ from topology.settings import Settings
 log = logging.getLogger(__name__)
 
 
+MAX_OWNER_ID = 2**63 - 1  # a PostgreSQL bigint
+MAX_OWNER_PAGE = 1000
+
+
 class ClaimInput(BaseModel):
     bucket: ClaimBucket
     value: str = Field(min_length=1, max_length=255)
@@ -53,15 +59,15 @@ class BeginRequest(BaseModel):
 
     request_id: uuid.UUID | None = Field(default=None, description="Idempotency key; generated when absent")
     lease_id: uuid.UUID | None = Field(default=None, description="Generated when absent")
-    cell_id: str
+    cell_id: CellId
     owner_type: OwnerType
-    owner_id: int = Field(ge=0, le=2**63 - 1)
+    owner_id: int = Field(ge=0, le=MAX_OWNER_ID)
     claims: list[ClaimInput] = Field(min_length=1, max_length=MAX_CLAIMS_PER_REQUEST)
     lease_ttl_ms: int = Field(default=60_000, ge=1000, le=MAX_LEASE_TTL_MS)
 
 
 class LeaseAction(BaseModel):
-    cell_id: str
+    cell_id: CellId
     request_id: uuid.UUID | None = None
 
 
@@ -92,14 +98,17 @@ class OwnerDocument(BaseModel):
     owner_type: OwnerType
     owner_id: int
     claims: list[OwnerClaim]
+    next_after: str | None = Field(
+        default=None, description="More claims follow: pass this as after= to get the next page")
 
 
 CLAIMS_READ = "claims:read"
 CLAIMS_WRITE = "claims:write"
 
 
-def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message, **extra}}, status_code=status)
+def secured(scope: str) -> dict[str, Any]:
+    """The OpenAPI ``security`` of an operation that needs ``scope`` (scheme: query_api.sync)."""
+    return {"security": [{"bearerAuth": [scope]}]}
 
 
 def denied(request: Request, authorizer: Authorizer, scope: str) -> JSONResponse | None:
@@ -111,8 +120,7 @@ def denied(request: Request, authorizer: Authorizer, scope: str) -> JSONResponse
     status, code, message = refused
     challenge = 'Bearer realm="topology"' if status == 401 else (
         f'Bearer realm="topology", error="insufficient_scope", scope="{scope}"')
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status,
-                        headers={"WWW-Authenticate": challenge})
+    return error(status, code, message, headers={"WWW-Authenticate": challenge})
 
 
 def _answer(decision: RequestDecision, created: bool = False) -> JSONResponse:
@@ -125,7 +133,7 @@ def _answer(decision: RequestDecision, created: bool = False) -> JSONResponse:
     ).model_dump(mode="json")
     if decision.outcome == "rejected":
         rejected = next((d for d in decision.decisions if d.get("type") == "RequestRejected"), {})
-        return _error(
+        return error(
             409,
             str(rejected.get("reason", "rejected")).lower(),
             decision.reason or "rejected",
@@ -182,9 +190,16 @@ class ClaimsService:
         except (PublishFailed, OSError, Exception) as exc:  # noqa: BLE001 - any broker failure is a 503
             waiting.cancel()
             log.warning("could not publish %s %s: %s", command.EVENT_TYPE, command.event_id, exc.__class__.__name__)
-            return _error(503, "broker_unavailable", "the request could not be published; retry with the same request_id",
-                          request_id=str(command.event_id))
-        decision = await waiting
+            return error(503, "broker_unavailable", "the request could not be published; retry with the same request_id",
+                         headers={"Retry-After": str(RETRY_AFTER_S)}, request_id=str(command.event_id))
+        try:
+            decision = await waiting
+        except DATABASE_DOWN as exc:
+            # Published, so it will be decided: the client retries with the same request id.
+            log.warning("database unavailable waiting for %s: %s", command.event_id, exc.__class__.__name__)
+            return error(503, "database_unavailable", "published, but the decision cannot be read now; retry "
+                         "with the same request_id", headers={"Retry-After": str(RETRY_AFTER_S)},
+                         request_id=str(command.event_id))
         if decision is None:
             return JSONResponse(
                 PendingAnswer(
@@ -208,14 +223,11 @@ def claims_router() -> APIRouter:
         return request.app.state.claims  # type: ignore[no-any-return]
 
     def invalid(exc: ValidationError | ValueError) -> JSONResponse:
-        if isinstance(exc, ValidationError):
-            message = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in exc.errors())
-        else:
-            message = str(exc)
-        return _error(400, "invalid_request", message)
+        message = validation_message(exc.errors()) if isinstance(exc, ValidationError) else str(exc)
+        return error(400, "invalid_request", message)
 
     @router.post("/v1/claims", status_code=201, response_model=RequestAnswer, responses=errors,
-                 summary="Begin: reserve claims under a lease, all or none")
+                 summary="Begin: reserve claims under a lease, all or none", openapi_extra=secured(CLAIMS_WRITE))
     async def begin(request: Request, body: BeginRequest) -> JSONResponse:
         if refused := denied(request, service(request).authorizer, CLAIMS_WRITE):
             return refused
@@ -246,19 +258,27 @@ def claims_router() -> APIRouter:
         return await service(request).submit(command)
 
     @router.post("/v1/leases/{lease_id}/commit", response_model=RequestAnswer, responses=errors,
-                 summary="Make a lease's claims permanent")
+                 summary="Make a lease's claims permanent", openapi_extra=secured(CLAIMS_WRITE))
     async def commit(request: Request, lease_id: uuid.UUID, body: LeaseAction) -> JSONResponse:
         return await lease_action(request, lease_id, body, commit=True)
 
     @router.post("/v1/leases/{lease_id}/rollback", response_model=RequestAnswer, responses=errors,
-                 summary="Free a lease's claims")
+                 summary="Free a lease's claims", openapi_extra=secured(CLAIMS_WRITE))
     async def rollback(request: Request, lease_id: uuid.UUID, body: LeaseAction) -> JSONResponse:
         return await lease_action(request, lease_id, body, commit=False)
 
     @router.delete("/v1/claims/{bucket}/{value:path}", response_model=RequestAnswer, responses=errors,
-                   summary="Destroy: free a committed claim of its owner")
-    async def destroy(request: Request, bucket: str, value: str, cell_id: str, owner_type: OwnerType,
-                      owner_id: int, request_id: uuid.UUID | None = None) -> JSONResponse:
+                   summary="Destroy: free a committed claim of its owner", openapi_extra=secured(CLAIMS_WRITE))
+    async def destroy(
+        request: Request,
+        owner_type: OwnerType,
+        cell_id: Annotated[CellId, Query()],
+        bucket: str = Path(min_length=1, max_length=32, description="A claim bucket (any case)",
+                           json_schema_extra={"pattern": any_case_pattern(ClaimBucket)}),
+        value: str = Path(min_length=1, max_length=1024, description="The value as the client spells it (canonicalized)"),
+        owner_id: int = Query(ge=0, le=MAX_OWNER_ID),
+        request_id: uuid.UUID | None = None,
+    ) -> JSONResponse:
         if refused := denied(request, service(request).authorizer, CLAIMS_WRITE):
             return refused
         try:
@@ -271,31 +291,51 @@ def claims_router() -> APIRouter:
         return await service(request).submit(command)
 
     @router.get("/v1/requests/{request_id}", response_model=RequestAnswer,
-                responses={404: {"model": ErrorDocument}, 409: {"model": ErrorDocument}},
-                summary="The decision on a request (after a 504)")
+                responses={404: {"model": ErrorDocument}, 409: {"model": ErrorDocument},
+                           503: {"model": ErrorDocument}},
+                summary="The decision on a request (after a 504)", openapi_extra=secured(CLAIMS_READ))
     async def get_request(request: Request, request_id: uuid.UUID) -> JSONResponse:
         if refused := denied(request, service(request).authorizer, CLAIMS_READ):
             return refused
         decision = (await lookup(service(request).engine, [request_id])).get(request_id)
         if decision is None:
-            return _error(404, "request_not_found", "no decision on this request (yet)")
+            return error(404, "request_not_found", "no decision on this request (yet)")
         return _answer(decision)
 
     @router.get("/v1/owners/{owner_type}/{owner_id}", response_model=OwnerDocument,
-                responses={404: {"model": ErrorDocument}}, summary="All claims of an owner in a cell")
-    async def get_owner(request: Request, owner_type: OwnerType, owner_id: int, cell_id: str) -> JSONResponse:
+                responses={404: {"model": ErrorDocument}, 503: {"model": ErrorDocument}},
+                summary="The claims of an owner in a cell, a page at a time (by bucket, then value)",
+                openapi_extra=secured(CLAIMS_READ))
+    async def get_owner(
+        request: Request,
+        owner_type: OwnerType,
+        cell_id: Annotated[CellId, Query()],
+        owner_id: int = Path(ge=0, le=MAX_OWNER_ID),
+        limit: int = Query(MAX_OWNER_PAGE, ge=1, le=MAX_OWNER_PAGE, description="Claims per page"),
+        after: str | None = Query(None, max_length=300, description="next_after of the previous page",
+                                  pattern="^(" + "|".join(ClaimBucket) + "):"),
+    ) -> JSONResponse:
         if refused := denied(request, service(request).authorizer, CLAIMS_READ):
             return refused
+        after_bucket, _, after_value = (after or "").partition(":")
+        if "\x00" in after_value:  # the pattern checked the bucket; PostgreSQL text cannot hold a NUL
+            return error(400, "bad_cursor", "after must be the next_after of a previous page")
         async with service(request).engine.connect() as conn:
             rows = (await conn.execute(
                 text("SELECT bucket, value, status, lease_id, claimed_at FROM claims "
-                     "WHERE cell_id = :cell AND owner_type = :type AND owner_id = :id ORDER BY bucket, value"),
-                {"cell": cell_id, "type": owner_type.value, "id": owner_id},
+                     "WHERE cell_id = :cell AND owner_type = :type AND owner_id = :id "
+                     "AND (CAST(:after_bucket AS text) IS NULL OR (bucket, value) > (:after_bucket, :after_value)) "
+                     "ORDER BY bucket, value LIMIT :limit"),
+                {"cell": cell_id, "type": owner_type.value, "id": owner_id, "limit": limit + 1,
+                 "after_bucket": after_bucket if after is not None else None, "after_value": after_value},
             )).all()
         if not rows:
-            return _error(404, "owner_not_found", f"{owner_type.value} {owner_id} holds no claims in {cell_id}")
+            return error(404, "owner_not_found", f"{owner_type.value} {owner_id} holds no claims in {cell_id}"
+                         + (" after this cursor" if after is not None else ""))
+        page = rows[:limit]
         document = OwnerDocument(cell_id=cell_id, owner_type=owner_type, owner_id=owner_id,
-                                 claims=[OwnerClaim.model_validate(row._asdict()) for row in rows])
+                                 claims=[OwnerClaim.model_validate(row._asdict()) for row in page],
+                                 next_after=f"{page[-1].bucket}:{page[-1].value}" if len(rows) > limit else None)
         return JSONResponse(document.model_dump(mode="json"))
 
     return router

@@ -3,11 +3,24 @@ version from these models and then served as bytes."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, Field
 
 from schemas.models import CellState, ClaimBucket, OwnerType
+
+
+def any_case_pattern(names: Iterable[str]) -> str:
+    """An OpenAPI (ECMA) regular expression of ``names`` in any letter case. Some
+    parameters are upper-cased before use, and OpenAPI patterns have no
+    case-insensitive flag; stating the pattern lets clients and fuzzers know it."""
+    def letter(c: str) -> str:
+        return f"[{c.upper()}{c.lower()}]" if c.isalpha() else re.escape(c)
+
+    return "^(" + "|".join("".join(map(letter, name)) for name in names) + ")$"
 
 
 class CellView(BaseModel):
@@ -67,6 +80,22 @@ class ClaimView(BaseModel):
     claimed_at: datetime
     version: int = Field(description="Topology version at which the claim last changed")
     status: str = Field(description="COMMITTED, or LEASED while a lease reserves it (leased claims do not route)")
+
+
+class ReadyDocument(BaseModel):
+    status: str = Field(description="ready, or stale while PostgreSQL is unreachable")
+    stale: bool = Field(description="True while the snapshot served cannot be refreshed")
+    version: int = Field(description="Topology version of the snapshot served")
+    age_seconds: float = Field(description="Since the projector last committed, as this process knows it")
+    database: str | None = Field(default=None, description="Why PostgreSQL is unreachable (only when stale)")
+
+
+class AuditDocument(BaseModel):
+    kind: str = Field(description="The audit index's kind: claim, cell, lease or owner")
+    key: str = Field(description="The key looked up (claim values canonical, e-mails hashed)")
+    events: list[dict[str, Any]] = Field(
+        description="In log order: position, log_time, event_type, source, outcome, reason, payload, decisions")
+    truncated: bool = Field(description="More events touched the key than limit")
 
 
 class ErrorBody(BaseModel):

@@ -53,6 +53,9 @@ def namespace_digest(namespaces: Mapping[str, str]) -> int:
     return sum(map(zlib.crc32, map(str.encode, map("\t".join, namespaces.items())))) % DIGEST_MODULUS
 
 
+WAIT_PATTERN = r"^\s*\d+(\.\d+)?\s*(ms|s|m)?\s*$"  # what parse_wait reads (OpenAPI)
+
+
 def parse_wait(value: str) -> float:
     """``30s``, ``500ms``, ``2m`` or a bare number of seconds."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*", value)

@@ -31,11 +31,20 @@ from query_api.auth import Authorizer
 from query_api.claims_api import login_cell
 from query_api.encodings import Compression, Observer
 from query_api.metrics import ApiMetrics
-from query_api.models import ClassifyDocument, DeltaDocument, ErrorDocument, GoneDocument, SnapshotDocument
+from query_api.models import (
+    ClassifyDocument,
+    DeltaDocument,
+    ErrorDocument,
+    GoneDocument,
+    SnapshotDocument,
+    any_case_pattern,
+)
 from query_api.protocol import (
     AGE_HEADER,
+    CLASSIFY_TYPES,
     SNAPSHOT_READ,
     VERSION_HEADER,
+    WAIT_PATTERN,
     choose_encoding,
     choose_format,
     classify_in,
@@ -420,7 +429,8 @@ def router_sync_routes(sync: RouterSync) -> APIRouter:
     async def get_snapshot(
         request: Request,
         since: int | None = Query(None, ge=0, description="Answer the changes from this version (a delta)"),
-        wait: str | None = Query(None, description="Long-poll: hold the request up to this long (30s, 500ms; "
+        wait: str | None = Query(None, pattern=WAIT_PATTERN,
+                                 description="Long-poll: hold the request up to this long (30s, 500ms; "
                                  "bounded by TOPOLOGY_API_MAX_WAIT_S) until a version newer than the "
                                  "client's exists"),
         min_version: int | None = Query(None, ge=0, description="Full snapshot at this version or newer "
@@ -445,7 +455,8 @@ def router_sync_routes(sync: RouterSync) -> APIRouter:
     )
     async def get_classify(
         request: Request,
-        type: str = Query(..., description="ROUTE, SESSION_PREFIX, CELL_ID or LOGIN"),  # noqa: A002 - the protocol's name
+        type: str = Query(..., description="ROUTE, SESSION_PREFIX, CELL_ID or LOGIN (any case)",  # noqa: A002
+                          json_schema_extra={"pattern": any_case_pattern((*CLASSIFY_TYPES, "LOGIN"))}),
         value: str = Query(..., description="e.g. gitlab-org/gitlab for a ROUTE, a username or e-mail for a LOGIN"),
     ) -> Response:
         snapshot = sync.cache.current if sync.cache is not None else None

@@ -81,6 +81,13 @@ class Settings(BaseSettings):
     api_tokens_file: str = Field(default="", description="Path of a JSON file of the same shape (merged)")
     api_max_wait_s: float = Field(default=60.0, gt=0, le=3600, description="Upper bound of a long-poll's ?wait=")
     api_access_log: bool = Field(default=False, description="uvicorn access log (one line per request)")
+    api_max_body_bytes: int = Field(
+        default=64 * 1024,
+        ge=1024,
+        le=16 * 1024 * 1024,
+        description="Largest request body the read API accepts; larger ones get 413 before being read "
+        "(a claim request of 100 claims of 255 characters is about 30 KiB)",
+    )
     changelog_keep_versions: int = Field(default=100_000, ge=0, description="Versions the change log keeps; 0: no limit")
     changelog_keep_seconds: float = Field(default=86_400.0, ge=0, description="Age the change log keeps; 0: no limit")
     snapshot_gzip_level: int = Field(default=6, ge=1, le=9)
