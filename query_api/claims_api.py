@@ -179,10 +179,12 @@ class ClaimsService:
 
     async def submit(self, command: Event, created: bool = False) -> JSONResponse:
         """Publish ``command`` (unless already decided) and answer with its decision."""
-        known = (await lookup(self.engine, [command.event_id])).get(command.event_id)
+        known = await self.waiter.lookups.find(command.event_id)  # a retried request id may be decided already
         if known is not None:
             return _answer(known, created)
-        waiting = asyncio.create_task(self.waiter.wait(command.event_id, self.settings.decision_wait_s))
+        waiting = asyncio.create_task(
+            self.waiter.wait(command.event_id, self.settings.decision_wait_s, check_first=False)
+        )
         await asyncio.sleep(0)  # let the waiter register before the request can be decided
         try:
             publisher = await self._started_publisher()

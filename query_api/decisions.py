@@ -99,14 +99,15 @@ class DecisionWaiter:
     def waiting(self) -> int:
         return sum(len(f) for f in self._pending.values())
 
-    async def wait(self, request_id: uuid.UUID, timeout_s: float) -> RequestDecision | None:
+    async def wait(self, request_id: uuid.UUID, timeout_s: float, check_first: bool = True) -> RequestDecision | None:
         """The decision on ``request_id``, or None if none arrives within ``timeout_s``.
-        Register before publishing the request, so no decision can slip past."""
+        Register before publishing the request, so no decision can slip past.
+        ``check_first=False``: the caller looked the id up already, before publishing."""
         future: asyncio.Future[RequestDecision] = asyncio.get_running_loop().create_future()
         self._pending.setdefault(request_id, []).append(future)
         try:
             # The decision may already exist (a retried request id).
-            found = await self.lookups.find(request_id)
+            found = await self.lookups.find(request_id) if check_first else None
             if found is not None:
                 return found
             return await asyncio.wait_for(asyncio.shield(future), timeout_s)
