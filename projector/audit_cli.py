@@ -1,4 +1,4 @@
-"""``topology audit history``, ``topology replay``, ``topology verify``, ``topology export``."""
+"""``topology audit history``, ``topology replay``, ``topology rebuild``, ``topology verify``, ``topology export``."""
 
 from __future__ import annotations
 
@@ -81,6 +81,26 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if result.equal else 1
 
 
+def _cmd_rebuild(args: argparse.Namespace) -> int:
+    from projector.rebuild import RebuildError, drop_retired, rebuild, result_json
+    from projector.replay import ReplayError
+
+    settings = _settings()
+    try:
+        if args.drop_retired:
+            dropped = drop_retired(settings, args.retired_schema)
+            print(json.dumps({"retired_schema": args.retired_schema, "dropped": dropped}))
+            return 0
+        result = rebuild(settings, schema=args.schema, source=args.source, restart=args.restart, switch=args.switch,
+                         chunk_events=args.chunk_events, max_tail=args.max_tail, lock_timeout_s=args.lock_timeout,
+                         tail_timeout_s=args.tail_timeout, switch_attempts=args.switch_attempts,
+                         retired_schema=args.retired_schema)
+    except (RebuildError, ReplayError) as exc:
+        raise SystemExit(f"topology rebuild: {exc}") from None
+    print(result_json(result))
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from projector.replay import ReplayError, export_rows
 
@@ -107,6 +127,28 @@ def add_audit_parsers(commands: argparse._SubParsersAction) -> None:  # type: ig
     replay.add_argument("--source", choices=("archive", "kafka"), default="archive")
     replay.add_argument("--replace", action="store_true", help="drop and rebuild the target schema if it exists")
     replay.set_defaults(run=_cmd_replay)
+
+    rebuild = commands.add_parser(
+        "rebuild", help="rebuild the projection from the log into a shadow schema, resumably, then switch to it "
+        "with no downtime (adr/0013)")
+    rebuild.add_argument("--source", choices=("archive", "kafka"), default="archive")
+    rebuild.add_argument("--schema", default="topology_shadow",
+                         help="the shadow schema (resumed when it holds a rebuild)")
+    rebuild.add_argument("--restart", action="store_true", help="drop the shadow schema and start from offset 0")
+    rebuild.add_argument("--switch", action=argparse.BooleanOptionalAction, default=True,
+                         help="once caught up, exchange the shadow for the live tables (default) or only build it")
+    rebuild.add_argument("--chunk-events", type=int, default=50_000, help="events per committed chunk")
+    rebuild.add_argument("--max-tail", type=int, default=10_000,
+                         help="switch when at most this many events are left to apply under the lock")
+    rebuild.add_argument("--lock-timeout", type=float, default=5.0,
+                         help="seconds the switch may wait for its locks before it backs off and retries")
+    rebuild.add_argument("--tail-timeout", type=float, default=5.0,
+                         help="kafka source: seconds to wait under the lock for the relay's last decisions")
+    rebuild.add_argument("--switch-attempts", type=int, default=5)
+    rebuild.add_argument("--retired-schema", default="topology_retired",
+                         help="where the switch moves the old live tables (kept for inspection)")
+    rebuild.add_argument("--drop-retired", action="store_true", help="only drop the retired schema, then exit")
+    rebuild.set_defaults(run=_cmd_rebuild)
 
     verify = commands.add_parser("verify", help="digest the live projection and a fresh replay; list differences")
     verify.set_defaults(run=_cmd_verify)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import re
 import sys
@@ -26,17 +27,35 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TextIO
+from enum import Enum
+from functools import partial
+from typing import Any, TextIO, get_args
 from uuid import UUID
 
 import psycopg
 from psycopg import sql
+from fastavro import schemaless_reader
+from pydantic import BaseModel
 
-from projector.claims import Registry, evolve
+from projector.claims import HeldClaim, Lease, Registry, evolve
 from projector.domain import Cell, Outcome, apply_cell_event
 from projector.migrate import upgrade_to_head
-from schemas.codec import DecodeError, EventCodec
-from schemas.models import CellRegistered, CellStateChanged, CellUpdated, Event, EventInputError, parse_event
+from schemas.codec import HEADER_SIZE, MAGIC, DecodeError, EventCodec
+from schemas.registry import load_registry
+from schemas.models import (
+    DECISION_EVENT_TYPES,
+    EVENT_MODELS,
+    CellRegistered,
+    CellStateChanged,
+    CellUpdated,
+    ClaimBucket,
+    ClaimRef,
+    Conflict,
+    Event,
+    EventInputError,
+    SequenceRangeGranted,
+    parse_event,
+)
 from topology.settings import Settings
 
 SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -114,12 +133,132 @@ class Progress:
                 print(file=self.out)
 
 
-def _decode(codec: EventCodec, value: bytes) -> Event | None:
+def decode_event(codec: EventCodec, value: bytes) -> Event | None:
     try:
         decoded = codec.decode(value)
         return parse_event(decoded.payload, decoded.event_type)
     except (DecodeError, EventInputError):
         return None  # dead-lettered when it was consumed; it never changed the projection
+
+
+class DecisionDecoder:
+    """Decodes recorded claim decisions without validating them again.
+
+    A decision in the outbox or on the decision topic was built by the decider from
+    validated, canonical values and encoded by this code base; re-running pydantic's
+    validators on it (canonical values, NUL checks, millisecond truncation) yields an
+    equal model at several times the cost, which was most of a replay. So the models
+    are built directly from the Avro record (Avro schemas parsed once, per
+    fingerprint), enum and nested fields converted the way validation converts them.
+    Every ``check_every``-th decision is also decoded with the codec and parsed with
+    :func:`schemas.models.parse_event` and must compare equal; anything unusual (not a
+    decision, an unknown fingerprint or symbol, a field the model lacks) takes that path.
+    """
+
+    def __init__(self, codec: EventCodec | None = None, check_every: int = 997) -> None:
+        self._codec = codec or EventCodec()
+        self._check_every = check_every
+        self._count = 0
+        registry = load_registry()
+        self._schemas: dict[bytes, tuple[str, Any, Any]] = {}
+        for fingerprint, writer in registry.writers.items():
+            reader = registry.readers.get(writer.event_type)
+            if writer.event_type in DECISION_EVENT_TYPES and reader is not None:
+                # Same fingerprint: no schema resolution to do.
+                self._schemas[fingerprint] = (writer.event_type, writer.parsed,
+                                              None if reader.fingerprint == fingerprint else reader.parsed)
+        self._plans = {event_type: _Plan.of(EVENT_MODELS[event_type]) for event_type in DECISION_EVENT_TYPES}
+
+    def decode(self, value: bytes) -> Event | None:
+        """The decision, or None when the bytes are not a readable event (as :func:`decode_event`)."""
+        schema = self._schemas.get(bytes(value[2:HEADER_SIZE])) if value[:2] == MAGIC else None
+        if schema is None:
+            return decode_event(self._codec, value)
+        event_type, writer, reader = schema
+        body = io.BytesIO(value)
+        body.seek(HEADER_SIZE)
+        try:
+            payload = schemaless_reader(body, writer, reader)
+        except Exception:  # noqa: BLE001 - fastavro raises many kinds on corrupt bodies; the codec names it
+            return decode_event(self._codec, value)
+        event = self._plans[event_type].build(payload) if isinstance(payload, dict) and body.tell() == len(value) \
+            else None
+        if event is None:
+            return decode_event(self._codec, value)
+        self._count += 1
+        if self._count % self._check_every == 0:
+            parsed = decode_event(self._codec, value)
+            if parsed != event:
+                raise ReplayError(f"a {event_type} decision decodes differently without validation: "
+                                  f"{event!r} != {parsed!r}")
+        return event
+
+
+_NEW = object.__new__
+_SET = object.__setattr__
+_FIELDS_SET = BaseModel.__pydantic_fields_set__.__set__  # type: ignore[attr-defined]
+_EXTRA = BaseModel.__pydantic_extra__.__set__  # type: ignore[union-attr]
+_PRIVATE = BaseModel.__pydantic_private__.__set__  # type: ignore[union-attr]
+_BUCKETS = {bucket.value: bucket for bucket in ClaimBucket}
+
+
+def _built(model: type[BaseModel], values: dict[str, Any]) -> Any:
+    # What BaseModel.model_construct does, minus its per-field bookkeeping.
+    instance = _NEW(model)
+    _SET(instance, "__dict__", values)
+    _FIELDS_SET(instance, set(values))
+    _EXTRA(instance, None)
+    _PRIVATE(instance, None)
+    return instance
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How validation turns one decision's Avro record into its model's values."""
+
+    model: type[Event]
+    fields: frozenset[str]
+    enums: tuple[tuple[str, dict[Any, Enum]], ...]  # field -> symbol -> member (None stays None)
+    refs: bool  # ``claims`` holds ClaimRefs
+    conflicts: bool  # ``conflicts`` holds Conflicts
+
+    @staticmethod
+    def of(model: type[Event]) -> _Plan:
+        enums = []
+        for name, info in model.model_fields.items():
+            kinds = [a for a in (get_args(info.annotation) or (info.annotation,)) if a is not type(None)]
+            if len(kinds) == 1 and isinstance(kinds[0], type) and issubclass(kinds[0], Enum):
+                enums.append((name, {member.value: member for member in kinds[0]}))
+        fields = model.model_fields
+        refs = "claims" in fields and get_args(fields["claims"].annotation)[:1] == (ClaimRef,)
+        conflicts = "conflicts" in fields and get_args(fields["conflicts"].annotation)[:1] == (Conflict,)
+        return _Plan(model, frozenset(fields), tuple(enums), refs, conflicts)
+
+    def build(self, payload: dict[str, Any]) -> Event | None:
+        if payload.keys() != self.fields:
+            return None
+        try:
+            for name, members in self.enums:
+                value = payload[name]
+                if value is not None:
+                    payload[name] = members[value]
+            if self.refs:
+                payload["claims"] = tuple([_built(ClaimRef, {"bucket": _BUCKETS[r["bucket"]], "value": r["value"]})
+                                           for r in payload["claims"]])
+            if self.conflicts:
+                payload["conflicts"] = tuple([
+                    _built(Conflict, {"bucket": _BUCKETS[c["bucket"]], "value": c["value"], "cell_id": c["cell_id"]})
+                    for c in payload["conflicts"]])
+        except KeyError:  # a symbol this code does not know: let validation say what it makes of it
+            return None
+        return _built(self.model, payload)  # type: ignore[no-any-return]
+
+
+def _parse(payload: dict[str, Any], event_type: str) -> Event | None:
+    try:
+        return parse_event(payload, event_type)
+    except EventInputError:
+        return None
 
 
 def fold(cell_events: Iterable[Event], decisions: Iterable[Event], progress: Progress | None = None) -> Projection:
@@ -186,11 +325,12 @@ def read_archive(conn: psycopg.Connection[Any], settings: Settings, cut: Cut) ->
         query += ' AND "offset" < %s'
         params.append(cut.until_offsets.get((settings.cells_topic, 0), 0))
     cells = [e for (value, _, _) in conn.execute(query + ' ORDER BY "offset"', params)
-             if value is not None and (e := _decode(codec, bytes(value))) is not None]
+             if value is not None and (e := decode_event(codec, bytes(value))) is not None]
     allowed = _cut_decision_ids(conn, cut)
     decisions = []
+    decoder = DecisionDecoder(codec)
     for (payload,) in conn.execute("SELECT payload FROM topology_outbox ORDER BY id"):
-        event = _decode(codec, bytes(payload))
+        event = decoder.decode(bytes(payload))
         if event is None:
             raise ReplayError("an outbox row is not a readable decision")
         if cut.until_time is not None and event.occurred_at > cut.until_time:
@@ -209,6 +349,7 @@ async def read_kafka(settings: Settings, cut: Cut, idle_ms: int = 2000) -> tuple
     if cut.until_version is not None:
         raise ReplayError("a version cut needs the archive source (versions live in PostgreSQL)")
     codec = EventCodec()
+    decoder = DecisionDecoder(codec)
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
@@ -218,6 +359,7 @@ async def read_kafka(settings: Settings, cut: Cut, idle_ms: int = 2000) -> tuple
             consumer.assign([tp])
             await consumer.seek_to_beginning(tp)
             limit = (cut.until_offsets or {}).get((topic, 0))
+            read = decoder.decode if topic == settings.claim_decisions_topic else partial(decode_event, codec)
             while True:
                 batch = await consumer.getmany(tp, timeout_ms=idle_ms, max_records=10_000)
                 records = batch.get(tp, [])
@@ -226,7 +368,7 @@ async def read_kafka(settings: Settings, cut: Cut, idle_ms: int = 2000) -> tuple
                 for record in records:
                     if limit is not None and record.offset >= limit:
                         break
-                    event = _decode(codec, record.value) if record.value is not None else None
+                    event = read(record.value) if record.value is not None else None
                     if event is None:
                         continue
                     if cut.until_time is not None and event.occurred_at > cut.until_time:
@@ -268,26 +410,42 @@ def _copy(conn: psycopg.Connection[Any], schema: str, table: str, columns: list[
             copy.write_row(row)
 
 
+# The projection tables' columns and rows, shared with the resumable rebuild
+# (projector/rebuild.py), so both write a projection the same way.
+CELL_COLUMNS = ["cell_id", "address", "session_prefix", "region", "weight", "state", "state_reason", "version"]
+CLAIM_COLUMNS = ["bucket", "value", "cell_id", "owner_type", "owner_id", "claimed_at", "version", "status", "lease_id"]
+LEASE_COLUMNS = ["lease_id", "request_id", "cell_id", "owner_type", "owner_id", "claims", "expires_at", "status",
+                 "cause", "version"]
+RANGE_COLUMNS = ["sequence_name", "start", "end", "cell_id", "request_id", "version"]
+
+
+def cell_row(c: Cell, version: int) -> tuple[Any, ...]:
+    return (c.cell_id, c.address, c.session_prefix, c.region, c.weight, c.state.value, c.state_reason, version)
+
+
+def claim_row(h: HeldClaim, version: int) -> tuple[Any, ...]:
+    return (h.bucket, h.value, h.cell_id, h.owner_type.value, h.owner_id, h.claimed_at, version, h.status.value,
+            h.lease_id)
+
+
+def lease_row(l: Lease, version: int) -> tuple[Any, ...]:  # noqa: E741
+    return (l.lease_id, l.request_id, l.cell_id, l.owner_type.value, l.owner_id,
+            json.dumps([list(k) for k in l.claims]), l.expires_at, l.status.value,
+            l.cause.value if l.cause else None, version)
+
+
+def range_row(r: SequenceRangeGranted, version: int) -> tuple[Any, ...]:
+    return (r.sequence_name, r.start, r.end, r.cell_id, r.request_id, version)
+
+
 def write_projection(settings: Settings, schema: str, projection: Projection) -> None:
+    v = projection.version
     with psycopg.connect(settings.libpq_url) as conn:
-        _copy(conn, schema, "cells",
-              ["cell_id", "address", "session_prefix", "region", "weight", "state", "state_reason", "version"],
-              ((c.cell_id, c.address, c.session_prefix, c.region, c.weight, c.state.value, c.state_reason,
-                projection.version) for c in projection.cells.values()))
-        _copy(conn, schema, "claims",
-              ["bucket", "value", "cell_id", "owner_type", "owner_id", "claimed_at", "version", "status", "lease_id"],
-              ((h.bucket, h.value, h.cell_id, h.owner_type.value, h.owner_id, h.claimed_at, projection.version,
-                h.status.value, h.lease_id) for h in projection.registry.claims.values()))
-        _copy(conn, schema, "leases",
-              ["lease_id", "request_id", "cell_id", "owner_type", "owner_id", "claims", "expires_at", "status",
-               "cause", "version"],
-              ((l.lease_id, l.request_id, l.cell_id, l.owner_type.value, l.owner_id,
-                json.dumps([list(k) for k in l.claims]), l.expires_at, l.status.value,
-                l.cause.value if l.cause else None, projection.version) for l in projection.registry.leases.values()))
-        _copy(conn, schema, "sequence_ranges",
-              ["sequence_name", "start", "end", "cell_id", "request_id", "version"],
-              ((r.sequence_name, r.start, r.end, r.cell_id, r.request_id, projection.version)
-               for r in projection.registry.granted_ranges))
+        _copy(conn, schema, "cells", CELL_COLUMNS, (cell_row(c, v) for c in projection.cells.values()))
+        _copy(conn, schema, "claims", CLAIM_COLUMNS, (claim_row(h, v) for h in projection.registry.claims.values()))
+        _copy(conn, schema, "leases", LEASE_COLUMNS, (lease_row(l, v) for l in projection.registry.leases.values()))
+        _copy(conn, schema, "sequence_ranges", RANGE_COLUMNS,
+              (range_row(r, v) for r in projection.registry.granted_ranges))
         conn.execute(sql.SQL("UPDATE {}.topology_version SET version = %s, committed_at = now()").format(
             sql.Identifier(schema)), (projection.version,))
 
@@ -370,6 +528,9 @@ def verify(settings: Settings, scratch_schema: str = "topology_verify", out: Tex
     are read in one REPEATABLE READ snapshot, so both sides stand at the same cut."""
     with psycopg.connect(settings.libpq_url) as conn:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        # LOCK takes no snapshot: when a rebuild is switching tables (projector/rebuild.py),
+        # the snapshot is taken once the switch committed, never half before it.
+        conn.execute("LOCK TABLE public.topology_version IN ACCESS SHARE MODE")
         live = table_rows(conn, LIVE_SCHEMA)
         cells, decisions = read_archive(conn, settings, Cut())
     projection = fold(cells, decisions, Progress(len(cells) + len(decisions), out))

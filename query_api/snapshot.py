@@ -57,6 +57,11 @@ CHANGES_QUERY = text(
     "SELECT DISTINCT ON (kind, key) kind, key, value FROM routing_changes "
     "WHERE version > :since AND version <= :target ORDER BY kind, key, version DESC"
 )
+# The first statement of a refresh. LOCK takes no snapshot, so when a rebuild is
+# exchanging the projection tables (projector/rebuild.py, adr/0013) the refresh waits
+# for it here and its REPEATABLE READ snapshot is taken after the switch committed:
+# never a pre-switch snapshot reading the tables moved in by the switch.
+SWITCH_BARRIER = text("LOCK TABLE topology_version IN ACCESS SHARE MODE")
 FLOOR_QUERY = text(
     "SELECT coalesce((SELECT min(version) - 1 FROM routing_versions), "
     "(SELECT version FROM topology_version WHERE id = 1))"
@@ -318,6 +323,7 @@ class SnapshotCache:
             conn = await read_only_connection(self._engine)
             try:
                 async with conn.begin():
+                    await conn.execute(SWITCH_BARRIER)
                     head = (await conn.execute(HEAD_QUERY)).one()
                     if previous is not None and head.version <= previous.version:
                         if head.version == previous.version:
