@@ -132,11 +132,12 @@ def start_api(settings: Settings, port: int, log: Path, cpu: str | None = None) 
     raise RuntimeError("read API not ready")
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
+def stop(process: subprocess.Popen[bytes], timeout_s: float = 20) -> None:
+    """SIGTERM, then SIGKILL if it is still there after ``timeout_s``."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
-            process.wait(20)
+            process.wait(timeout_s)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()

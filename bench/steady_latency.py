@@ -50,7 +50,6 @@ import multiprocessing
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -68,7 +67,7 @@ import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from psycopg import sql
 
-from bench.router_sync import child_env, cpu_seconds, machine_busy, postgres_pids
+from bench.router_sync import child_env, cpu_seconds, machine_busy, postgres_pids, stop
 from producer.publisher import EventPublisher, PublishFailed
 from projector.migrate import upgrade_to_head
 from projector.store import NOTIFY_CHANNEL
@@ -457,16 +456,6 @@ def start_projector(settings: Settings, work: Path, tag: str, profile: bool) -> 
                             stderr=subprocess.STDOUT)
 
 
-def stop_process(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 def measure_rate(settings: Settings, rate: int, warmup_s: float, seconds: float, prefix: str,
                  watched: dict[str, list[int]], metrics_port: int) -> tuple[Offered, Window, dict[str, float], int, int]:
     warm = int(rate * warmup_s)
@@ -648,7 +637,7 @@ def _run_setting(settings: Settings, kafka: EmbeddedKafka, work: Path, tag: str,
             process.join(60)
             if process.is_alive():
                 process.terminate()
-        stop_process(projector)
+        stop(projector, timeout_s=60)  # a large batch may still be committing
     delivered = expand_ranges(json.loads(log_out.read_text()))
     heard = json.loads(listen_out.read_text())
     notified = {int(version): at for version, at in heard["versions"].items()}

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -27,19 +29,28 @@ from topology.tracing import (
 )
 
 
-@pytest.fixture
-def captured() -> io.StringIO:
-    """The root logger writing JSON into a buffer; restored afterwards."""
+@contextlib.contextmanager
+def root_logger_restored() -> Iterator[None]:
+    """Whatever a test does to the root logger is undone afterwards."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    stream = io.StringIO()
-    configure_logging("json", logging.DEBUG, stream)
-    yield stream
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(level)
+    try:
+        yield
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+
+
+@pytest.fixture
+def captured() -> Iterator[io.StringIO]:
+    """The root logger writing JSON into a buffer; restored afterwards."""
+    with root_logger_restored():
+        stream = io.StringIO()
+        configure_logging("json", logging.DEBUG, stream)
+        yield stream
 
 
 def lines(stream: io.StringIO) -> list[dict[str, object]]:
@@ -95,17 +106,9 @@ def test_json_lines_carry_extra_fields_and_trace_ids_and_redact_everything(captu
 
 def test_text_format_is_redacted_too() -> None:
     stream = io.StringIO()
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
+    with root_logger_restored():
         configure_logging("text", logging.INFO, stream)
         logging.getLogger("x").info("hello eve@example.net", extra={"offset": 3})
-    finally:
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        for handler in handlers:
-            root.addHandler(handler)
-        root.setLevel(level)
     line = stream.getvalue().strip()
     assert line.endswith(f"INFO x hello {REDACTED_EMAIL} offset=3")
 
@@ -185,19 +188,11 @@ def test_tracing_is_off_unless_an_exporter_is_named() -> None:
 def test_the_default_handler_follows_sys_stderr_when_it_is_swapped(monkeypatch: pytest.MonkeyPatch) -> None:
     # In-process CLI runs under a capturing harness: the stderr seen at configure time
     # may be closed later; records must go to the stderr of the moment instead.
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
     first, second = io.StringIO(), io.StringIO()
-    try:
+    with root_logger_restored():
         monkeypatch.setattr(sys, "stderr", first)
         configure_logging("text", logging.INFO)
         first.close()
         monkeypatch.setattr(sys, "stderr", second)
         logging.getLogger("x").info("after the swap")
-    finally:
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        for handler in handlers:
-            root.addHandler(handler)
-        root.setLevel(level)
     assert "after the swap" in second.getvalue()
