@@ -175,7 +175,11 @@ def mask_pii(document: object, secret: bytes) -> object:
     return document
 
 
-async def key_history(conn: AsyncConnection, kind: str, key: str, secret: bytes, pii: bool = False) -> list[HistoryEntry]:
+async def key_history(
+    conn: AsyncConnection, kind: str, key: str, secret: bytes, pii: bool = False, limit: int | None = None
+) -> list[HistoryEntry]:
+    """Every event that touched the key, in log order; the first ``limit`` only, if given
+    (the database stops there: a busy key's whole history is never loaded for a page)."""
     from schemas.codec import DecodeError, EventCodec
 
     rows = await conn.execute(
@@ -184,9 +188,10 @@ async def key_history(conn: AsyncConnection, kind: str, key: str, secret: bytes,
             "  p.reason, p.detail "
             "FROM event_keys k JOIN processed_events p ON p.event_id = k.event_id "
             'LEFT JOIN event_archive a ON a.topic = p.topic AND a.partition = p.partition AND a."offset" = p."offset" '
-            'WHERE k.kind = :kind AND k.key = :key ORDER BY a.log_time NULLS LAST, p.topic, p.partition, p."offset"'
+            'WHERE k.kind = :kind AND k.key = :key ORDER BY a.log_time NULLS LAST, p.topic, p.partition, p."offset" '
+            "LIMIT :limit"
         ),
-        {"kind": kind, "key": key},
+        {"kind": kind, "key": key, "limit": limit},
     )
     codec = EventCodec()
     entries = []

@@ -70,7 +70,8 @@ def audit_router() -> APIRouter:
         except ValueError as exc:
             return error(400, "bad_key", str(exc).splitlines()[0])
         async with service.engine.connect() as conn:
-            entries = await key_history(conn, kind, key, service.settings.claim_secret, pii=pii)
+            # One more than asked for: whether there is more is known without loading it.
+            entries = await key_history(conn, kind, key, service.settings.claim_secret, pii=pii, limit=limit + 1)
         truncated = len(entries) > limit
         body: list[dict[str, Any]] = [
             {

@@ -78,6 +78,7 @@ async def test_history_point_in_time_replay_kafka_replay_and_verify(topics: Sett
         async with engine.connect() as conn:
             kind, key = audit_key("ROUTE", "gitlab-org/gitlab", settings.claim_secret)
             history = await key_history(conn, kind, key, settings.claim_secret)
+            first_two = await key_history(conn, kind, key, settings.claim_secret, limit=2)
             email_kind, email_key = audit_key("EMAIL", "ada@example.com", settings.claim_secret)
             email_history = await key_history(conn, email_kind, email_key, settings.claim_secret)
     finally:
@@ -86,6 +87,7 @@ async def test_history_point_in_time_replay_kafka_replay_and_verify(topics: Sett
         ("ClaimCreated", "applied"), ("ClaimReleased", "applied"), ("ClaimCreated", "applied")
     ]
     assert [h.payload["cell_id"] for h in history if h.payload] == ["cell-1", "cell-1", "cell-2"]
+    assert first_two == history[:2]  # a page is the start of the timeline, cut by the database
     assert [h.decisions[0]["type"] for h in history] == ["ClaimsCommitted", "ClaimsDestroyed", "ClaimsCommitted"]
     assert [h.event_type for h in email_history] == ["ClaimsRequested", "LeaseCommitRequested"]
     assert "ada@example.com" not in str(email_history).lower()  # no audit:pii, no clear e-mail

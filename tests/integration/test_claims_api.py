@@ -203,3 +203,10 @@ def test_audit_history_over_http_needs_audit_read_and_hides_emails(stack: tuple[
     assert [e["event_type"] for e in events] == ["ClaimsRequested"]
     assert events[0]["outcome"] == "applied" and events[0]["decisions"][0]["type"] == "LeaseGranted"
     assert "lin@example.com" not in history.text.lower()  # no audit:pii scope: hashes only
+    assert history.json()["truncated"] is False
+    # A second event on the key; a page of one says there is more.
+    lease_id = granted.json()["decisions"][0]["lease_id"]
+    assert post(f"{url}/v1/leases/{lease_id}/commit", json={"cell_id": "cell-1"}, timeout=30).status_code == 200
+    page = get(f"{url}/v1/audit/history", params={**params, "limit": "1"})
+    assert page.status_code == 200 and page.json()["truncated"] is True
+    assert [e["event_type"] for e in page.json()["events"]] == ["ClaimsRequested"]
