@@ -78,8 +78,15 @@ class CommitResult:
     dead_letters: int
 
 
-def create_engine(sqlalchemy_url: str, pool_size: int = 5) -> AsyncEngine:
-    return create_async_engine(sqlalchemy_url, pool_size=pool_size, pool_pre_ping=True)
+# A PostgreSQL host that drops packets (rather than refusing) would otherwise hold a
+# connection attempt for the kernel's TCP timeout, minutes, and every request behind it.
+CONNECT_TIMEOUT_S = 10
+
+
+def create_engine(sqlalchemy_url: str, pool_size: int = 5, connect_timeout_s: int = CONNECT_TIMEOUT_S) -> AsyncEngine:
+    return create_async_engine(
+        sqlalchemy_url, pool_size=pool_size, pool_pre_ping=True, connect_args={"connect_timeout": connect_timeout_s}
+    )
 
 
 class ProjectionStore:

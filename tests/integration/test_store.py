@@ -196,3 +196,25 @@ async def test_a_batch_larger_than_the_lock_table_records_its_decisions_in_decis
     # A decision's key is the request it answers: here, each ClaimCreated in log order.
     assert [key for (key,) in recorded] == [str(p.event.event_id) for p in events]
     assert await rows(engine, "SELECT count(*) FROM topology_outbox WHERE published_at IS NOT NULL") == [(0,)]
+
+
+async def test_a_database_that_never_answers_fails_the_connection_within_the_connect_timeout() -> None:
+    # A listener that accepts and never speaks: what a host dropping packets looks like
+    # after the handshake. Without a connect timeout, the attempt hangs for minutes.
+    import socket
+    import time
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    port = silent.getsockname()[1]
+    engine = create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{port}/x", connect_timeout_s=2)
+    started = time.monotonic()
+    try:
+        with pytest.raises(Exception, match="timeout|timed out"):
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        assert time.monotonic() - started < 10
+    finally:
+        await engine.dispose()
+        silent.close()
