@@ -1,4 +1,4 @@
--- Transactional outbox of the topology store (adr/0008, producer/README.md).
+-- Transactional outbox of the topology store (adr/0008, adr/0014, producer/README.md).
 --
 -- The owning application (the monolith) inserts one row per event in the SAME
 -- transaction as its own change; `topology relay` publishes committed rows to
