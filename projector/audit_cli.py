@@ -130,7 +130,12 @@ def add_audit_parsers(commands: argparse._SubParsersAction) -> None:  # type: ig
 
     rebuild = commands.add_parser(
         "rebuild", help="rebuild the projection from the log into a shadow schema, resumably, then switch to it "
-        "with no downtime (adr/0013)")
+        "with no downtime (adr/0013)",
+        description="Replay the log from offset 0 into a shadow schema while the projector and the read API keep "
+        "running; a killed run resumes where it stopped. Once caught up, switch the live tables over in one "
+        "transaction: the projector's next commit waits, routers get one ordinary delta. Progress on stderr, "
+        "the result as one JSON line on stdout.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     rebuild.add_argument("--source", choices=("archive", "kafka"), default="archive")
     rebuild.add_argument("--schema", default="topology_shadow",
                          help="the shadow schema (resumed when it holds a rebuild)")
