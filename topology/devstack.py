@@ -66,6 +66,10 @@ class EmbeddedKafka:
             stdout=log,
             stderr=log,
             stdin=subprocess.DEVNULL,
+            # Out of the terminal's process group: a Ctrl-C reaches every process of the
+            # group at once, and a broker gone first turns the services' orderly shutdown
+            # (leave the group, finish the batch) into connection errors. stop() ends it.
+            start_new_session=True,
         )
         _wait_for_port(self.port, self._process, timeout_s)
         return self
