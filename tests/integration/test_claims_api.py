@@ -4,7 +4,6 @@ projector process decides, the API answers with the decision (read-your-writes).
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -118,9 +117,7 @@ def test_an_uncommitted_lease_expires_by_log_time_and_frees_its_claims(stack: tu
     assert begin(url, "cell-2", 5, [("NAMESPACE", "short-lived")]).status_code == 201
 
 
-# The figure is 1,000 values; the soak run (TOPOLOGY_SOAK=1) races that many,
-# the default run a fifth of it to keep the suite short on two cores.
-RACE_VALUES = 1000 if os.environ.get("TOPOLOGY_SOAK") == "1" else 200
+RACE_VALUES = 1000  # the figure: about 40 s on two cores
 
 
 def test_cells_racing_for_the_same_values_get_exactly_one_winner_each(stack: tuple[str, Settings]) -> None:
