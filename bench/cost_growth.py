@@ -59,11 +59,10 @@ from aiokafka.structs import ConsumerRecord
 from bench.steady_latency import create_database, drop_database, format_ratio, machine, say
 from producer.publisher import EVENT_TYPE_HEADER
 from projector.audit import ArchivedRecord
-from projector.consumer import read_record
+from projector.consumer import archived, read_record
 from projector.domain import PositionedEvent
 from projector.main import tune_gc_for_batches
 from projector.migrate import upgrade_to_head
-from projector.poison import archive_log_time
 from projector.store import DeadLetter, PartitionAdvance, ProjectionStore, create_engine
 from query_api.protocol import JSON
 from query_api.snapshot import NAMESPACES_QUERY, SnapshotCache
@@ -146,9 +145,7 @@ def prepare(codec: EventCodec, settings: Settings, records: Sequence[ConsumerRec
     first: dict[int, int] = {}
     last: dict[int, int] = {}
     for record in records:
-        prepared.archive.append(ArchivedRecord(record.topic, record.partition, record.offset, record.key, record.value,
-                                               tuple((k, bytes(v)) for k, v in record.headers),
-                                               archive_log_time(record)))
+        prepared.archive.append(archived(record))
         item = read_record(codec, settings, record)
         (prepared.dead if isinstance(item, DeadLetter) else prepared.events).append(item)  # type: ignore[arg-type]
         first.setdefault(record.partition, record.offset)

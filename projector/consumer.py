@@ -71,6 +71,19 @@ def read_record(codec: EventCodec, settings: Settings, record: ConsumerRecord) -
     )
 
 
+def archived(record: ConsumerRecord) -> ArchivedRecord:
+    """The record as the archive keeps it: byte for byte, with its log time."""
+    return ArchivedRecord(
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key=record.key,
+        value=record.value,
+        headers=tuple((k, bytes(v)) for k, v in record.headers),
+        log_time=archive_log_time(record),
+    )
+
+
 def dead_letter(record: ConsumerRecord, error: str) -> DeadLetter:
     """The record byte for byte, and why it is not applied."""
     return DeadLetter(
@@ -256,17 +269,7 @@ class Projector:
                     "archive, or reset the stored offsets deliberately."
                 )
             for record in records:
-                archive.append(
-                    ArchivedRecord(
-                        topic=record.topic,
-                        partition=record.partition,
-                        offset=record.offset,
-                        key=record.key,
-                        value=record.value,
-                        headers=tuple((k, bytes(v)) for k, v in record.headers),
-                        log_time=archive_log_time(record),
-                    )
-                )
+                archive.append(archived(record))
                 item = read_record(self.codec, self.settings, record)
                 if poisoned and (record.topic, record.partition, record.offset) in poisoned:
                     item = dead_letter(record, poisoned[(record.topic, record.partition, record.offset)])
