@@ -130,8 +130,10 @@ def test_cells_racing_for_the_same_values_get_exactly_one_winner_each(stack: tup
         # side. (Thousands queued inside httpx's pool made the client itself the bottleneck:
         # its queue is scanned per request, and the server sat idle.)
         in_flight = asyncio.Semaphore(300)
+        # Idle sockets are dropped well before uvicorn's 5 s keep-alive timeout: reusing one
+        # the server is closing at that instant fails the POST with a ReadError.
         async with httpx.AsyncClient(timeout=60, headers=CLAIMS_AUTH,
-                                     limits=httpx.Limits(max_connections=300)) as client:
+                                     limits=httpx.Limits(max_connections=300, keepalive_expiry=1)) as client:
 
             async def claim(cell: str, n: int, value: str) -> httpx.Response:
                 async with in_flight:
