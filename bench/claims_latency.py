@@ -29,10 +29,10 @@ import httpx
 import psycopg
 from psycopg import sql
 
-from projector.migrate import upgrade_to_head
-from topology.devstack import EmbeddedKafka, free_port
-from topology.settings import Settings
-from topology.topics import ensure_topics
+from topology_store.projector.migrate import upgrade_to_head
+from topology_store.cli.devstack import EmbeddedKafka, free_port
+from topology_store.runtime.settings import Settings
+from topology_store.runtime.topics import ensure_topics
 
 TOKEN = f"bench-{uuid.uuid4().hex}"
 
@@ -109,7 +109,7 @@ def main() -> None:
         logs = Path(tempfile.mkdtemp(prefix="bench-claims-"))
         for command in ("project", "serve"):
             log = open(logs / f"{command}.log", "wb")  # noqa: SIM115 - owned by the child
-            children.append(subprocess.Popen([sys.executable, "-m", "topology", command], env=env,
+            children.append(subprocess.Popen([sys.executable, "-m", "topology_store.cli", command], env=env,
                                              stdout=log, stderr=subprocess.STDOUT))
         url = f"http://127.0.0.1:{port}"
         for _ in range(300):

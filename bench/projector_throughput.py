@@ -36,14 +36,14 @@ import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from psycopg import sql
 
-from projector.consumer import Projector
-from projector.main import tune_gc_for_batches
-from projector.migrate import upgrade_to_head
-from projector.store import ProjectionStore, create_engine
-from schemas.codec import EventCodec
-from topology.devstack import EmbeddedKafka
-from topology.settings import Settings
-from topology.topics import ensure_topics
+from topology_store.projector.consumer import Projector
+from topology_store.projector.main import tune_gc_for_batches
+from topology_store.projector.migrate import upgrade_to_head
+from topology_store.projector.store import ProjectionStore, create_engine
+from topology_store.schemas.codec import EventCodec
+from topology_store.cli.devstack import EmbeddedKafka
+from topology_store.runtime.settings import Settings
+from topology_store.runtime.topics import ensure_topics
 
 PARTITIONS = 8
 

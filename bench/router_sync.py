@@ -45,9 +45,9 @@ import httpx
 import psycopg
 from psycopg import sql
 
-from projector.migrate import upgrade_to_head
-from topology.devstack import EmbeddedKafka, free_port
-from topology.settings import Settings
+from topology_store.projector.migrate import upgrade_to_head
+from topology_store.cli.devstack import EmbeddedKafka, free_port
+from topology_store.runtime.settings import Settings
 
 TOKEN = "bench-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -115,7 +115,7 @@ def pinned(command: list[str], cpu: str | None) -> list[str]:
 
 def start_api(settings: Settings, port: int, log: Path, cpu: str | None = None) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
-        pinned([sys.executable, "-m", "topology", "serve"], cpu),
+        pinned([sys.executable, "-m", "topology_store.cli", "serve"], cpu),
         env=child_env(settings, TOPOLOGY_API_PORT=str(port)),
         stdout=open(log, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
     )
@@ -156,7 +156,7 @@ class Committer:
     """Commits batches through the real projection store (in-process)."""
 
     def __init__(self, settings: Settings) -> None:
-        from projector.store import ProjectionStore, create_engine
+        from topology_store.projector.store import ProjectionStore, create_engine
 
         self.loop = asyncio.new_event_loop()
         self.engine = create_engine(settings.sqlalchemy_url)
@@ -166,8 +166,8 @@ class Committer:
         self.loop.run_until_complete(self.store.stored_offsets([(self.topic, 0)]))
 
     def commit(self, events: list[Any]) -> int:
-        from projector.domain import PositionedEvent
-        from projector.store import PartitionAdvance
+        from topology_store.core.cells import PositionedEvent
+        from topology_store.projector.store import PartitionAdvance
 
         positioned = [PositionedEvent(e, self.topic, 0, self.offset + n) for n, e in enumerate(events)]
         advance = {(self.topic, 0): PartitionAdvance(self.offset, self.offset + len(events))}
@@ -181,7 +181,7 @@ class Committer:
 
 
 def claims(prefix: str, count: int, cells: int) -> list[Any]:
-    from schemas.models import ClaimBucket, ClaimCreated, OwnerType
+    from topology_store.schemas.models import ClaimBucket, ClaimCreated, OwnerType
 
     return [ClaimCreated(source="bench", bucket=ClaimBucket.NAMESPACE, value=f"{prefix}-{n}",
                          cell_id=f"cell-{n % cells + 1}", owner_type=OwnerType.GROUP, owner_id=10**9 + n)
@@ -439,8 +439,8 @@ asyncio.run(main(host, int(port), token, int(followers), int(since), int(expecte
 
 def phase_converge(settings: Settings, work: Path, cells: int, results: dict[str, Any], rate: int,
                    seconds: int, followers: int) -> None:
-    from producer.publisher import EventPublisher
-    from topology.topics import ensure_topics
+    from topology_store.producer.publisher import EventPublisher
+    from topology_store.runtime.topics import ensure_topics
 
     with ExitStack() as stack:
         kafka = EmbeddedKafka(log_path=work / "tansu.log").start()
@@ -452,7 +452,7 @@ def phase_converge(settings: Settings, work: Path, cells: int, results: dict[str
             "batch_wait_ms": 20,
         })
         asyncio.run(ensure_topics(conv))
-        projector = subprocess.Popen([sys.executable, "-m", "topology", "project"], env=child_env(conv),
+        projector = subprocess.Popen([sys.executable, "-m", "topology_store.cli", "project"], env=child_env(conv),
                                      stdout=open(work / "projector.log", "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
         stack.callback(stop, projector)
         port = free_port()

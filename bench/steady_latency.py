@@ -68,10 +68,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from psycopg import sql
 
 from bench.router_sync import child_env, cpu_seconds, machine_busy, postgres_pids, stop
-from producer.publisher import EventPublisher, PublishFailed
-from projector.migrate import upgrade_to_head
-from projector.store import NOTIFY_CHANNEL
-from schemas.models import (
+from topology_store.producer.publisher import EventPublisher, PublishFailed
+from topology_store.projector.migrate import upgrade_to_head
+from topology_store.projector.store import NOTIFY_CHANNEL
+from topology_store.schemas.models import (
     CellRegistered,
     CellState,
     CellStateChanged,
@@ -81,9 +81,9 @@ from schemas.models import (
     Event,
     OwnerType,
 )
-from topology.devstack import EmbeddedKafka, free_port
-from topology.settings import Settings
-from topology.topics import ensure_topics
+from topology_store.cli.devstack import EmbeddedKafka, free_port
+from topology_store.runtime.settings import Settings
+from topology_store.runtime.topics import ensure_topics
 
 PROBE_CHANNEL = "bench_notify_probe"
 CELLS = 4
@@ -447,10 +447,10 @@ def wait_drained(settings: Settings, acks: Iterable[Ack], timeout_s: float) -> b
 
 
 def start_projector(settings: Settings, work: Path, tag: str, profile: bool) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "topology", "project"]
+    command = [sys.executable, "-m", "topology_store.cli", "project"]
     if profile:
         command = [sys.executable, "-m", "pyinstrument", "-r", "text", "-o",
-                   str(work / f"projector-{tag}.profile.txt"), "-m", "topology", "project"]
+                   str(work / f"projector-{tag}.profile.txt"), "-m", "topology_store.cli", "project"]
     log = open(work / f"projector-{tag}.log", "ab")  # noqa: SIM115 - owned by the child
     return subprocess.Popen(command, env=child_env(settings, TOPOLOGY_LOG_FORMAT="text"), stdout=log,
                             stderr=subprocess.STDOUT)

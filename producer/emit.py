@@ -14,9 +14,9 @@ from typing import TextIO
 
 from aiokafka.errors import KafkaError
 
-from producer.publisher import EventPublisher, PublishFailed
-from schemas.models import Event, EventInputError, parse_event
-from topology.settings import Settings
+from topology_store.producer.publisher import EventPublisher, PublishFailed
+from topology_store.schemas.models import Event, EventInputError, parse_event
+from topology_store.runtime.settings import Settings
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ import psycopg
 from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 
-from schemas.codec import EventCodec
-from schemas.models import Event, parse_event
+from topology_store.schemas.codec import EventCodec
+from topology_store.schemas.models import Event, parse_event
 
 __all__ = ["OUTBOX_CHANNEL", "OUTBOX_TABLE", "OutboxUsageError", "create_outbox", "outbox_ddl", "write_event",
            "write_events"]

@@ -20,10 +20,10 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from schemas.codec import EventCodec
-from schemas.models import Event
-from topology.settings import Settings
-from topology.tracing import inject_headers, trace_id_of, tracer
+from topology_store.schemas.codec import EventCodec
+from topology_store.schemas.models import Event
+from topology_store.runtime.settings import Settings
+from topology_store.runtime.tracing import inject_headers, trace_id_of, tracer
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class EventPublisher:
 
         One producer span per call (a no-op without an OpenTelemetry SDK): its W3C
         context goes into every record's ``traceparent`` header and, unless the
-        caller set one, the envelope's ``trace_id`` (topology/tracing.py)."""
+        caller set one, the envelope's ``trace_id`` (runtime/tracing.py)."""
         producer = self._require_started()
         # Not made current: this is an async generator, and the caller's context must not change.
         span = tracer().start_span("topology publish", kind=SpanKind.PRODUCER,

@@ -38,11 +38,11 @@ from aiokafka.errors import KafkaError
 from prometheus_client import start_http_server
 from psycopg.rows import TupleRow
 
-from producer.outbox import OUTBOX_CHANNEL
-from producer.publisher import EVENT_TYPE_HEADER, EncodedRecord, EventPublisher
-from producer.relay_metrics import RelayMetrics
-from topology.settings import Settings
-from topology.topics import ensure_topics
+from topology_store.producer.outbox import OUTBOX_CHANNEL
+from topology_store.producer.publisher import EVENT_TYPE_HEADER, EncodedRecord, EventPublisher
+from topology_store.producer.relay_metrics import RelayMetrics
+from topology_store.runtime.settings import Settings
+from topology_store.runtime.topics import ensure_topics
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from aiokafka.errors import KafkaError
 
-from producer.publisher import EventPublisher, PublishFailed
-from schemas.models import (
+from topology_store.producer.publisher import EventPublisher, PublishFailed
+from topology_store.schemas.models import (
     ClaimsDestroyRequested,
     ClaimsRequested,
     Event,
@@ -30,7 +30,7 @@ from schemas.models import (
     OwnerTransferRequested,
     SequenceRangeRequested,
 )
-from topology.settings import Settings
+from topology_store.runtime.settings import Settings
 
 
 class RequestInputError(ValueError):
@@ -88,7 +88,7 @@ async def run_request(settings: Settings, args: argparse.Namespace, out: TextIO 
     except RequestInputError as exc:
         print(str(exc), file=err)
         return 2
-    from query_api.decisions import DecisionWaiter  # the CLI waits the way the HTTP API does
+    from topology_store.query_api.decisions import DecisionWaiter  # the CLI waits the way the HTTP API does
 
     engine = create_async_engine(settings.sqlalchemy_url) if args.wait else None
     try:

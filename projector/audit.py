@@ -19,10 +19,10 @@ from uuid import UUID
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from projector.bulk import copy_rows
-from projector.claims import command_keys
-from projector.domain import BatchResult, Outcome
-from schemas.models import (
+from topology_store.projector.bulk import copy_rows
+from topology_store.core.claims import command_keys
+from topology_store.core.cells import BatchResult, Outcome
+from topology_store.schemas.models import (
     CellRegistered,
     CellStateChanged,
     CellUpdated,
@@ -144,7 +144,7 @@ def audit_key(kind: str, value: str, secret: bytes) -> tuple[str, str]:
     """The (kind, key) of the audit index for what a person asks about:
     ROUTE a path (its top-level namespace), CELL an id, LEASE an id, OWNER
     cell/TYPE/id, or a claim bucket and its value (e-mails are looked up hashed)."""
-    from schemas.models import ClaimBucket, stored_claim_value
+    from topology_store.schemas.models import ClaimBucket, stored_claim_value
 
     kind = kind.upper()
     if kind == "ROUTE":
@@ -162,7 +162,7 @@ def audit_key(kind: str, value: str, secret: bytes) -> tuple[str, str]:
 
 def mask_pii(document: object, secret: bytes) -> object:
     """Replace clear sensitive values (e-mails) by their keyed hash, wherever they sit."""
-    from schemas.models import SENSITIVE_BUCKETS, protect_value
+    from topology_store.schemas.models import SENSITIVE_BUCKETS, protect_value
 
     if isinstance(document, list):
         return [mask_pii(item, secret) for item in document]
@@ -180,7 +180,7 @@ async def key_history(
 ) -> list[HistoryEntry]:
     """Every event that touched the key, in log order; the first ``limit`` only, if given
     (the database stops there: a busy key's whole history is never loaded for a page)."""
-    from schemas.codec import DecodeError, EventCodec
+    from topology_store.schemas.codec import DecodeError, EventCodec
 
     rows = await conn.execute(
         text(

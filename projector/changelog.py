@@ -44,7 +44,7 @@ def configure_retention(retention: Retention | None) -> None:
 def current_retention() -> Retention:
     global _retention
     if _retention is None:
-        from topology.settings import Settings
+        from topology_store.runtime.settings import Settings
 
         settings = Settings()
         _retention = Retention(settings.changelog_keep_versions, settings.changelog_keep_seconds)

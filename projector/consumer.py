@@ -19,10 +19,10 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
-from projector.audit import ArchivedRecord
-from projector.domain import PositionedEvent
-from projector.health import Health
-from projector.poison import (
+from topology_store.projector.audit import ArchivedRecord
+from topology_store.core.cells import PositionedEvent
+from topology_store.projector.health import Health
+from topology_store.projector.poison import (
     CommitOutcome,
     Position,
     archive_log_time,
@@ -32,13 +32,13 @@ from projector.poison import (
     record_log_time,
     sleep_unless,
 )
-from projector.metrics import PartitionProgress, ProjectorMetrics
-from projector.observe import apply_span, batch_committed, batch_failed, bounded_event_type
-from projector.store import DeadLetter, FencedError, PartitionAdvance, ProjectionStore
-from producer.publisher import EVENT_TYPE_HEADER
-from schemas.codec import DecodeError, EventCodec
-from schemas.models import EventInputError, parse_event
-from topology.settings import Settings
+from topology_store.projector.metrics import PartitionProgress, ProjectorMetrics
+from topology_store.projector.observe import apply_span, batch_committed, batch_failed, bounded_event_type
+from topology_store.projector.store import DeadLetter, FencedError, PartitionAdvance, ProjectionStore
+from topology_store.producer.publisher import EVENT_TYPE_HEADER
+from topology_store.schemas.codec import DecodeError, EventCodec
+from topology_store.schemas.models import EventInputError, parse_event
+from topology_store.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -38,10 +38,10 @@ from psycopg.rows import dict_row
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from projector.domain import BatchResult, PositionedEvent
-from projector.store import FencedError, PartitionAdvance, ProjectionStore, create_engine
-from schemas.codec import EventCodec
-from topology.settings import Settings
+from topology_store.core.cells import BatchResult, PositionedEvent
+from topology_store.projector.store import FencedError, PartitionAdvance, ProjectionStore, create_engine
+from topology_store.schemas.codec import EventCodec
+from topology_store.runtime.settings import Settings
 
 STATUSES = ("open", "resolved", "discarded")
 _CLAMPED = (datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC))
@@ -147,9 +147,9 @@ def _as_record(row: dict[str, Any]) -> ConsumerRecord:  # type: ignore[type-arg]
 def show(settings: Settings, letter_id: int, pii: bool = False) -> dict[str, Any]:
     """Everything about one dead letter, and whether the current code reads it now.
     E-mails (keys, values) are masked unless ``pii``; raw bytes only with ``pii``."""
-    from projector.audit import mask_pii
-    from projector.consumer import read_record
-    from schemas.models import protect_value
+    from topology_store.projector.audit import mask_pii
+    from topology_store.projector.consumer import read_record
+    from topology_store.schemas.models import protect_value
 
     row = _load(settings, letter_id)
     key = _text_or_hex(bytes(row["key"])) if row["key"] is not None else None
@@ -207,8 +207,8 @@ async def _record_failure(engine: Any, letter_id: int, error: str) -> None:
 
 async def redrive(settings: Settings, letter_ids: list[int], who: str, attempts: int = 5,
                   codec: EventCodec | None = None) -> list[Redrive]:
-    from projector.consumer import read_record
-    from projector.poison import describe, is_transient
+    from topology_store.projector.consumer import read_record
+    from topology_store.projector.poison import describe, is_transient
 
     codec = codec or EventCodec()  # the registry of *this* deployment: the point of a re-drive
     engine = create_engine(settings.sqlalchemy_url, pool_size=1)

@@ -33,9 +33,9 @@ from prometheus_client import make_wsgi_app
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projector.metrics import ProjectorMetrics
-from projector.poison import database_error
-from topology.settings import Settings
+from topology_store.projector.metrics import ProjectorMetrics
+from topology_store.projector.poison import database_error
+from topology_store.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -11,15 +11,15 @@ from collections.abc import Awaitable, Callable, Coroutine
 
 from aiokafka.errors import KafkaError
 
-from projector.consumer import Projector
-from projector.health import Health, probe_forever, start_status_server
-from projector.metrics import ProjectorMetrics
-from projector.migrate import check_at_head
-from projector.poison import backoff, is_transient, sleep_unless
-from projector.store import ProjectionStore, create_engine
-from projector.ticks import publish_ticks
-from topology.settings import Settings
-from topology.topics import ensure_topics
+from topology_store.projector.consumer import Projector
+from topology_store.projector.health import Health, probe_forever, start_status_server
+from topology_store.projector.metrics import ProjectorMetrics
+from topology_store.projector.migrate import check_at_head
+from topology_store.projector.poison import backoff, is_transient, sleep_unless
+from topology_store.projector.store import ProjectionStore, create_engine
+from topology_store.projector.ticks import publish_ticks
+from topology_store.runtime.settings import Settings
+from topology_store.runtime.topics import ensure_topics
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@ context from the records' headers, adr/0011) and its structured log lines.
 
 Log lines carry ``topic``, ``partition``, ``offset`` and ``event_id`` as fields,
 never a claim value: values may be personal data (e-mails), and the JSON log
-redacts them anyway (topology/logs.py).
+redacts them anyway (runtime/logs.py).
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ from aiokafka.structs import ConsumerRecord
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from schemas.models import CELL_EVENT_TYPES, CLAIM_EVENT_TYPES, DECISION_EVENT_TYPES, REQUEST_EVENT_TYPES
-from topology.settings import Settings
-from topology.tracing import apply_span_arguments, batch_contexts, tracer
+from topology_store.schemas.models import CELL_EVENT_TYPES, CLAIM_EVENT_TYPES, DECISION_EVENT_TYPES, REQUEST_EVENT_TYPES
+from topology_store.runtime.settings import Settings
+from topology_store.runtime.tracing import apply_span_arguments, batch_contexts, tracer
 
 if TYPE_CHECKING:
-    from projector.domain import PositionedEvent
-    from projector.store import PartitionAdvance
+    from topology_store.core.cells import PositionedEvent
+    from topology_store.projector.store import PartitionAdvance
 
-log = logging.getLogger("projector.consumer")
+log = logging.getLogger("topology_store.projector.consumer")
 
 # Metric labels take only these (an unknown header value would be unbounded cardinality).
 KNOWN_EVENT_TYPES = CELL_EVENT_TYPES | CLAIM_EVENT_TYPES | REQUEST_EVENT_TYPES | DECISION_EVENT_TYPES | {

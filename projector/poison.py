@@ -41,9 +41,9 @@ from aiokafka.structs import ConsumerRecord
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 if TYPE_CHECKING:
-    from projector.consumer import Projector
+    from topology_store.projector.consumer import Projector
 
-log = logging.getLogger("projector.consumer")
+log = logging.getLogger("topology_store.projector.consumer")
 
 Batch = Mapping[TopicPartition, Sequence[ConsumerRecord]]
 Position = tuple[str, int, int]  # topic, partition, offset

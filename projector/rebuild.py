@@ -5,7 +5,7 @@ keeps serving, catch up with it, and switch the read path over in one transactio
 1. **Build.** The shadow schema is created at the head migrations (under a temporary
    name, renamed once complete, so a crash never leaves half a schema behind). The
    log is applied in chunks with the same pure functions a replay uses
-   (:func:`projector.domain.apply_cell_event` for cells, :func:`projector.claims.evolve`
+   (:func:`topology_store.core.cells.apply_cell_event` for cells, :func:`topology_store.core.claims.evolve`
    for the recorded claim decisions, adr/0010). Each chunk's rows and the rebuild's
    own position (``rebuild_checkpoint``, in the shadow schema) commit in one
    transaction, so a crash at any instant resumes from the last committed chunk,
@@ -47,11 +47,11 @@ from psycopg import sql
 from sqlalchemy import pool
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from projector.changelog import prune_routing_changes
-from projector.claims import ClaimKey, ClaimStatus, HeldClaim, Lease, LeaseStatus, Registry, evolve
-from projector.domain import Cell, Outcome, apply_cell_event
-from projector.migrate import alembic_config, upgrade_to_head
-from projector.replay import (
+from topology_store.projector.changelog import prune_routing_changes
+from topology_store.core.claims import ClaimKey, ClaimStatus, HeldClaim, Lease, LeaseStatus, Registry, evolve
+from topology_store.core.cells import Cell, Outcome, apply_cell_event
+from topology_store.projector.migrate import alembic_config, upgrade_to_head
+from topology_store.projector.replay import (
     CELL_COLUMNS,
     DecisionDecoder,
     CLAIM_COLUMNS,
@@ -66,9 +66,9 @@ from projector.replay import (
     range_row,
     schema_url,
 )
-from projector.store import NOTIFY_CHANNEL, write_routing_changes
-from schemas.codec import EventCodec
-from schemas.models import (
+from topology_store.projector.store import NOTIFY_CHANNEL, write_routing_changes
+from topology_store.schemas.codec import EventCodec
+from topology_store.schemas.models import (
     CellRegistered,
     CellState,
     CellStateChanged,
@@ -83,7 +83,7 @@ from schemas.models import (
     OwnerType,
     ReleaseCause,
 )
-from topology.settings import Settings
+from topology_store.runtime.settings import Settings
 
 DEFAULT_SCHEMA = "topology_shadow"
 RETIRED_SCHEMA = "topology_retired"

@@ -7,7 +7,7 @@ Each commit, atomically (adr/0002):
    (fencing);
 2. loads the rows the batch touches (under the claim registry lock when it holds
    claim requests, adr/0010) and folds the events over them with the pure
-   :func:`projector.domain.project_batch`;
+   :func:`topology_store.core.cells.project_batch`;
 3. when routing rows changed, bumps the topology version, writes the cells and the
    change log, and NOTIFYs the version (PostgreSQL delivers it only on commit);
 4. writes the claim registry, the decision events into the outbox, one row per
@@ -25,15 +25,15 @@ from uuid import UUID
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from projector.changelog import prune_routing_changes
-from projector.bulk import copy_rows, execute_binary
-from projector.audit import ArchivedRecord, audit_rows, headers_json, write_archive, write_audit_keys
-from projector.claims import CLAIM_COMMANDS, Registry, needs
-from projector.domain import BatchResult, Cell, Outcome, PositionedEvent, project_batch
-from projector.registry_store import load_registry, write_registry
-from projector.tables import partition_offsets, topology_version
-from schemas.codec import EventCodec
-from schemas.models import CellRegistered, CellState, CellStateChanged, CellUpdated, Event
+from topology_store.projector.changelog import prune_routing_changes
+from topology_store.projector.bulk import copy_rows, execute_binary
+from topology_store.projector.audit import ArchivedRecord, audit_rows, headers_json, write_archive, write_audit_keys
+from topology_store.core.claims import CLAIM_COMMANDS, Registry, needs
+from topology_store.core.cells import BatchResult, Cell, Outcome, PositionedEvent, project_batch
+from topology_store.projector.registry_store import load_registry, write_registry
+from topology_store.projector.tables import partition_offsets, topology_version
+from topology_store.schemas.codec import EventCodec
+from topology_store.schemas.models import CellRegistered, CellState, CellStateChanged, CellUpdated, Event
 
 NOTIFY_CHANNEL = "topology_version"
 DECISIONS_CHANNEL = "topology_decisions"  # a batch decided claim requests; payload empty

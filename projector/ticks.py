@@ -15,9 +15,9 @@ import socket
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from producer.publisher import EventPublisher
-from schemas.models import LeaseExpiryTick
-from topology.settings import Settings
+from topology_store.producer.publisher import EventPublisher
+from topology_store.schemas.models import LeaseExpiryTick
+from topology_store.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 

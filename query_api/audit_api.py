@@ -13,11 +13,11 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter, ValidationError
 
-from projector.audit import audit_key, key_history
-from query_api.claims_api import ClaimsService, denied, secured
-from query_api.errors import error
-from query_api.models import AuditDocument, ErrorDocument, any_case_pattern
-from schemas.models import CellId, ClaimBucket, OwnerType
+from topology_store.projector.audit import audit_key, key_history
+from topology_store.query_api.claims_api import ClaimsService, denied, secured
+from topology_store.query_api.errors import error
+from topology_store.query_api.models import AuditDocument, ErrorDocument, any_case_pattern
+from topology_store.schemas.models import CellId, ClaimBucket, OwnerType
 
 AUDIT_READ = "audit:read"
 AUDIT_PII = "audit:pii"

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from topology.settings import Settings
+from topology_store.runtime.settings import Settings
 
 
 class TokenConfigError(ValueError):

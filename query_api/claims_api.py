@@ -22,12 +22,12 @@ from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from producer.publisher import EventPublisher, PublishFailed
-from query_api.auth import Authorizer
-from query_api.decisions import DecisionWaiter, RequestDecision, lookup
-from query_api.errors import DATABASE_DOWN, RETRY_AFTER_S, error, validation_message
-from query_api.models import ErrorDocument, any_case_pattern
-from schemas.models import (
+from topology_store.producer.publisher import EventPublisher, PublishFailed
+from topology_store.query_api.auth import Authorizer
+from topology_store.query_api.decisions import DecisionWaiter, RequestDecision, lookup
+from topology_store.query_api.errors import DATABASE_DOWN, RETRY_AFTER_S, error, validation_message
+from topology_store.query_api.models import ErrorDocument, any_case_pattern
+from topology_store.schemas.models import (
     MAX_CLAIMS_PER_REQUEST,
     MAX_LEASE_TTL_MS,
     CellId,
@@ -40,7 +40,7 @@ from schemas.models import (
     OwnerType,
     stored_claim_value,
 )
-from topology.settings import Settings
+from topology_store.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import psycopg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projector.store import DECISIONS_CHANNEL
+from topology_store.projector.store import DECISIONS_CHANNEL
 
 log = logging.getLogger(__name__)
 

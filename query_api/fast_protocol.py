@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from query_api.sync import RouterSync
+from topology_store.query_api.sync import RouterSync
 
 log = logging.getLogger(__name__)
 

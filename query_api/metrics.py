@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 if TYPE_CHECKING:
-    from query_api.snapshot import Snapshot
+    from topology_store.query_api.snapshot import Snapshot
 
 
 @dataclass

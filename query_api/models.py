@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from schemas.models import CellState, ClaimBucket, OwnerType
+from topology_store.schemas.models import CellState, ClaimBucket, OwnerType
 
 
 def any_case_pattern(names: Iterable[str]) -> str:

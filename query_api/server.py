@@ -12,11 +12,11 @@ from types import FrameType
 
 import uvicorn
 
-from query_api.app import create_app
-from query_api.fast_protocol import protocol_for
-from query_api.sync import RouterSync, RouterSyncMiddleware
-from query_api.uvicorn_server import GracefulServer
-from topology.settings import Settings
+from topology_store.query_api.app import create_app
+from topology_store.query_api.fast_protocol import protocol_for
+from topology_store.query_api.sync import RouterSync, RouterSyncMiddleware
+from topology_store.runtime.http_server import GracefulServer
+from topology_store.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def serve(settings: Settings) -> None:
         host=settings.api_host,
         port=settings.api_port,
         log_level="info",
-        log_config=None,  # uvicorn's records go to the JSON, redacting handler of topology/logs.py
+        log_config=None,  # uvicorn's records go to the JSON, redacting handler of runtime/logs.py
         access_log=settings.api_access_log,
         timeout_graceful_shutdown=5,
         # Clients' addresses are never logged or used, so X-Forwarded-For parsing

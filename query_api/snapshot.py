@@ -32,10 +32,10 @@ import psycopg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from projector.store import NOTIFY_CHANNEL
-from query_api.encodings import Compression, Observer, Representations
-from query_api.models import CellView
-from query_api.protocol import JSON, MSGPACK, digest_after, namespace_digest
+from topology_store.projector.store import NOTIFY_CHANNEL
+from topology_store.query_api.encodings import Compression, Observer, Representations
+from topology_store.query_api.models import CellView
+from topology_store.schemas.router_sync import JSON, MSGPACK, digest_after, namespace_digest
 
 log = logging.getLogger(__name__)
 

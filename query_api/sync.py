@@ -27,11 +27,11 @@ import orjson
 from fastapi import APIRouter, FastAPI, Query, Request, Response
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from query_api.auth import Authorizer
-from query_api.claims_api import login_cell
-from query_api.encodings import Compression, Observer
-from query_api.metrics import ApiMetrics
-from query_api.models import (
+from topology_store.query_api.auth import Authorizer
+from topology_store.query_api.claims_api import login_cell
+from topology_store.query_api.encodings import Compression, Observer
+from topology_store.query_api.metrics import ApiMetrics
+from topology_store.query_api.models import (
     ClassifyDocument,
     DeltaDocument,
     ErrorDocument,
@@ -39,7 +39,7 @@ from query_api.models import (
     SnapshotDocument,
     any_case_pattern,
 )
-from query_api.protocol import (
+from topology_store.schemas.router_sync import (
     AGE_HEADER,
     CLASSIFY_TYPES,
     SNAPSHOT_READ,
@@ -51,8 +51,8 @@ from query_api.protocol import (
     etag_versions,
     parse_wait,
 )
-from query_api.snapshot import Delta, Snapshot, SnapshotCache, read_changes, read_floor, read_only_connection
-from topology.settings import Settings
+from topology_store.query_api.snapshot import Delta, Snapshot, SnapshotCache, read_changes, read_floor, read_only_connection
+from topology_store.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 

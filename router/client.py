@@ -33,7 +33,7 @@ import msgpack
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from query_api.protocol import (
+from topology_store.schemas.router_sync import (
     AGE_HEADER,
     MSGPACK,
     VERSION_HEADER,

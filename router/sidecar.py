@@ -24,9 +24,9 @@ import orjson
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from query_api.uvicorn_server import GracefulServer
-from router.client import RouterClient
-from topology.settings import Settings
+from topology_store.runtime.http_server import GracefulServer
+from topology_store.router.client import RouterClient
+from topology_store.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def run_router(settings: Settings, api_urls: list[str], token: str, state_file: 
     client = RouterClient(api_urls, token, state_file=state_file, wait_s=settings.router_wait_s)
     log.info("router sidecar: API %s, state file %s, local port %d", ", ".join(api_urls), state_file, port)
     config = uvicorn.Config(sidecar_app(client), host="127.0.0.1", port=port, log_level="warning",
-                            log_config=None, access_log=False, lifespan="on")  # topology/logs.py handles records
+                            log_config=None, access_log=False, lifespan="on")  # runtime/logs.py handles records
     GracefulServer(config).run()
 
 

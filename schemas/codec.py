@@ -14,7 +14,7 @@ from typing import Any
 
 from fastavro import schemaless_reader, schemaless_writer
 
-from schemas.registry import SchemaRegistry, load_registry
+from topology_store.schemas.registry import SchemaRegistry, load_registry
 
 MAGIC = b"\xc3\x01"
 HEADER_SIZE = len(MAGIC) + 8

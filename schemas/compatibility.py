@@ -43,7 +43,7 @@ from typing import Any
 import fastavro
 from fastavro import schemaless_reader, schemaless_writer
 
-from schemas.registry import HISTORY_DIR, SCHEMA_DIR, fingerprint_bytes
+from topology_store.schemas.registry import HISTORY_DIR, SCHEMA_DIR, fingerprint_bytes
 
 LOCK_FILE = SCHEMA_DIR / "fingerprints.json"
 PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "bytes", "string"})

@@ -15,10 +15,10 @@ from pydantic import SecretStr
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from projector.migrate import upgrade_to_head
+from topology_store.projector.migrate import upgrade_to_head
 from tests.servers import Servers, start_servers
-from topology.settings import Settings
-from topology.topics import ensure_topics
+from topology_store.runtime.settings import Settings
+from topology_store.runtime.topics import ensure_topics
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psycopg
 
-from topology.devstack import EmbeddedKafka, EmbeddedPostgres
+from topology_store.cli.devstack import EmbeddedKafka, EmbeddedPostgres
 
 LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 

@@ -16,8 +16,8 @@ import httpx
 import psycopg
 
 from tests.conftest import settings_env
-from topology.devstack import free_port
-from topology.settings import Settings
+from topology_store.cli.devstack import free_port
+from topology_store.runtime.settings import Settings
 
 T = TypeVar("T")
 
@@ -44,7 +44,7 @@ def start(command: list[str], settings: Settings, log_path: Path, **extra_env: s
     env = {**settings_env(settings), **extra_env}
     log = open(log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
     return subprocess.Popen(
-        [sys.executable, "-m", "topology", *command], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd()
+        [sys.executable, "-m", "topology_store.cli", *command], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd()
     )
 
 

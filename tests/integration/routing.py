@@ -10,11 +10,11 @@ from typing import Any, TypeVar
 
 import httpx
 
-from projector.domain import PositionedEvent
-from projector.store import PartitionAdvance, ProjectionStore, create_engine
-from schemas.models import CellRegistered, ClaimBucket, ClaimCreated, ClaimReleased, Event, OwnerType
+from topology_store.core.cells import PositionedEvent
+from topology_store.projector.store import PartitionAdvance, ProjectionStore, create_engine
+from topology_store.schemas.models import CellRegistered, ClaimBucket, ClaimCreated, ClaimReleased, Event, OwnerType
 from tests.conftest import AUTH
-from topology.settings import Settings
+from topology_store.runtime.settings import Settings
 
 T = TypeVar("T")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from schemas.models import (
+from topology_store.schemas.models import (
     CellRegistered,
     CellState,
     CellStateChanged,

@@ -9,10 +9,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from projector.audit import audit_key, key_history
-from projector.replay import LIVE_SCHEMA, Cut, compare, replay, table_rows, verify
-from projector.store import create_engine
-from schemas.models import (
+from topology_store.projector.audit import audit_key, key_history
+from topology_store.projector.replay import LIVE_SCHEMA, Cut, compare, replay, table_rows, verify
+from topology_store.projector.store import create_engine
+from topology_store.schemas.models import (
     CellRegistered,
     ClaimBucket,
     ClaimCreated,
@@ -24,7 +24,7 @@ from schemas.models import (
 )
 from tests.integration.processes import start, stop
 from tests.integration.test_projector import Member, publish, wait_for
-from topology.settings import Settings
+from topology_store.runtime.settings import Settings
 
 pytestmark = pytest.mark.integration
 

@@ -11,10 +11,10 @@ import uuid
 import psycopg
 import pytest
 
-from producer.publisher import EventPublisher, PublishFailed
-from projector.claims import Registry, evolve
-from schemas.codec import EventCodec
-from schemas.models import (
+from topology_store.producer.publisher import EventPublisher, PublishFailed
+from topology_store.core.claims import Registry, evolve
+from topology_store.schemas.codec import EventCodec
+from topology_store.schemas.models import (
     ClaimBucket,
     ClaimCreated,
     ClaimRef,
@@ -31,7 +31,7 @@ from schemas.models import (
     parse_event,
 )
 from tests.integration.test_projector import Member, wait_for
-from topology.settings import Settings
+from topology_store.runtime.settings import Settings
 
 pytestmark = pytest.mark.integration
 

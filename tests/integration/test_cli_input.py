@@ -24,12 +24,12 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from producer.publisher import EventPublisher, Published, PublishFailed
-from schemas.models import ClaimBucket, ClaimCreated, OwnerType
+from topology_store.producer.publisher import EventPublisher, Published, PublishFailed
+from topology_store.schemas.models import ClaimBucket, ClaimCreated, OwnerType
 from tests.conftest import settings_env
-from topology.cli import main
-from topology.devstack import EmbeddedKafka, free_port
-from topology.settings import Settings
+from topology_store.cli.main import main
+from topology_store.cli.devstack import EmbeddedKafka, free_port
+from topology_store.runtime.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -186,12 +186,12 @@ def test_a_missing_broker_is_a_clear_failure_never_a_success(topics: Settings, t
     env = settings_env(nowhere)
     events = tmp_path / "events.jsonl"
     events.write_text(json.dumps(CELL) + "\n" + json.dumps(CLAIM) + "\n")
-    done = subprocess.run([sys.executable, "-m", "topology", "emit", "-f", str(events)], env=env,
+    done = subprocess.run([sys.executable, "-m", "topology_store.cli", "emit", "-f", str(events)], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and done.stdout == ""
     assert f"cannot reach the broker at {nowhere.kafka_bootstrap}" in done.stderr and "nothing was sent" in done.stderr
     request = str(uuid.uuid4())
-    done = subprocess.run([sys.executable, "-m", "topology", "claim", "begin", "--cell", "cell-1", "--owner", "USER:1",
+    done = subprocess.run([sys.executable, "-m", "topology_store.cli", "claim", "begin", "--cell", "cell-1", "--owner", "USER:1",
                            "--claim", "USERNAME=ada", "--request-id", request], env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 4 and done.stdout == ""
@@ -216,7 +216,7 @@ def _signal(kafka: EmbeddedKafka, sig: int) -> None:
 async def test_the_library_reports_no_success_while_the_broker_does_not_acknowledge(
     topics: Settings, own_broker: EmbeddedKafka
 ) -> None:
-    from topology.topics import ensure_topics
+    from topology_store.runtime.topics import ensure_topics
 
     settings = topics.model_copy(update={"kafka_bootstrap": own_broker.bootstrap,
                                          "producer_request_timeout_ms": 2000, "producer_idempotence": "off"})
@@ -252,7 +252,7 @@ def test_the_emit_cli_reports_no_success_against_a_frozen_broker(topics: Setting
     events.write_text(json.dumps(CELL) + "\n")
     _signal(own_broker, signal.SIGSTOP)
     try:
-        done = subprocess.run([sys.executable, "-m", "topology", "emit", "-f", str(events)],
+        done = subprocess.run([sys.executable, "-m", "topology_store.cli", "emit", "-f", str(events)],
                               env=settings_env(settings), capture_output=True, text=True, timeout=120)
     finally:
         _signal(own_broker, signal.SIGCONT)

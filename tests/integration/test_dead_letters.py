@@ -27,11 +27,11 @@ from aiokafka import AIOKafkaProducer
 from psycopg import sql
 from fastavro import schemaless_writer
 
-from projector.dead_letters import redrive
-from projector.migrate import upgrade_to_head
-from projector.replay import verify
-from schemas.codec import MAGIC, EventCodec
-from schemas.models import (
+from topology_store.projector.dead_letters import redrive
+from topology_store.projector.migrate import upgrade_to_head
+from topology_store.projector.replay import verify
+from topology_store.schemas.codec import MAGIC, EventCodec
+from topology_store.schemas.models import (
     CellRegistered,
     CellState,
     CellStateChanged,
@@ -42,12 +42,12 @@ from schemas.models import (
     Event,
     OwnerType,
 )
-from schemas.registry import EventSchema, SchemaRegistry, fingerprint_bytes, load_registry
+from topology_store.schemas.registry import EventSchema, SchemaRegistry, fingerprint_bytes, load_registry
 from tests.conftest import _as_url, _database_url
 from tests.integration.test_projector import Member, count, wait_for
 from tests.servers import Servers
-from topology.cli import main
-from topology.settings import Settings
+from topology_store.cli.main import main
+from topology_store.runtime.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -94,7 +94,7 @@ def latin1(request: pytest.FixtureRequest, servers: Servers, settings: Settings)
 
 
 async def test_an_event_the_database_refuses_is_isolated_and_its_partitions_move_on(latin1: Settings) -> None:
-    from topology.topics import ensure_topics
+    from topology_store.runtime.topics import ensure_topics
 
     await ensure_topics(latin1)
     cells, claims = latin1.cells_topic, latin1.claims_topic

@@ -12,9 +12,9 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projector.store import create_engine
-from query_api.decisions import LookupBatcher
-from topology.settings import Settings
+from topology_store.projector.store import create_engine
+from topology_store.query_api.decisions import LookupBatcher
+from topology_store.runtime.settings import Settings
 
 pytestmark = pytest.mark.integration
 

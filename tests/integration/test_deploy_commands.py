@@ -17,8 +17,8 @@ import pytest
 from tests.conftest import AUTH, TEST_API_TOKENS, settings_env
 from tests.deploy_files import compose, environment, topology_services
 from tests.integration.processes import stop, wait_until
-from topology.devstack import free_port
-from topology.settings import Settings
+from topology_store.cli.devstack import free_port
+from topology_store.runtime.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -48,7 +48,7 @@ def command(service: dict[str, object], settings: Settings) -> list[str]:
     args = list(service["command"])  # type: ignore[call-overload]
     if "--source" in args:
         args[args.index("--source") + 1] = settings.libpq_url
-    return [sys.executable, "-m", "topology", *args]
+    return [sys.executable, "-m", "topology_store.cli", *args]
 
 
 def metrics(port: str) -> str:
@@ -115,7 +115,7 @@ def test_the_compose_commands_start_and_serve(topics: Settings, tmp_path: Path) 
         wait_until(lambda: sample(metrics(relay_port), "topology_relay_active") == 1, timeout_s=30, what="relay active")
 
         emitted = subprocess.run(
-            [sys.executable, "-m", "topology", "emit", json.dumps({
+            [sys.executable, "-m", "topology_store.cli", "emit", json.dumps({
                 "type": "CellRegistered", "source": "compose-test", "cell_id": "cell-1",
                 "address": "https://cell-1.example.net", "session_prefix": "c1", "region": "eu"})],
             env=running["api-1"][1], capture_output=True, text=True, timeout=60)

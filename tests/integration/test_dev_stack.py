@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.integration.processes import wait_until
-from topology.devstack import free_port
+from topology_store.cli.devstack import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +25,7 @@ def test_up_with_demo_data_serves_a_snapshot_and_ctrl_c_stops_everything(tmp_pat
     log_path = tmp_path / "up.log"
     with open(log_path, "wb") as log:
         up = subprocess.Popen(
-            [sys.executable, "-m", "topology", "up", "--demo", "--data-dir", str(tmp_path / "data"),
+            [sys.executable, "-m", "topology_store.cli", "up", "--demo", "--data-dir", str(tmp_path / "data"),
              "--api-port", str(port)],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # its own group: a terminal
         )

@@ -16,15 +16,15 @@ import httpx
 import psycopg
 import pytest
 
-from producer.publisher import EventPublisher, PublishFailed
-from projector.consumer import Projector
-from projector.store import ProjectionStore, create_engine
-from schemas.models import Event
+from topology_store.producer.publisher import EventPublisher, PublishFailed
+from topology_store.projector.consumer import Projector
+from topology_store.projector.store import ProjectionStore, create_engine
+from topology_store.schemas.models import Event
 from tests.conftest import settings_env
 from tests.integration import scenario as scenarios
 from tests.conftest import AUTH
 from tests.integration.processes import read_api, scalar, start, stop, wait_until
-from topology.settings import Settings
+from topology_store.runtime.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +37,7 @@ async def publish(settings: Settings, events: list[Event]) -> None:
 
 def emit_with_cli(settings: Settings, events: list[Event], path: Path) -> None:
     path.write_text("".join(json.dumps({"type": e.EVENT_TYPE, **e.model_dump(mode="json")}) + "\n" for e in events))
-    done = subprocess.run([sys.executable, "-m", "topology", "emit", "-f", str(path)], env=settings_env(settings),
+    done = subprocess.run([sys.executable, "-m", "topology_store.cli", "emit", "-f", str(path)], env=settings_env(settings),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(done.stdout.splitlines()) == len(events)

@@ -34,11 +34,11 @@ from schemathesis.specs.openapi.checks import (
 )
 from schemathesis.generation import GenerationMode
 
-from producer.publisher import EventPublisher
-from schemas.models import CellRegistered
+from topology_store.producer.publisher import EventPublisher
+from topology_store.schemas.models import CellRegistered
 from tests.conftest import CLAIMS_AUTH, TEST_API_TOKENS
 from tests.integration.processes import read_api, start, stop, wait_until
-from topology.settings import Settings
+from topology_store.runtime.settings import Settings
 
 pytestmark = pytest.mark.integration
 

@@ -7,9 +7,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, pool
 
-from projector.migrate import SchemaNotMigrated, check_at_head, upgrade_to_head
-from projector.tables import metadata
-from topology.settings import Settings
+from topology_store.projector.migrate import SchemaNotMigrated, check_at_head, upgrade_to_head
+from topology_store.projector.tables import metadata
+from topology_store.runtime.settings import Settings
 
 pytestmark = pytest.mark.integration
 

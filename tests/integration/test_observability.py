@@ -18,15 +18,15 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-import topology.tracing
-from producer.publisher import EventPublisher, PublishFailed
-from projector.consumer import Projector
-from projector.metrics import ProjectorMetrics
-from projector.store import ProjectionStore, create_engine
-from schemas.codec import EventCodec
-from schemas.models import ClaimBucket, ClaimCreated, OwnerType
+import topology_store.runtime.tracing
+from topology_store.producer.publisher import EventPublisher, PublishFailed
+from topology_store.projector.consumer import Projector
+from topology_store.projector.metrics import ProjectorMetrics
+from topology_store.projector.store import ProjectionStore, create_engine
+from topology_store.schemas.codec import EventCodec
+from topology_store.schemas.models import ClaimBucket, ClaimCreated, OwnerType
 from tests.integration.processes import read_api, start, stop, wait_until
-from topology.settings import Settings
+from topology_store.runtime.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -123,7 +123,7 @@ def spans(monkeypatch: pytest.MonkeyPatch) -> tuple[TracerProvider, InMemorySpan
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    monkeypatch.setattr(topology.tracing, "_tracer", provider.get_tracer(topology.tracing.TRACER_NAME))
+    monkeypatch.setattr(topology_store.runtime.tracing, "_tracer", provider.get_tracer(topology_store.runtime.tracing.TRACER_NAME))
     return provider, exporter
 
 

@@ -10,11 +10,11 @@ import sys
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from producer.publisher import EVENT_TYPE_HEADER, EventPublisher
-from schemas.codec import EventCodec
-from schemas.models import CellRegistered, ClaimBucket, ClaimCreated, OwnerType, parse_event
+from topology_store.producer.publisher import EVENT_TYPE_HEADER, EventPublisher
+from topology_store.schemas.codec import EventCodec
+from topology_store.schemas.models import CellRegistered, ClaimBucket, ClaimCreated, OwnerType, parse_event
 from tests.conftest import settings_env
-from topology.settings import Settings
+from topology_store.runtime.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -76,7 +76,7 @@ def test_emit_cli_prints_one_acknowledgement_per_event(topics: Settings, tmp_pat
     ]
     path = tmp_path / "events.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    done = subprocess.run([sys.executable, "-m", "topology", "emit", "--file", str(path)],
+    done = subprocess.run([sys.executable, "-m", "topology_store.cli", "emit", "--file", str(path)],
                           env=settings_env(topics), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     results = [json.loads(line) for line in done.stdout.splitlines()]
@@ -92,7 +92,7 @@ async def test_emit_cli_sends_nothing_when_any_line_is_invalid(topics: Settings,
            "owner_type": "GROUP"}
     path = tmp_path / "events.jsonl"
     path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\nnot json\n")
-    done = subprocess.run([sys.executable, "-m", "topology", "emit", "-f", str(path)],
+    done = subprocess.run([sys.executable, "-m", "topology_store.cli", "emit", "-f", str(path)],
                           env=settings_env(topics), capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stdout == ""

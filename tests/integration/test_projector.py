@@ -11,13 +11,13 @@ import psycopg
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from producer.publisher import EventPublisher, PublishFailed
-from projector.consumer import Projector
-from projector.store import ProjectionStore, create_engine
-from schemas.codec import EventCodec
-from schemas.models import ClaimBucket, ClaimCreated, Event, OwnerType
+from topology_store.producer.publisher import EventPublisher, PublishFailed
+from topology_store.projector.consumer import Projector
+from topology_store.projector.store import ProjectionStore, create_engine
+from topology_store.schemas.codec import EventCodec
+from topology_store.schemas.models import ClaimBucket, ClaimCreated, Event, OwnerType
 from tests.integration.scenario import build
-from topology.settings import Settings
+from topology_store.runtime.settings import Settings
 
 pytestmark = pytest.mark.integration
 

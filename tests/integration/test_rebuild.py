@@ -21,18 +21,18 @@ import httpx
 import psycopg
 import pytest
 
-from producer.publisher import EventPublisher, PublishFailed
-from projector.audit import ArchivedRecord
-from projector.domain import PositionedEvent
-import projector.rebuild as rebuild_module
-from projector.rebuild import RETIRED_SCHEMA, RebuildError, RebuildResult, rebuild
-from projector.replay import LIVE_SCHEMA, Cut, DecisionDecoder, compare, decode_event, replay, verify
-from projector.store import CommitResult, PartitionAdvance, ProjectionStore, create_engine
-from query_api.protocol import VERSION_HEADER
-from query_api.snapshot import SnapshotCache
-from router.client import Inconsistent, RoutingTable
-from schemas.codec import EventCodec
-from schemas.models import (
+from topology_store.producer.publisher import EventPublisher, PublishFailed
+from topology_store.projector.audit import ArchivedRecord
+from topology_store.core.cells import PositionedEvent
+import topology_store.projector.rebuild as rebuild_module
+from topology_store.projector.rebuild import RETIRED_SCHEMA, RebuildError, RebuildResult, rebuild
+from topology_store.projector.replay import LIVE_SCHEMA, Cut, DecisionDecoder, compare, decode_event, replay, verify
+from topology_store.projector.store import CommitResult, PartitionAdvance, ProjectionStore, create_engine
+from topology_store.schemas.router_sync import VERSION_HEADER
+from topology_store.query_api.snapshot import SnapshotCache
+from topology_store.router.client import Inconsistent, RoutingTable
+from topology_store.schemas.codec import EventCodec
+from topology_store.schemas.models import (
     CellRegistered,
     ClaimBucket,
     ClaimRef,
@@ -56,7 +56,7 @@ from tests.integration.routing import claim, release
 from tests.integration.scenario import build
 from tests.integration.test_projector import Member
 from tests.integration.workload import build_workload
-from topology.settings import Settings
+from topology_store.runtime.settings import Settings
 
 pytestmark = pytest.mark.integration
 

@@ -29,18 +29,18 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from producer.outbox import create_outbox, write_events
-from producer.publisher import EncodedRecord, EventPublisher
-from producer.relay import OutboxRelay
-from producer.relay_metrics import RelayMetrics
-from schemas.codec import EventCodec
-from schemas.models import ClaimBucket, ClaimCreated, ClaimReleased, Event, OwnerType
+from topology_store.producer.outbox import create_outbox, write_events
+from topology_store.producer.publisher import EncodedRecord, EventPublisher
+from topology_store.producer.relay import OutboxRelay
+from topology_store.producer.relay_metrics import RelayMetrics
+from topology_store.schemas.codec import EventCodec
+from topology_store.schemas.models import ClaimBucket, ClaimCreated, ClaimReleased, Event, OwnerType
 from tests.conftest import AUTH, _as_url, settings_env
 from tests.integration.processes import read_api, scalar, start, stop, wait_until
 from tests.servers import Servers
-from topology.devstack import EmbeddedKafka, free_port
-from topology.settings import Settings
-from topology.topics import ensure_topics
+from topology_store.cli.devstack import EmbeddedKafka, free_port
+from topology_store.runtime.settings import Settings
+from topology_store.runtime.topics import ensure_topics
 
 pytestmark = pytest.mark.integration
 
@@ -329,7 +329,7 @@ def test_the_read_api_shows_exactly_the_monoliths_committed_claims(
     settings = isolated(topics, relay_poll_interval_s=0.2, relay_batch_size=50)
     url = monolith_database
     for _ in range(2):  # the schema command is idempotent: deploys may run it every time
-        done = subprocess.run([sys.executable, "-m", "topology", "relay", "--init-schema", "--source", url],
+        done = subprocess.run([sys.executable, "-m", "topology_store.cli", "relay", "--init-schema", "--source", url],
                               env=settings_env(settings), capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr[-2000:]
     with psycopg.connect(url) as conn:
@@ -646,7 +646,7 @@ def test_writers_taking_the_same_keys_in_opposite_orders_do_not_deadlock(outbox_
 
 
 def test_the_writer_refuses_invalid_events_and_transactionless_use(outbox_url: str) -> None:
-    from schemas.models import EventInputError
+    from topology_store.schemas.models import EventInputError
 
     with psycopg.connect(outbox_url) as conn:
         with pytest.raises(EventInputError, match="bucket"):
@@ -657,7 +657,7 @@ def test_the_writer_refuses_invalid_events_and_transactionless_use(outbox_url: s
             write_events(conn, [claim("fine"), unchecked])  # nothing of the call is written
         conn.rollback()
     with psycopg.connect(outbox_url, autocommit=True) as conn:
-        from producer.outbox import OutboxUsageError
+        from topology_store.producer.outbox import OutboxUsageError
 
         with pytest.raises(OutboxUsageError):
             write_events(conn, [claim("alone")])

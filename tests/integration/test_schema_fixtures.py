@@ -11,12 +11,12 @@ import psycopg
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from schemas.codec import EventCodec
-from schemas.compatibility import load_versions
-from schemas.models import DECISION_EVENT_TYPES, parse_event
+from topology_store.schemas.codec import EventCodec
+from topology_store.schemas.compatibility import load_versions
+from topology_store.schemas.models import DECISION_EVENT_TYPES, parse_event
 from tests.fixtures.make_event_fixtures import fixture_paths, sample_events
 from tests.integration.test_projector import Member, wait_for
-from topology.settings import Settings
+from topology_store.runtime.settings import Settings
 
 pytestmark = pytest.mark.integration
 

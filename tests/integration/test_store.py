@@ -11,8 +11,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from projector.domain import PositionedEvent
-from projector.store import (
+from topology_store.core.cells import PositionedEvent
+from topology_store.projector.store import (
     NOTIFY_CHANNEL,
     DeadLetter,
     FencedError,
@@ -20,8 +20,8 @@ from projector.store import (
     ProjectionStore,
     create_engine,
 )
-from schemas.models import CellRegistered, ClaimBucket, ClaimCreated, ClaimReleased, OwnerType
-from topology.settings import Settings
+from topology_store.schemas.models import CellRegistered, ClaimBucket, ClaimCreated, ClaimReleased, OwnerType
+from topology_store.runtime.settings import Settings
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from schemas.models import (
+from topology_store.schemas.models import (
     CellRegistered,
     CellState,
     CellStateChanged,

@@ -10,7 +10,7 @@ from typing import TypeAlias
 
 from hypothesis import strategies as st
 
-from projector.claims import (
+from topology_store.core.claims import (
     ClaimKey,
     ClaimStatus,
     HeldClaim,
@@ -19,7 +19,7 @@ from projector.claims import (
     Registry,
     evolve,
 )
-from schemas.models import (
+from topology_store.schemas.models import (
     MAX_SEQUENCE_RANGE,
     ClaimBucket,
     ClaimCreated,

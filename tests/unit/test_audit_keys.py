@@ -3,9 +3,9 @@ decisions touched. Pure; the integration test of `topology audit history` relies
 
 from __future__ import annotations
 
-from projector.audit import event_audit_keys
-from projector.claims import Registry, decide
-from schemas.models import CellRegistered, ClaimBucket, protect_value
+from topology_store.projector.audit import event_audit_keys
+from topology_store.core.claims import Registry, decide
+from topology_store.schemas.models import CellRegistered, ClaimBucket, protect_value
 from tests.unit.claims_support import (
     CLEAR_EMAIL,
     OWNER_A,

@@ -27,8 +27,8 @@ from bench.steady_latency import (
     stream_events,
     summarize,
 )
-from producer.publisher import Published
-from schemas.models import CellUpdated, ClaimCreated, Event
+from topology_store.producer.publisher import Published
+from topology_store.schemas.models import CellUpdated, ClaimCreated, Event
 
 
 class TestPercentile:

@@ -1,4 +1,4 @@
-"""The claim decider (projector.claims): decide, evolve, needs, routed_namespaces.
+"""The claim decider (topology_store.core.claims): decide, evolve, needs, routed_namespaces.
 
 Pure functions, no I/O. Example-based tests of every rule first, then properties
 over random interleavings of commands: invariants, atomicity, and replay of the
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from projector.claims import (
+from topology_store.core.claims import (
     DECIDER_SOURCE,
     MAX_SEQUENCE_END,
     ClaimStatus,
@@ -31,8 +31,8 @@ from projector.claims import (
     needs,
     routed_namespaces,
 )
-from schemas.codec import EventCodec
-from schemas.models import (
+from topology_store.schemas.codec import EventCodec
+from topology_store.schemas.models import (
     CellState,
     CellStateChanged,
     ClaimBucket,
@@ -1071,8 +1071,8 @@ _CLAIM_TEXT = st.text(alphabet=st.sampled_from("abcXYZ019_.-@é+ "), min_size=1,
 @settings(max_examples=300, deadline=None)
 @given(bucket=st.sampled_from(list(ClaimBucket)), value=_CLAIM_TEXT)
 def test_the_shortcut_keys_and_refs_equal_what_validation_gives(bucket: ClaimBucket, value: str) -> None:
-    from projector.claims import _refs, command_keys, stored_claims
-    from schemas.models import ClaimCreated
+    from topology_store.core.claims import _refs, command_keys, stored_claims
+    from topology_store.schemas.models import ClaimCreated
 
     try:
         validated = ClaimRef(bucket=bucket, value=value)

@@ -16,8 +16,8 @@ import pytest
 from fastavro.schema import fingerprint as fastavro_fingerprint
 from fastavro.schema import to_parsing_canonical_form
 
-from schemas.codec import HEADER_SIZE, MAGIC, DecodeError, EventCodec
-from schemas.models import (
+from topology_store.schemas.codec import HEADER_SIZE, MAGIC, DecodeError, EventCodec
+from topology_store.schemas.models import (
     EVENT_MODELS,
     PROTECTED_PREFIX,
     CellRegistered,
@@ -51,7 +51,7 @@ from schemas.models import (
     SequenceRangeRequested,
     parse_event,
 )
-from schemas.registry import (
+from topology_store.schemas.registry import (
     EVENT_TYPES,
     HISTORY_DIR,
     EventSchema,

@@ -25,8 +25,8 @@ from pydantic import AwareDatetime, BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from schemas.models import EVENT_MODELS, ClaimBucket, ClaimRef, Conflict, Event
-from schemas.registry import EVENT_TYPES, HISTORY_DIR, SCHEMA_DIR, fingerprint_bytes, load_registry
+from topology_store.schemas.models import EVENT_MODELS, ClaimBucket, ClaimRef, Conflict, Event
+from topology_store.schemas.registry import EVENT_TYPES, HISTORY_DIR, SCHEMA_DIR, fingerprint_bytes, load_registry
 
 SCHEMA_FILES: list[Path] = sorted(SCHEMA_DIR.glob("*.avsc"))
 HISTORY_FILES: list[Path] = sorted(HISTORY_DIR.glob("*.avsc"))

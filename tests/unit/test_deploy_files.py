@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from tests.deploy_files import DEPLOY, IMAGE, ROOT, compose, environment, topology_services
-from topology.cli import build_parser
-from topology.settings import Settings
+from topology_store.cli.main import build_parser
+from topology_store.runtime.settings import Settings
 
 VARIABLES = {"TOPOLOGY_CLAIM_HMAC_SECRET": "a-long-random-secret-for-the-test", "POSTGRES_PASSWORD": "pw"}
 
@@ -74,9 +74,9 @@ def test_every_command_is_a_topology_subcommand_with_valid_settings() -> None:
 def test_the_image_installs_the_project_and_runs_topology() -> None:
     instructions = dockerfile()
     assert [arguments for op, arguments in instructions if op == "ENTRYPOINT"] == ['["topology"]']
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"]
+    folders = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["package-dir"]
     copied = {arguments.split()[0] for op, arguments in instructions if op == "COPY" and "--from" not in arguments}
-    assert {package.split(".")[0] for package in packages} <= copied
+    assert set(folders.values()) <= copied
     for source in copied:
         assert (ROOT / source).exists(), source
     env_line = next(arguments for op, arguments in instructions if op == "ENV")

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from projector.claims import (
+from topology_store.core.claims import (
     CLAIM_COMMANDS,
     ClaimKey,
     ClaimStatus,
@@ -26,7 +26,7 @@ from projector.claims import (
     decide,
     needs,
 )
-from projector.domain import (
+from topology_store.core.cells import (
     ALLOWED_TRANSITIONS,
     BatchResult,
     Cell,
@@ -36,7 +36,7 @@ from projector.domain import (
     apply_cell_event,
     project_batch,
 )
-from schemas.models import (
+from topology_store.schemas.models import (
     CellRegistered,
     CellState,
     CellStateChanged,

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from schemas.models import (
+from topology_store.schemas.models import (
     EVENT_MODELS,
     MAX_CLAIMS_PER_REQUEST,
     MAX_LEASE_TTL_MS,

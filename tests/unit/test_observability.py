@@ -15,11 +15,11 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanContext, TraceFlags
 
-from projector.observe import bounded_event_type
-from topology.cli import _configured_secrets, build_parser
-from topology.logs import REDACTED, REDACTED_EMAIL, choose_format, configure_logging, redact, register_secrets
-from topology.settings import Settings
-from topology.tracing import (
+from topology_store.projector.observe import bounded_event_type
+from topology_store.cli.main import _configured_secrets, build_parser
+from topology_store.runtime.logs import REDACTED, REDACTED_EMAIL, choose_format, configure_logging, redact, register_secrets
+from topology_store.runtime.settings import Settings
+from topology_store.runtime.tracing import (
     MAX_LINKS,
     TRACEPARENT,
     apply_span_arguments,
@@ -81,7 +81,7 @@ def test_json_lines_carry_extra_fields_and_trace_ids_and_redact_everything(captu
     secret = f"configured-{uuid.uuid4().hex}"
     register_secrets([secret])
     provider = TracerProvider()
-    log = logging.getLogger("projector.consumer")
+    log = logging.getLogger("topology_store.projector.consumer")
     with provider.get_tracer("test").start_as_current_span("apply") as span:
         log.error("dead letter %s: %s", "t[0]@5", "key b'EMAIL:eve@example.net'",
                   extra={"topic": "t", "partition": 0, "offset": 5, "event_id": uuid.UUID(int=1),
@@ -91,7 +91,7 @@ def test_json_lines_carry_extra_fields_and_trace_ids_and_redact_everything(captu
     except ValueError:
         log.exception("failed")
     first, second = lines(captured)
-    assert first["level"] == "error" and first["logger"] == "projector.consumer"
+    assert first["level"] == "error" and first["logger"] == "topology_store.projector.consumer"
     assert first["message"] == f"dead letter t[0]@5: key b'EMAIL:{REDACTED_EMAIL}'"
     assert (first["topic"], first["partition"], first["offset"]) == ("t", 0, 5)
     assert first["event_id"] == str(uuid.UUID(int=1))
@@ -174,7 +174,7 @@ def test_tracing_is_off_unless_an_exporter_is_named() -> None:
     # The console exporter (SDK installed): a child process, since a tracer provider is process-global.
     code = (
         "from opentelemetry import trace\n"
-        "from topology.tracing import configure_tracing, tracer\n"
+        "from topology_store.runtime.tracing import configure_tracing, tracer\n"
         "assert configure_tracing('topology-test', {'OTEL_TRACES_EXPORTER': 'console'})\n"
         "tracer().start_span('probe span').end()\n"
         "trace.get_tracer_provider().shutdown()\n"

@@ -13,10 +13,10 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from producer.relay_metrics import RelayMetrics
-from projector.metrics import PartitionProgress, ProjectorMetrics
-from query_api.metrics import ApiMetrics
-from router.client import RouterMetrics
+from topology_store.producer.relay_metrics import RelayMetrics
+from topology_store.projector.metrics import PartitionProgress, ProjectorMetrics
+from topology_store.query_api.metrics import ApiMetrics
+from topology_store.router.client import RouterMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "ops" / "prometheus" / "alerts.yml"

@@ -13,7 +13,7 @@ from aiokafka.structs import ConsumerRecord
 from psycopg import errors
 from sqlalchemy.exc import DataError, OperationalError, TimeoutError as PoolTimeout
 
-from projector.poison import archive_log_time, backoff, describe, is_transient, record_log_time
+from topology_store.projector.poison import archive_log_time, backoff, describe, is_transient, record_log_time
 
 
 def wrapped(error: psycopg.Error, kind: type = OperationalError) -> Exception:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
-from query_api.auth import Authorizer, TokenConfigError, parse_tokens
-from query_api.protocol import (
+from topology_store.query_api.auth import Authorizer, TokenConfigError, parse_tokens
+from topology_store.schemas.router_sync import (
     JSON,
     MSGPACK,
     apply_delta,
@@ -19,7 +19,7 @@ from query_api.protocol import (
     namespace_digest,
     parse_wait,
 )
-from query_api.snapshot import NamespaceTable
+from topology_store.query_api.snapshot import NamespaceTable
 
 
 @pytest.mark.parametrize(("value", "seconds"), [("30s", 30), ("500ms", 0.5), ("2m", 120), ("15", 15), (" 1.5s ", 1.5)])

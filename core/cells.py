@@ -7,7 +7,7 @@ Cells (adr/0004): a cell's fate depends only on earlier cell events, which live
 in the single partition of the cells topic, so any replay of that log reaches the
 same cells whatever the batch boundaries.
 
-Claims (adr/0010): requests are decided by :mod:`projector.claims` against the live
+Claims (adr/0010): requests are decided by :mod:`topology_store.core.claims` against the live
 registry, once; the decisions are recorded as events (outbox -> claim-decisions
 topic), and replays follow the recorded decisions instead of deciding again.
 """
@@ -21,8 +21,8 @@ from enum import StrEnum
 from typing import TypeAlias
 from uuid import UUID
 
-from projector.claims import CLAIM_COMMANDS, Registry, decide, routed_namespaces
-from schemas.models import CellRegistered, CellState, CellStateChanged, CellUpdated, Event
+from topology_store.core.claims import CLAIM_COMMANDS, Registry, decide, routed_namespaces
+from topology_store.schemas.models import CellRegistered, CellState, CellStateChanged, CellUpdated, Event
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +168,7 @@ def project_batch(
 ) -> BatchResult:
     """Fold a batch of events, in log order, over the rows it touches.
 
-    ``cells`` holds every cell; ``registry`` holds what :func:`projector.claims.needs`
+    ``cells`` holds every cell; ``registry`` holds what :func:`topology_store.core.claims.needs`
     named for the batch's claim commands; ``seen_event_ids`` the ids among the batch
     already processed in earlier batches. Inputs are not modified.
     """

@@ -9,18 +9,18 @@ import sys
 
 from pydantic import ValidationError
 
-from topology.settings import Settings
+from topology_store.runtime.settings import Settings
 
 
 def _settings() -> Settings:
-    from topology.cli import _settings as read
+    from topology_store.cli.main import _settings as read
 
     return read()
 
 
 def _cmd_history(args: argparse.Namespace) -> int:
-    from projector.audit import audit_key, key_history
-    from projector.store import create_engine
+    from topology_store.projector.audit import audit_key, key_history
+    from topology_store.projector.store import create_engine
 
     settings = _settings()
     try:
@@ -56,7 +56,7 @@ def _cmd_history(args: argparse.Namespace) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from projector.replay import Cut, ReplayError, replay
+    from topology_store.projector.replay import Cut, ReplayError, replay
 
     try:
         projection = replay(_settings(), args.into, Cut.parse(args.until), source=args.source, replace=args.replace)
@@ -68,7 +68,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from projector.replay import verify
+    from topology_store.projector.replay import verify
 
     result = verify(_settings())
     print(json.dumps({"equal": result.equal, "live_digest": result.live_digest, "replay_digest": result.replay_digest}))
@@ -82,8 +82,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_rebuild(args: argparse.Namespace) -> int:
-    from projector.rebuild import RebuildError, drop_retired, rebuild, result_json
-    from projector.replay import ReplayError
+    from topology_store.projector.rebuild import RebuildError, drop_retired, rebuild, result_json
+    from topology_store.projector.replay import ReplayError
 
     settings = _settings()
     try:
@@ -102,7 +102,7 @@ def _cmd_rebuild(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from projector.replay import ReplayError, export_rows
+    from topology_store.projector.replay import ReplayError, export_rows
 
     try:
         count = export_rows(_settings(), args.schema, args.table, args.format, sys.stdout)

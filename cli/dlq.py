@@ -12,19 +12,19 @@ import json
 import sys
 from dataclasses import asdict
 
-from topology.settings import Settings
+from topology_store.runtime.settings import Settings
 
 STATUSES = ("open", "resolved", "discarded")
 
 
 def _settings() -> Settings:
-    from topology.cli import _settings as read
+    from topology_store.cli.main import _settings as read
 
     return read()
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from projector.dead_letters import list_dead_letters
+    from topology_store.projector.dead_letters import list_dead_letters
 
     for line in list_dead_letters(_settings(), args.status, args.limit, args.topic):
         print(json.dumps(line))
@@ -32,7 +32,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from projector.dead_letters import DeadLetterError, show
+    from topology_store.projector.dead_letters import DeadLetterError, show
 
     try:
         document = show(_settings(), args.id, pii=args.pii)
@@ -44,7 +44,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from projector.dead_letters import DeadLetterError, open_ids, operator, redrive
+    from topology_store.projector.dead_letters import DeadLetterError, open_ids, operator, redrive
 
     settings = _settings()
     if bool(args.ids) == bool(args.all):
@@ -65,7 +65,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _cmd_discard(args: argparse.Namespace) -> int:
-    from projector.dead_letters import DeadLetterError, discard, operator
+    from topology_store.projector.dead_letters import DeadLetterError, discard, operator
 
     try:
         discard(_settings(), args.id, args.reason, args.by or operator())

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from schemas.models import CELL_EVENT_TYPES, DECISION_EVENT_TYPES, REQUEST_EVENT_TYPES
+from topology_store.schemas.models import CELL_EVENT_TYPES, DECISION_EVENT_TYPES, REQUEST_EVENT_TYPES
 
 
 class Settings(BaseSettings):
@@ -111,7 +111,7 @@ class Settings(BaseSettings):
     relay_delete_published: bool = Field(default=False, description="Delete rows once published instead of marking")
     relay_metrics_port: int = Field(default=9465, ge=0, description="0 disables the relay's /metrics")
 
-    # Observability (adr/0011; tracing exporters use the standard OTEL_* variables, topology/tracing.py)
+    # Observability (adr/0011; tracing exporters use the standard OTEL_* variables, runtime/tracing.py)
     log_format: Literal["auto", "json", "text"] = Field(
         default="auto", description="auto: JSON for project/serve/relay/router, text for interactive commands"
     )

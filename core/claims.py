@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import TypeAlias
 
-from schemas.models import (
+from topology_store.schemas.models import (
     ClaimBucket,
     ClaimCreated,
     ClaimRef,

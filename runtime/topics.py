@@ -7,7 +7,7 @@ import logging
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from topology.settings import Settings
+from topology_store.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import httpx
 
-from producer.publisher import EventPublisher, PublishFailed
-from projector.migrate import ensure_database, upgrade_to_head
-from schemas.models import ClaimBucket, ClaimCreated
-from topology.demo import demo_events
-from topology.devstack import EmbeddedKafka, EmbeddedPostgres, free_port
-from topology.settings import Settings
-from topology.topics import ensure_topics
+from topology_store.producer.publisher import EventPublisher, PublishFailed
+from topology_store.projector.migrate import ensure_database, upgrade_to_head
+from topology_store.schemas.models import ClaimBucket, ClaimCreated
+from topology_store.cli.demo import demo_events
+from topology_store.cli.devstack import EmbeddedKafka, EmbeddedPostgres, free_port
+from topology_store.runtime.settings import Settings
+from topology_store.runtime.topics import ensure_topics
 
 
 def _say(message: str) -> None:
@@ -148,7 +148,7 @@ def up(data_dir: Path, api_port: int, demo: bool) -> int:
         asyncio.run(ensure_topics(settings))
         # The relay publishes the projector's claim decisions (its outbox) to the decision log.
         for command in (["project"], ["serve"], ["relay", "--source", settings.libpq_url]):
-            children.append(subprocess.Popen([sys.executable, "-m", "topology", *command], env=env))
+            children.append(subprocess.Popen([sys.executable, "-m", "topology_store.cli", *command], env=env))
         url = f"http://{settings.api_host}:{api_port}"
         _wait_ready(url, children)
         if demo:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
-from schemas.models import (
+from topology_store.schemas.models import (
     CellRegistered,
     CellState,
     CellStateChanged,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from topology.settings import Settings
+from topology_store.runtime.settings import Settings
 
 
 def _settings() -> Settings:
@@ -22,7 +22,7 @@ def _settings() -> Settings:
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
-    from projector.migrate import ensure_database, upgrade_to_head
+    from topology_store.projector.migrate import ensure_database, upgrade_to_head
 
     settings = _settings()
     if args.create_database and ensure_database(settings.libpq_url):
@@ -33,7 +33,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_emit(args: argparse.Namespace) -> int:
-    from producer.emit import emit
+    from topology_store.producer.emit import emit
 
     if args.event is not None and args.file is not None:
         raise SystemExit("topology emit: give one event or --file, not both")
@@ -58,7 +58,7 @@ def _cmd_emit(args: argparse.Namespace) -> int:
 
 
 def _cmd_topics(args: argparse.Namespace) -> int:
-    from topology.topics import ensure_topics
+    from topology_store.runtime.topics import ensure_topics
 
     settings = _settings()
     asyncio.run(ensure_topics(settings))
@@ -72,7 +72,7 @@ def _cmd_project(args: argparse.Namespace) -> int:
     # Until run_projector installs the event loop's handler: a SIGTERM during the
     # imports and start-up is a clean stop too (nothing is in flight yet), exit 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    from projector.main import run_projector
+    from topology_store.projector.main import run_projector
 
     asyncio.run(run_projector(_settings()))
     return 0
@@ -81,8 +81,8 @@ def _cmd_project(args: argparse.Namespace) -> int:
 def _cmd_relay(args: argparse.Namespace) -> int:
     import psycopg
 
-    from producer.outbox import create_outbox
-    from producer.relay import OutboxMissing, libpq_url, run_relay
+    from topology_store.producer.outbox import create_outbox
+    from topology_store.producer.relay import OutboxMissing, libpq_url, run_relay
 
     settings = _settings()
     source = args.source or settings.relay_source_url
@@ -104,14 +104,14 @@ def _cmd_relay(args: argparse.Namespace) -> int:
 
 
 def _cmd_claim(args: argparse.Namespace) -> int:
-    from producer.requests import run_request
+    from topology_store.producer.requests import run_request
 
     return asyncio.run(run_request(_settings(), args))
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from query_api.auth import TokenConfigError
-    from query_api.server import serve
+    from topology_store.query_api.auth import TokenConfigError
+    from topology_store.query_api.server import serve
 
     try:
         serve(_settings())
@@ -121,7 +121,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_router(args: argparse.Namespace) -> int:
-    from router.sidecar import run_router, token_from
+    from topology_store.router.sidecar import run_router, token_from
 
     settings = _settings()
     urls = [u.strip() for u in (args.api or settings.router_api_urls).split(",") if u.strip()]
@@ -131,7 +131,7 @@ def _cmd_router(args: argparse.Namespace) -> int:
         raise SystemExit(f"topology router: cannot read {args.token_file}: {exc.strerror}") from None
     if not token:
         raise SystemExit("topology router: set TOPOLOGY_ROUTER_TOKEN or give --token-file")
-    from topology.logs import register_secrets
+    from topology_store.runtime.logs import register_secrets
 
     register_secrets([token])  # never in a log line, also when it came from --token-file
     state_file = Path(args.state_file or settings.router_state_file)
@@ -141,7 +141,7 @@ def _cmd_router(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from topology.up import up
+    from topology_store.cli.up import up
 
     return up(data_dir=args.data_dir, api_port=args.api_port or _settings().api_port, demo=args.demo)
 
@@ -177,13 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="create or update the outbox table and triggers (producer/outbox.sql), then exit")
     relay.set_defaults(run=_cmd_relay)
 
-    from producer.requests import add_claim_parser
-    from projector.audit_cli import add_audit_parsers
+    from topology_store.producer.requests import add_claim_parser
+    from topology_store.cli.audit import add_audit_parsers
 
     add_claim_parser(commands).set_defaults(run=_cmd_claim)
     add_audit_parsers(commands)
-    from projector.dlq_cli import add_dlq_parsers
-    from schemas.compatibility import add_schemas_parsers
+    from topology_store.cli.dlq import add_dlq_parsers
+    from topology_store.schemas.compatibility import add_schemas_parsers
 
     add_dlq_parsers(commands)  # topology dlq list | show | replay | discard
     add_schemas_parsers(commands)  # topology schemas check
@@ -208,9 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # JSON for services, text for people, redacted either way (topology/logs.py, adr/0011).
-    from topology.logs import choose_format, configure_logging, register_secrets
-    from topology.tracing import configure_tracing
+    # JSON for services, text for people, redacted either way (runtime/logs.py, adr/0011).
+    from topology_store.runtime.logs import choose_format, configure_logging, register_secrets
+    from topology_store.runtime.tracing import configure_tracing
 
     try:
         settings: Settings | None = Settings()
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _configured_secrets(settings: Settings) -> list[str]:
-    """Values no log line may show: bearer tokens, the HMAC key (topology/logs.py)."""
+    """Values no log line may show: bearer tokens, the HMAC key (runtime/logs.py)."""
     import json
 
     values = [settings.router_token, settings.claim_hmac_secret.get_secret_value()]

@@ -1,0 +1,3 @@
+from topology_store.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,9 @@
+"""The pure core (adr/0007): what an event does, as plain functions over plain data.
+
+No I/O, no framework, no clock: the shells (``projector``, ``service``) load rows, call
+these functions and write back what they return.
+
+- ``cells``   the cell life cycle: registration, updates, state transitions.
+- ``claims``  the claim decider: ``decide`` a request against the registry, ``evolve``
+              the registry by a decision (adr/0010).
+"""

@@ -1,0 +1,9 @@
+"""What every process shares at run time, below the adapters: nothing here knows Kafka's
+records or the projection's tables.
+
+- ``settings``     all configuration, one typed object read once from the environment.
+- ``logs``         JSON (or human) log lines with secrets and personal data redacted.
+- ``tracing``      W3C trace context through Kafka on OpenTelemetry's API (adr/0011).
+- ``topics``       creates the topics and refuses topics laid out wrongly.
+- ``http_server``  uvicorn with a clean exit status.
+"""

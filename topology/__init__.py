@@ -1,1 +1,0 @@
-"""The application shell: typed settings, the ``topology`` command and the embedded dev stack."""

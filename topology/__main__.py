@@ -1,3 +1,0 @@
-from topology.cli import main
-
-raise SystemExit(main())
