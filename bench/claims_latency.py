@@ -29,8 +29,8 @@ import httpx
 import psycopg
 from psycopg import sql
 
-from topology_store.projector.migrate import upgrade_to_head
 from topology_store.cli.devstack import EmbeddedKafka, free_port
+from topology_store.projector.migrate import upgrade_to_head
 from topology_store.runtime.settings import Settings
 from topology_store.runtime.topics import ensure_topics
 

@@ -57,17 +57,17 @@ import psycopg
 from aiokafka.structs import ConsumerRecord
 
 from bench.steady_latency import create_database, drop_database, format_ratio, machine, say
-from topology_store.producer.publisher import EVENT_TYPE_HEADER
-from topology_store.projector.audit import ArchivedRecord
-from topology_store.projector.consumer import archived, read_record
 from topology_store.core.cells import PositionedEvent
+from topology_store.projector.archive import ArchivedRecord
+from topology_store.projector.consumer import archived, read_record
 from topology_store.projector.main import tune_gc_for_batches
 from topology_store.projector.migrate import upgrade_to_head
-from topology_store.projector.store import DeadLetter, PartitionAdvance, ProjectionStore, create_engine
-from topology_store.schemas.router_sync import JSON
+from topology_store.projector.store import DeadLetter, PartitionAdvance, ProjectionStore
 from topology_store.query_api.snapshot import NAMESPACES_QUERY, SnapshotCache
-from topology_store.schemas.codec import EventCodec
+from topology_store.runtime.database import create_engine
 from topology_store.runtime.settings import Settings
+from topology_store.schemas.codec import EVENT_TYPE_HEADER, EventCodec
+from topology_store.schemas.router_sync import JSON
 
 PARTITIONS = 8
 CELLS = 100

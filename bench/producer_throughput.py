@@ -37,12 +37,12 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 
 from bench.steady_latency import format_ratio, machine, say
-from topology_store.producer.publisher import EVENT_TYPE_HEADER, EventPublisher, PublishFailed
-from topology_store.schemas.codec import EventCodec
-from topology_store.schemas.models import Event, parse_event
 from topology_store.cli.devstack import EmbeddedKafka
+from topology_store.producer.publisher import EventPublisher, PublishFailed
 from topology_store.runtime.settings import Settings
 from topology_store.runtime.topics import ensure_topics
+from topology_store.schemas.codec import EVENT_TYPE_HEADER, EventCodec
+from topology_store.schemas.models import Event, parse_event
 
 Record = tuple[str, bytes, bytes, list[tuple[str, bytes]]]  # topic, key, value, headers
 

@@ -36,14 +36,15 @@ import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from psycopg import sql
 
+from topology_store.cli.devstack import EmbeddedKafka
 from topology_store.projector.consumer import Projector
 from topology_store.projector.main import tune_gc_for_batches
 from topology_store.projector.migrate import upgrade_to_head
-from topology_store.projector.store import ProjectionStore, create_engine
-from topology_store.schemas.codec import EventCodec
-from topology_store.cli.devstack import EmbeddedKafka
+from topology_store.projector.store import ProjectionStore
+from topology_store.runtime.database import create_engine
 from topology_store.runtime.settings import Settings
 from topology_store.runtime.topics import ensure_topics
+from topology_store.schemas.codec import EventCodec
 
 PARTITIONS = 8
 

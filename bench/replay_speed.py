@@ -48,9 +48,9 @@ from pydantic import SecretStr
 
 from topology_store.projector.migrate import upgrade_to_head
 from topology_store.projector.rebuild import DEFAULT_SCHEMA, rebuild_async
+from topology_store.runtime.settings import Settings
 from topology_store.schemas.codec import EventCodec
 from topology_store.schemas.models import parse_event
-from topology_store.runtime.settings import Settings
 
 TABLES = ("cells", "claims", "leases", "sequence_ranges")
 CELLS = 100

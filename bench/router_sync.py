@@ -45,8 +45,8 @@ import httpx
 import psycopg
 from psycopg import sql
 
-from topology_store.projector.migrate import upgrade_to_head
 from topology_store.cli.devstack import EmbeddedKafka, free_port
+from topology_store.projector.migrate import upgrade_to_head
 from topology_store.runtime.settings import Settings
 
 TOKEN = "bench-token-0123456789abcdef"
@@ -156,7 +156,8 @@ class Committer:
     """Commits batches through the real projection store (in-process)."""
 
     def __init__(self, settings: Settings) -> None:
-        from topology_store.projector.store import ProjectionStore, create_engine
+        from topology_store.projector.store import ProjectionStore
+        from topology_store.runtime.database import create_engine
 
         self.loop = asyncio.new_event_loop()
         self.engine = create_engine(settings.sqlalchemy_url)

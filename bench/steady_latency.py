@@ -67,10 +67,13 @@ import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from psycopg import sql
 
-from bench.router_sync import child_env, cpu_seconds, machine_busy, postgres_pids, stop
+from bench.router_sync import child_env, cpu_seconds, machine_busy, postgres_pids
+from topology_store.cli.devstack import EmbeddedKafka, free_port
 from topology_store.producer.publisher import EventPublisher, PublishFailed
 from topology_store.projector.migrate import upgrade_to_head
-from topology_store.projector.store import NOTIFY_CHANNEL
+from topology_store.runtime.database import VERSION_CHANNEL
+from topology_store.runtime.settings import Settings
+from topology_store.runtime.topics import ensure_topics
 from topology_store.schemas.models import (
     CellRegistered,
     CellState,
@@ -81,9 +84,6 @@ from topology_store.schemas.models import (
     Event,
     OwnerType,
 )
-from topology_store.cli.devstack import EmbeddedKafka, free_port
-from topology_store.runtime.settings import Settings
-from topology_store.runtime.topics import ensure_topics
 
 PROBE_CHANNEL = "bench_notify_probe"
 CELLS = 4
@@ -246,13 +246,13 @@ def listen(libpq_url: str, out: str, ready: ProcessEvent, stop: ProcessEvent) ->
     versions: dict[int, float] = {}
     probes: dict[str, float] = {}
     with psycopg.connect(libpq_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
+        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(VERSION_CHANNEL)))
         conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(PROBE_CHANNEL)))
         ready.set()
         while not stop.is_set():
             for notify in conn.notifies(timeout=0.2):
                 at = time.time()
-                if notify.channel == NOTIFY_CHANNEL:
+                if notify.channel == VERSION_CHANNEL:
                     versions.setdefault(int(notify.payload), at)
                 else:
                     probes[notify.payload] = at

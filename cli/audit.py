@@ -19,8 +19,9 @@ def _settings() -> Settings:
 
 
 def _cmd_history(args: argparse.Namespace) -> int:
-    from topology_store.projector.audit import audit_key, key_history
-    from topology_store.projector.store import create_engine
+    from topology_store.core.audit import audit_key
+    from topology_store.query_api.audit_api import key_history
+    from topology_store.runtime.database import create_engine
 
     settings = _settings()
     try:

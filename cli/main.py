@@ -177,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="create or update the outbox table and triggers (producer/outbox.sql), then exit")
     relay.set_defaults(run=_cmd_relay)
 
-    from topology_store.producer.requests import add_claim_parser
     from topology_store.cli.audit import add_audit_parsers
+    from topology_store.producer.requests import add_claim_parser
 
     add_claim_parser(commands).set_defaults(run=_cmd_claim)
     add_audit_parsers(commands)

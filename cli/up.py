@@ -19,13 +19,13 @@ from pathlib import Path
 
 import httpx
 
-from topology_store.producer.publisher import EventPublisher, PublishFailed
-from topology_store.projector.migrate import ensure_database, upgrade_to_head
-from topology_store.schemas.models import ClaimBucket, ClaimCreated
 from topology_store.cli.demo import demo_events
 from topology_store.cli.devstack import EmbeddedKafka, EmbeddedPostgres, free_port
+from topology_store.producer.publisher import EventPublisher, PublishFailed
+from topology_store.projector.migrate import ensure_database, upgrade_to_head
 from topology_store.runtime.settings import Settings
 from topology_store.runtime.topics import ensure_topics
+from topology_store.schemas.models import ClaimBucket, ClaimCreated
 
 
 def _say(message: str) -> None:

@@ -15,8 +15,8 @@ from typing import TextIO
 from aiokafka.errors import KafkaError
 
 from topology_store.producer.publisher import EventPublisher, PublishFailed
-from topology_store.schemas.models import Event, EventInputError, parse_event
 from topology_store.runtime.settings import Settings
+from topology_store.schemas.models import Event, EventInputError, parse_event
 
 
 @dataclass(frozen=True)

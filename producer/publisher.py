@@ -20,15 +20,12 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from topology_store.schemas.codec import EventCodec
-from topology_store.schemas.models import Event
 from topology_store.runtime.settings import Settings
 from topology_store.runtime.tracing import inject_headers, trace_id_of, tracer
+from topology_store.schemas.codec import EVENT_TYPE_HEADER, EventCodec
+from topology_store.schemas.models import Event
 
 log = logging.getLogger(__name__)
-
-EVENT_TYPE_HEADER = "event_type"
-
 
 @dataclass(frozen=True, slots=True)
 class Published:

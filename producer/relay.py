@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import signal
 import time
 from collections import Counter
@@ -39,10 +38,12 @@ from prometheus_client import start_http_server
 from psycopg.rows import TupleRow
 
 from topology_store.producer.outbox import OUTBOX_CHANNEL
-from topology_store.producer.publisher import EVENT_TYPE_HEADER, EncodedRecord, EventPublisher
+from topology_store.producer.publisher import EncodedRecord, EventPublisher
 from topology_store.producer.relay_metrics import RelayMetrics
+from topology_store.runtime.retry import backoff, sleep_unless
 from topology_store.runtime.settings import Settings
 from topology_store.runtime.topics import ensure_topics
+from topology_store.schemas.codec import EVENT_TYPE_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -112,21 +113,11 @@ def libpq_url(url: str) -> str:
     return url.replace("postgresql+psycopg://", "postgresql://", 1)
 
 
-def _backoff(attempt: int, base: float = 0.2, cap: float = 5.0) -> float:
-    """Capped exponential backoff with jitter."""
-    return random.uniform(base / 2, min(cap, base * 2 ** min(attempt, 10)))
-
 
 def _one_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[-1] if lines else repr(exc)
 
-
-async def _sleep(stop: asyncio.Event, seconds: float) -> None:
-    try:
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
-    except TimeoutError:
-        pass
 
 
 class OutboxRelay:
@@ -164,7 +155,7 @@ class OutboxRelay:
                     attempt += 1
                     self.metrics.database_errors.inc()
                     log.error("outbox database unreachable (%s); retrying", _one_line(exc))
-                    await _sleep(stop, _backoff(attempt))
+                    await sleep_unless(stop, backoff(attempt))
                     continue
                 attempt = 0
                 try:
@@ -177,7 +168,7 @@ class OutboxRelay:
                     attempt += 1
                     self.metrics.database_errors.inc()
                     log.error("outbox database error (%s: %s); reconnecting", type(exc).__name__, _one_line(exc))
-                    await _sleep(stop, _backoff(attempt))
+                    await sleep_unless(stop, backoff(attempt))
                 finally:
                     self._stand_by()
         finally:
@@ -198,7 +189,7 @@ class OutboxRelay:
                 await publisher.stop()
                 attempt += 1
                 log.error("broker unreachable (%r); retrying", exc)
-                await _sleep(stop, _backoff(attempt))
+                await sleep_unless(stop, backoff(attempt))
         return None
 
     async def _connect(self) -> psycopg.AsyncConnection[TupleRow]:
@@ -230,7 +221,7 @@ class OutboxRelay:
             if not said:
                 log.info("another relay holds the outbox lock; standing by")
                 said = True
-            await _sleep(stop, self.poll_interval_s)
+            await sleep_unless(stop, self.poll_interval_s)
         return False
 
     def _stand_by(self) -> None:
@@ -254,7 +245,7 @@ class OutboxRelay:
             await self._refresh_gauges(conn)
             if failed:
                 failures += 1
-                await _sleep(stop, _backoff(failures))
+                await sleep_unless(stop, backoff(failures))
             else:
                 failures = 0
                 if len(rows) < self.batch_size:

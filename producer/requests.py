@@ -15,12 +15,12 @@ import sys
 import uuid
 from typing import TextIO
 
+from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from aiokafka.errors import KafkaError
-
 from topology_store.producer.publisher import EventPublisher, PublishFailed
+from topology_store.runtime.settings import Settings
 from topology_store.schemas.models import (
     ClaimsDestroyRequested,
     ClaimsRequested,
@@ -30,7 +30,6 @@ from topology_store.schemas.models import (
     OwnerTransferRequested,
     SequenceRangeRequested,
 )
-from topology_store.runtime.settings import Settings
 
 
 class RequestInputError(ValueError):

@@ -19,26 +19,24 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
-from topology_store.projector.audit import ArchivedRecord
 from topology_store.core.cells import PositionedEvent
+from topology_store.projector.archive import ArchivedRecord
 from topology_store.projector.health import Health
+from topology_store.projector.metrics import PartitionProgress, ProjectorMetrics
+from topology_store.projector.observe import apply_span, batch_committed, batch_failed, bounded_event_type
 from topology_store.projector.poison import (
     CommitOutcome,
     Position,
     archive_log_time,
-    backoff,
     is_transient,
     on_failure,
     record_log_time,
-    sleep_unless,
 )
-from topology_store.projector.metrics import PartitionProgress, ProjectorMetrics
-from topology_store.projector.observe import apply_span, batch_committed, batch_failed, bounded_event_type
 from topology_store.projector.store import DeadLetter, FencedError, PartitionAdvance, ProjectionStore
-from topology_store.producer.publisher import EVENT_TYPE_HEADER
-from topology_store.schemas.codec import DecodeError, EventCodec
-from topology_store.schemas.models import EventInputError, parse_event
+from topology_store.runtime.retry import backoff, sleep_unless
 from topology_store.runtime.settings import Settings
+from topology_store.schemas.codec import EVENT_TYPE_HEADER, DecodeError, EventCodec
+from topology_store.schemas.models import EventInputError, parse_event
 
 log = logging.getLogger(__name__)
 

@@ -39,9 +39,10 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from topology_store.core.cells import BatchResult, PositionedEvent
-from topology_store.projector.store import FencedError, PartitionAdvance, ProjectionStore, create_engine
-from topology_store.schemas.codec import EventCodec
+from topology_store.projector.store import FencedError, PartitionAdvance, ProjectionStore
+from topology_store.runtime.database import create_engine
 from topology_store.runtime.settings import Settings
+from topology_store.schemas.codec import EventCodec
 
 STATUSES = ("open", "resolved", "discarded")
 _CLAMPED = (datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC))
@@ -147,7 +148,7 @@ def _as_record(row: dict[str, Any]) -> ConsumerRecord:  # type: ignore[type-arg]
 def show(settings: Settings, letter_id: int, pii: bool = False) -> dict[str, Any]:
     """Everything about one dead letter, and whether the current code reads it now.
     E-mails (keys, values) are masked unless ``pii``; raw bytes only with ``pii``."""
-    from topology_store.projector.audit import mask_pii
+    from topology_store.core.audit import mask_pii
     from topology_store.projector.consumer import read_record
     from topology_store.schemas.models import protect_value
 

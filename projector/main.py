@@ -15,9 +15,11 @@ from topology_store.projector.consumer import Projector
 from topology_store.projector.health import Health, probe_forever, start_status_server
 from topology_store.projector.metrics import ProjectorMetrics
 from topology_store.projector.migrate import check_at_head
-from topology_store.projector.poison import backoff, is_transient, sleep_unless
-from topology_store.projector.store import ProjectionStore, create_engine
+from topology_store.projector.poison import is_transient
+from topology_store.projector.store import ProjectionStore
 from topology_store.projector.ticks import publish_ticks
+from topology_store.runtime.database import create_engine
+from topology_store.runtime.retry import backoff, sleep_unless
 from topology_store.runtime.settings import Settings
 from topology_store.runtime.topics import ensure_topics
 

@@ -18,9 +18,9 @@ from aiokafka.structs import ConsumerRecord
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from topology_store.schemas.models import CELL_EVENT_TYPES, CLAIM_EVENT_TYPES, DECISION_EVENT_TYPES, REQUEST_EVENT_TYPES
 from topology_store.runtime.settings import Settings
 from topology_store.runtime.tracing import apply_span_arguments, batch_contexts, tracer
+from topology_store.schemas.models import CELL_EVENT_TYPES, CLAIM_EVENT_TYPES, DECISION_EVENT_TYPES, REQUEST_EVENT_TYPES
 
 if TYPE_CHECKING:
     from topology_store.core.cells import PositionedEvent

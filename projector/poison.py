@@ -28,9 +28,7 @@ A poison record costs about two transactions per halving (log2 of the batch size
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import random
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
@@ -39,6 +37,8 @@ import psycopg
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+from topology_store.runtime.retry import backoff, sleep_unless
 
 if TYPE_CHECKING:
     from topology_store.projector.consumer import Projector
@@ -106,21 +106,6 @@ def describe(exc: BaseException) -> str:
         return f"cannot be applied: {type(db).__name__} (SQLSTATE {db.sqlstate}): {primary}"
     return f"cannot be applied: {type(exc).__name__}: {exc}"[:2000]
 
-
-def backoff(attempt: int, base: float = 0.2, cap: float = 10.0) -> float:
-    """Capped exponential backoff with full jitter."""
-    return random.uniform(0, min(cap, base * 2 ** min(attempt, 30)))
-
-
-async def sleep_unless(stop: asyncio.Event | None, seconds: float) -> None:
-    """Sleep, but wake at once when ``stop`` is set (a SIGTERM must not wait out a backoff)."""
-    if stop is None:
-        await asyncio.sleep(seconds)
-        return
-    try:
-        await asyncio.wait_for(stop.wait(), seconds)
-    except TimeoutError:
-        pass
 
 
 def _ordered(projector: Projector, batch: Batch) -> list[tuple[TopicPartition, ConsumerRecord]]:

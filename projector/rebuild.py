@@ -47,18 +47,18 @@ from psycopg import sql
 from sqlalchemy import pool
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from topology_store.projector.changelog import prune_routing_changes
-from topology_store.core.claims import ClaimKey, ClaimStatus, HeldClaim, Lease, LeaseStatus, Registry, evolve
 from topology_store.core.cells import Cell, Outcome, apply_cell_event
+from topology_store.core.claims import ClaimKey, ClaimStatus, HeldClaim, Lease, LeaseStatus, Registry, evolve
+from topology_store.projector.changelog import prune_routing_changes
 from topology_store.projector.migrate import alembic_config, upgrade_to_head
 from topology_store.projector.replay import (
     CELL_COLUMNS,
-    DecisionDecoder,
     CLAIM_COLUMNS,
     LEASE_COLUMNS,
     LIVE_SCHEMA,
     RANGE_COLUMNS,
     SCHEMA_NAME,
+    DecisionDecoder,
     cell_row,
     claim_row,
     decode_event,
@@ -66,7 +66,9 @@ from topology_store.projector.replay import (
     range_row,
     schema_url,
 )
-from topology_store.projector.store import NOTIFY_CHANNEL, write_routing_changes
+from topology_store.projector.store import write_routing_changes
+from topology_store.runtime.database import VERSION_CHANNEL
+from topology_store.runtime.settings import Settings
 from topology_store.schemas.codec import EventCodec
 from topology_store.schemas.models import (
     CellRegistered,
@@ -83,7 +85,6 @@ from topology_store.schemas.models import (
     OwnerType,
     ReleaseCause,
 )
-from topology_store.runtime.settings import Settings
 
 DEFAULT_SCHEMA = "topology_shadow"
 RETIRED_SCHEMA = "topology_retired"
@@ -878,7 +879,7 @@ async def _switch(settings: Settings, schema: str, retired: str, state: State, s
             for table in SWITCHED_TABLES:
                 await conn.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(
                     _ident(schema, table), sql.Identifier(LIVE_SCHEMA)))
-            await conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, str(version)))
+            await conn.execute("SELECT pg_notify(%s, %s)", (VERSION_CHANNEL, str(version)))
         locked = time.monotonic() - locked_at
         progress.note(f"switched at version {version} ({locked * 1000:,.0f} ms with the projector held): "
                       f"{len(upserts) + len(deleted)} cells and {len(namespaces)} namespace routes differed from the "

@@ -15,8 +15,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from topology_store.projector.bulk import execute_binary
 from topology_store.core.claims import ClaimStatus, HeldClaim, Lease, LeaseStatus, Needs, Registry
+from topology_store.projector.bulk import execute_binary
 from topology_store.schemas.models import OwnerType, ReleaseCause
 
 _CLAIM_COLUMNS = "bucket, value, cell_id, owner_type, owner_id, status, lease_id, claimed_at"

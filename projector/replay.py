@@ -33,15 +33,15 @@ from typing import Any, TextIO, get_args
 from uuid import UUID
 
 import psycopg
-from psycopg import sql
 from fastavro import schemaless_reader
+from psycopg import sql
 from pydantic import BaseModel
 
-from topology_store.core.claims import HeldClaim, Lease, Registry, evolve
 from topology_store.core.cells import Cell, Outcome, apply_cell_event
+from topology_store.core.claims import HeldClaim, Lease, Registry, evolve
 from topology_store.projector.migrate import upgrade_to_head
+from topology_store.runtime.settings import Settings
 from topology_store.schemas.codec import HEADER_SIZE, MAGIC, DecodeError, EventCodec
-from topology_store.schemas.registry import load_registry
 from topology_store.schemas.models import (
     DECISION_EVENT_TYPES,
     EVENT_MODELS,
@@ -56,7 +56,7 @@ from topology_store.schemas.models import (
     SequenceRangeGranted,
     parse_event,
 )
-from topology_store.runtime.settings import Settings
+from topology_store.schemas.registry import load_registry
 
 SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 LIVE_SCHEMA = "public"

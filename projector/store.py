@@ -23,20 +23,20 @@ from dataclasses import dataclass
 from uuid import UUID
 
 from sqlalchemy import select, text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from topology_store.projector.changelog import prune_routing_changes
-from topology_store.projector.bulk import copy_rows, execute_binary
-from topology_store.projector.audit import ArchivedRecord, audit_rows, headers_json, write_archive, write_audit_keys
-from topology_store.core.claims import CLAIM_COMMANDS, Registry, needs
+from topology_store.core.audit import audit_rows
 from topology_store.core.cells import BatchResult, Cell, Outcome, PositionedEvent, project_batch
+from topology_store.core.claims import CLAIM_COMMANDS, Registry, needs
+from topology_store.projector.archive import ArchivedRecord, headers_json, write_archive, write_audit_keys
+from topology_store.projector.bulk import copy_rows, execute_binary
+from topology_store.projector.changelog import prune_routing_changes
 from topology_store.projector.registry_store import load_registry, write_registry
 from topology_store.projector.tables import partition_offsets, topology_version
+from topology_store.runtime.database import DECISIONS_CHANNEL, VERSION_CHANNEL
 from topology_store.schemas.codec import EventCodec
 from topology_store.schemas.models import CellRegistered, CellState, CellStateChanged, CellUpdated, Event
 
-NOTIFY_CHANNEL = "topology_version"
-DECISIONS_CHANNEL = "topology_decisions"  # a batch decided claim requests; payload empty
 CLAIM_REGISTRY_LOCK = 0x746F706F636C6D  # pg advisory lock key held while deciding claims
 
 TopicPartitionKey = tuple[str, int]
@@ -78,15 +78,6 @@ class CommitResult:
     dead_letters: int
 
 
-# A PostgreSQL host that drops packets (rather than refusing) would otherwise hold a
-# connection attempt for the kernel's TCP timeout, minutes, and every request behind it.
-CONNECT_TIMEOUT_S = 10
-
-
-def create_engine(sqlalchemy_url: str, pool_size: int = 5, connect_timeout_s: int = CONNECT_TIMEOUT_S) -> AsyncEngine:
-    return create_async_engine(
-        sqlalchemy_url, pool_size=pool_size, pool_pre_ping=True, connect_args={"connect_timeout": connect_timeout_s}
-    )
 
 
 class ProjectionStore:
@@ -163,7 +154,7 @@ class ProjectionStore:
                 await write_routing_changes(conn, version, cells=result.cells, namespaces=result.namespaces)
                 await prune_routing_changes(conn, version)  # change-log coverage and retention (adr/0009)
                 await conn.execute(
-                    text("SELECT pg_notify(:channel, :payload)"), {"channel": NOTIFY_CHANNEL, "payload": str(version)}
+                    text("SELECT pg_notify(:channel, :payload)"), {"channel": VERSION_CHANNEL, "payload": str(version)}
                 )
             else:
                 version = int((await conn.execute(select(topology_version.c.version))).scalar_one())

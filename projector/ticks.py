@@ -16,8 +16,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from topology_store.producer.publisher import EventPublisher
-from topology_store.schemas.models import LeaseExpiryTick
 from topology_store.runtime.settings import Settings
+from topology_store.schemas.models import LeaseExpiryTick
 
 log = logging.getLogger(__name__)
 

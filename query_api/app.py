@@ -16,16 +16,23 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from topology_store.projector.store import create_engine
 from topology_store.query_api.audit_api import audit_router
 from topology_store.query_api.claims_api import CLAIMS_READ, ClaimsService, claims_router, denied, secured
 from topology_store.query_api.errors import RequestLimitsMiddleware, document_errors, error, install_error_handlers
 from topology_store.query_api.metrics import ApiMetrics
-from topology_store.query_api.models import CellsDocument, CellView, ClaimView, ErrorDocument, ReadyDocument, any_case_pattern
+from topology_store.query_api.models import (
+    CellsDocument,
+    CellView,
+    ClaimView,
+    ErrorDocument,
+    ReadyDocument,
+    any_case_pattern,
+)
 from topology_store.query_api.snapshot import Snapshot, SnapshotCache
 from topology_store.query_api.sync import RouterSync, install_router_sync
-from topology_store.schemas.models import CellId, ClaimBucket, stored_claim_value
+from topology_store.runtime.database import create_engine
 from topology_store.runtime.settings import Settings
+from topology_store.schemas.models import CellId, ClaimBucket, stored_claim_value
 
 log = logging.getLogger(__name__)
 

@@ -6,17 +6,23 @@ hold ``audit:pii`` — everyone else sees the keyed hash.
 
 from __future__ import annotations
 
+import json
 import re
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter, ValidationError
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from topology_store.projector.audit import audit_key, key_history
+from topology_store.core.audit import audit_key, mask_pii
 from topology_store.query_api.claims_api import ClaimsService, denied, secured
 from topology_store.query_api.errors import error
 from topology_store.query_api.models import AuditDocument, ErrorDocument, any_case_pattern
+from topology_store.schemas.codec import DecodeError, EventCodec
 from topology_store.schemas.models import CellId, ClaimBucket, OwnerType
 
 AUDIT_READ = "audit:read"
@@ -25,7 +31,7 @@ MAX_HISTORY = 1000
 AUDIT_KINDS = ("ROUTE", "CELL", "LEASE", "OWNER", *ClaimBucket)
 
 _CELL_ID = TypeAdapter(CellId)
-# The audit index's owner key (projector/audit.py): cell/TYPE/id.
+# The audit index's owner key (core/audit.py): cell/TYPE/id.
 _OWNER_KEY = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}/(" + "|".join(t.value for t in OwnerType) + r")/[0-9]{1,19}$")
 
 
@@ -89,3 +95,57 @@ def audit_router() -> APIRouter:
         return JSONResponse({"kind": kind, "key": key, "events": body, "truncated": truncated})
 
     return router
+
+
+# --- reading a key's history ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    topic: str
+    partition: int
+    offset: int
+    log_time: datetime | None
+    event_type: str
+    source: str
+    outcome: str
+    reason: str | None
+    payload: dict[str, object] | None  # decoded from the archived bytes
+    decisions: list[dict[str, object]]
+
+
+async def key_history(
+    conn: AsyncConnection, kind: str, key: str, secret: bytes, pii: bool = False, limit: int | None = None
+) -> list[HistoryEntry]:
+    """Every event that touched the key, in log order; the first ``limit`` only, if given
+    (the database stops there: a busy key's whole history is never loaded for a page)."""
+    rows = await conn.execute(
+        text(
+            'SELECT p.topic, p.partition, p."offset", a.log_time, a.value, p.event_type, p.source, p.outcome, '
+            "  p.reason, p.detail "
+            "FROM event_keys k JOIN processed_events p ON p.event_id = k.event_id "
+            'LEFT JOIN event_archive a ON a.topic = p.topic AND a.partition = p.partition AND a."offset" = p."offset" '
+            'WHERE k.kind = :kind AND k.key = :key ORDER BY a.log_time NULLS LAST, p.topic, p.partition, p."offset" '
+            "LIMIT :limit"
+        ),
+        {"kind": kind, "key": key, "limit": limit},
+    )
+    codec = EventCodec()
+    entries = []
+    for row in rows:
+        payload: dict[str, object] | None = None
+        if row.value is not None:
+            try:
+                payload = json.loads(
+                    json.dumps(codec.decode(bytes(row.value)).payload, default=str)
+                )
+            except DecodeError:
+                payload = None
+        decisions = row.detail or []
+        if not pii:
+            payload = mask_pii(payload, secret)  # type: ignore[assignment]
+        entries.append(
+            HistoryEntry(row.topic, row.partition, row.offset, row.log_time, row.event_type, row.source,
+                         row.outcome, row.reason, payload, decisions)
+        )
+    return entries

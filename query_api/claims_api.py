@@ -27,6 +27,7 @@ from topology_store.query_api.auth import Authorizer
 from topology_store.query_api.decisions import DecisionWaiter, RequestDecision, lookup
 from topology_store.query_api.errors import DATABASE_DOWN, RETRY_AFTER_S, error, validation_message
 from topology_store.query_api.models import ErrorDocument, any_case_pattern
+from topology_store.runtime.settings import Settings
 from topology_store.schemas.models import (
     MAX_CLAIMS_PER_REQUEST,
     MAX_LEASE_TTL_MS,
@@ -40,7 +41,6 @@ from topology_store.schemas.models import (
     OwnerType,
     stored_claim_value,
 )
-from topology_store.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ import psycopg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from topology_store.projector.store import DECISIONS_CHANNEL
+from topology_store.runtime.database import DECISIONS_CHANNEL
+from topology_store.runtime.retry import backoff
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,6 @@ class DecisionWaiter:
                 raise
             except Exception as exc:  # keep answering from polls until LISTEN is back
                 attempt += 1
-                delay = min(10.0, 0.2 * 2**attempt)
+                delay = backoff(attempt)
                 log.warning("decision listener failed (%s); retrying in %.1fs", exc.__class__.__name__, delay)
                 await asyncio.sleep(delay)

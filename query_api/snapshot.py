@@ -32,9 +32,10 @@ import psycopg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from topology_store.projector.store import NOTIFY_CHANNEL
 from topology_store.query_api.encodings import Compression, Observer, Representations
 from topology_store.query_api.models import CellView
+from topology_store.runtime.database import VERSION_CHANNEL
+from topology_store.runtime.retry import backoff
 from topology_store.schemas.router_sync import JSON, MSGPACK, digest_after, namespace_digest
 
 log = logging.getLogger(__name__)
@@ -414,7 +415,7 @@ class SnapshotCache:
             except Exception as exc:  # keep serving the old snapshot whatever failed
                 attempt += 1
                 self.last_refresh_error = f"{exc.__class__.__name__}: {exc}"
-                delay = min(10.0, 0.2 * 2**attempt)
+                delay = backoff(attempt)
                 log.warning("snapshot refresh failed (%s); retrying in %.1fs", self.last_refresh_error, delay)
                 await asyncio.sleep(delay)
             else:
@@ -422,7 +423,7 @@ class SnapshotCache:
 
     async def _listen_and_refresh(self) -> None:
         async with await psycopg.AsyncConnection.connect(self._libpq_url, autocommit=True) as conn:
-            await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            await conn.execute(f"LISTEN {VERSION_CHANNEL}")
             # Refresh after LISTEN is in place, so no commit can fall between the two.
             await self.refresh()
             self.last_refresh_error = None

@@ -39,6 +39,15 @@ from topology_store.query_api.models import (
     SnapshotDocument,
     any_case_pattern,
 )
+from topology_store.query_api.snapshot import (
+    Delta,
+    Snapshot,
+    SnapshotCache,
+    read_changes,
+    read_floor,
+    read_only_connection,
+)
+from topology_store.runtime.settings import Settings
 from topology_store.schemas.router_sync import (
     AGE_HEADER,
     CLASSIFY_TYPES,
@@ -51,8 +60,6 @@ from topology_store.schemas.router_sync import (
     etag_versions,
     parse_wait,
 )
-from topology_store.query_api.snapshot import Delta, Snapshot, SnapshotCache, read_changes, read_floor, read_only_connection
-from topology_store.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ import orjson
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from topology_store.runtime.http_server import GracefulServer
 from topology_store.router.client import RouterClient
+from topology_store.runtime.http_server import GracefulServer
 from topology_store.runtime.settings import Settings
 
 log = logging.getLogger(__name__)

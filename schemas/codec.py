@@ -16,6 +16,9 @@ from fastavro import schemaless_reader, schemaless_writer
 
 from topology_store.schemas.registry import SchemaRegistry, load_registry
 
+# Every record carries its event type in this header, so a reader can route or dead-letter
+# it without decoding the body (adr/0001).
+EVENT_TYPE_HEADER = "event_type"
 MAGIC = b"\xc3\x01"
 HEADER_SIZE = len(MAGIC) + 8
 

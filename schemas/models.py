@@ -25,7 +25,6 @@ from pydantic import (
 )
 
 
-
 class CellState(StrEnum):
     PROVISIONING = "PROVISIONING"
     ACTIVE = "ACTIVE"

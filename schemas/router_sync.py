@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import re
 import zlib
-from functools import lru_cache
 from collections.abc import Iterable, Mapping
+from functools import lru_cache
 from typing import Any, Protocol
 
 JSON = "application/json"

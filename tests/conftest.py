@@ -11,12 +11,12 @@ from contextlib import ExitStack
 
 import psycopg
 import pytest
-from pydantic import SecretStr
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
+from pydantic import SecretStr
 
-from topology_store.projector.migrate import upgrade_to_head
 from tests.servers import Servers, start_servers
+from topology_store.projector.migrate import upgrade_to_head
 from topology_store.runtime.settings import Settings
 from topology_store.runtime.topics import ensure_topics
 

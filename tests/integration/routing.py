@@ -10,11 +10,12 @@ from typing import Any, TypeVar
 
 import httpx
 
-from topology_store.core.cells import PositionedEvent
-from topology_store.projector.store import PartitionAdvance, ProjectionStore, create_engine
-from topology_store.schemas.models import CellRegistered, ClaimBucket, ClaimCreated, ClaimReleased, Event, OwnerType
 from tests.conftest import AUTH
+from topology_store.core.cells import PositionedEvent
+from topology_store.projector.store import PartitionAdvance, ProjectionStore
+from topology_store.runtime.database import create_engine
 from topology_store.runtime.settings import Settings
+from topology_store.schemas.models import CellRegistered, ClaimBucket, ClaimCreated, ClaimReleased, Event, OwnerType
 
 T = TypeVar("T")
 

@@ -9,9 +9,13 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from topology_store.projector.audit import audit_key, key_history
+from tests.integration.processes import start, stop
+from tests.integration.test_projector import Member, publish, wait_for
+from topology_store.core.audit import audit_key
 from topology_store.projector.replay import LIVE_SCHEMA, Cut, compare, replay, table_rows, verify
-from topology_store.projector.store import create_engine
+from topology_store.query_api.audit_api import key_history
+from topology_store.runtime.database import create_engine
+from topology_store.runtime.settings import Settings
 from topology_store.schemas.models import (
     CellRegistered,
     ClaimBucket,
@@ -22,9 +26,6 @@ from topology_store.schemas.models import (
     LeaseCommitRequested,
     OwnerType,
 )
-from tests.integration.processes import start, stop
-from tests.integration.test_projector import Member, publish, wait_for
-from topology_store.runtime.settings import Settings
 
 pytestmark = pytest.mark.integration
 

@@ -14,11 +14,11 @@ import httpx
 import psycopg
 import pytest
 
-from topology_store.producer.publisher import EventPublisher
-from topology_store.schemas.models import CellRegistered
 from tests.conftest import AUTH, CLAIMS_AUTH
 from tests.integration.processes import read_api, start, stop, wait_until
+from topology_store.producer.publisher import EventPublisher
 from topology_store.runtime.settings import Settings
+from topology_store.schemas.models import CellRegistered
 
 pytestmark = pytest.mark.integration
 

@@ -11,8 +11,10 @@ import uuid
 import psycopg
 import pytest
 
-from topology_store.producer.publisher import EventPublisher, PublishFailed
+from tests.integration.test_projector import Member, wait_for
 from topology_store.core.claims import Registry, evolve
+from topology_store.producer.publisher import EventPublisher, PublishFailed
+from topology_store.runtime.settings import Settings
 from topology_store.schemas.codec import EventCodec
 from topology_store.schemas.models import (
     ClaimBucket,
@@ -30,8 +32,6 @@ from topology_store.schemas.models import (
     SequenceRangeRequested,
     parse_event,
 )
-from tests.integration.test_projector import Member, wait_for
-from topology_store.runtime.settings import Settings
 
 pytestmark = pytest.mark.integration
 

@@ -24,12 +24,12 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from topology_store.producer.publisher import EventPublisher, Published, PublishFailed
-from topology_store.schemas.models import ClaimBucket, ClaimCreated, OwnerType
 from tests.conftest import settings_env
-from topology_store.cli.main import main
 from topology_store.cli.devstack import EmbeddedKafka, free_port
+from topology_store.cli.main import main
+from topology_store.producer.publisher import EventPublisher, Published, PublishFailed
 from topology_store.runtime.settings import Settings
+from topology_store.schemas.models import ClaimBucket, ClaimCreated, OwnerType
 
 pytestmark = pytest.mark.integration
 

@@ -23,16 +23,17 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from topology_store.producer.publisher import EventPublisher, PublishFailed
-from topology_store.projector.consumer import Projector
-from topology_store.projector.replay import LIVE_SCHEMA, table_rows, verify
-from topology_store.projector.store import FencedError, ProjectionStore, create_engine
-from topology_store.schemas.models import Event
 from tests.integration.processes import scalar, start, stop, wait_until
 from tests.integration.test_projector import Member
 from tests.integration.workload import Workload, build_workload
+from topology_store.producer.publisher import EventPublisher, PublishFailed
+from topology_store.projector.consumer import Projector
+from topology_store.projector.replay import LIVE_SCHEMA, table_rows, verify
+from topology_store.projector.store import FencedError, ProjectionStore
+from topology_store.runtime.database import create_engine
 from topology_store.runtime.settings import Settings
 from topology_store.runtime.topics import ensure_topics
+from topology_store.schemas.models import Event
 
 pytestmark = pytest.mark.integration
 

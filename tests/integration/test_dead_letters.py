@@ -24,12 +24,17 @@ import fastavro
 import psycopg
 import pytest
 from aiokafka import AIOKafkaProducer
-from psycopg import sql
 from fastavro import schemaless_writer
+from psycopg import sql
 
+from tests.conftest import _as_url, _database_url
+from tests.integration.test_projector import Member, count, wait_for
+from tests.servers import Servers
+from topology_store.cli.main import main
 from topology_store.projector.dead_letters import redrive
 from topology_store.projector.migrate import upgrade_to_head
 from topology_store.projector.replay import verify
+from topology_store.runtime.settings import Settings
 from topology_store.schemas.codec import MAGIC, EventCodec
 from topology_store.schemas.models import (
     CellRegistered,
@@ -37,17 +42,12 @@ from topology_store.schemas.models import (
     CellStateChanged,
     ClaimBucket,
     ClaimCreated,
-    ClaimsRequested,
     ClaimRef,
+    ClaimsRequested,
     Event,
     OwnerType,
 )
 from topology_store.schemas.registry import EventSchema, SchemaRegistry, fingerprint_bytes, load_registry
-from tests.conftest import _as_url, _database_url
-from tests.integration.test_projector import Member, count, wait_for
-from tests.servers import Servers
-from topology_store.cli.main import main
-from topology_store.runtime.settings import Settings
 
 pytestmark = pytest.mark.integration
 

@@ -12,8 +12,8 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from topology_store.projector.store import create_engine
 from topology_store.query_api.decisions import LookupBatcher
+from topology_store.runtime.database import create_engine
 from topology_store.runtime.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -16,15 +16,15 @@ import httpx
 import psycopg
 import pytest
 
+from tests.conftest import AUTH, settings_env
+from tests.integration import scenario as scenarios
+from tests.integration.processes import read_api, scalar, start, stop, wait_until
 from topology_store.producer.publisher import EventPublisher, PublishFailed
 from topology_store.projector.consumer import Projector
-from topology_store.projector.store import ProjectionStore, create_engine
-from topology_store.schemas.models import Event
-from tests.conftest import settings_env
-from tests.integration import scenario as scenarios
-from tests.conftest import AUTH
-from tests.integration.processes import read_api, scalar, start, stop, wait_until
+from topology_store.projector.store import ProjectionStore
+from topology_store.runtime.database import create_engine
 from topology_store.runtime.settings import Settings
+from topology_store.schemas.models import Event
 
 pytestmark = pytest.mark.integration
 

@@ -20,12 +20,12 @@ import pytest
 from fastapi import FastAPI
 from psycopg import sql
 
-from topology_store.projector.migrate import upgrade_to_head
-from topology_store.query_api.app import create_app
 from tests.conftest import AUTH, CLAIMS_AUTH
 from tests.integration.processes import read_api, wait_until
 from tests.integration.test_outages import own_postgres, postgres_start, postgres_stop  # noqa: F401 - a fixture
 from tests.integration.test_read_api import CELL, claim, commit
+from topology_store.projector.migrate import upgrade_to_head
+from topology_store.query_api.app import create_app
 from topology_store.runtime.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -25,6 +25,7 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import CheckFunction, not_a_server_error
+from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     ignored_auth,
@@ -32,13 +33,12 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from schemathesis.generation import GenerationMode
 
-from topology_store.producer.publisher import EventPublisher
-from topology_store.schemas.models import CellRegistered
 from tests.conftest import CLAIMS_AUTH, TEST_API_TOKENS
 from tests.integration.processes import read_api, start, stop, wait_until
+from topology_store.producer.publisher import EventPublisher
 from topology_store.runtime.settings import Settings
+from topology_store.schemas.models import CellRegistered
 
 pytestmark = pytest.mark.integration
 

@@ -19,14 +19,15 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 import topology_store.runtime.tracing
+from tests.integration.processes import read_api, start, stop, wait_until
 from topology_store.producer.publisher import EventPublisher, PublishFailed
 from topology_store.projector.consumer import Projector
 from topology_store.projector.metrics import ProjectorMetrics
-from topology_store.projector.store import ProjectionStore, create_engine
+from topology_store.projector.store import ProjectionStore
+from topology_store.runtime.database import create_engine
+from topology_store.runtime.settings import Settings
 from topology_store.schemas.codec import EventCodec
 from topology_store.schemas.models import ClaimBucket, ClaimCreated, OwnerType
-from tests.integration.processes import read_api, start, stop, wait_until
-from topology_store.runtime.settings import Settings
 
 pytestmark = pytest.mark.integration
 

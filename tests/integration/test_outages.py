@@ -22,12 +22,12 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from topology_store.projector.migrate import upgrade_to_head
 from tests.conftest import AUTH
 from tests.integration.processes import read_api, scalar, start, stop, wait_until
 from tests.integration.test_crash_soak import FAST_GROUP, assert_exactly_once, caught_up, publish
 from tests.integration.workload import Workload, build_workload
 from topology_store.cli.devstack import EmbeddedKafka, free_port
+from topology_store.projector.migrate import upgrade_to_head
 from topology_store.runtime.settings import Settings
 from topology_store.runtime.topics import ensure_topics
 

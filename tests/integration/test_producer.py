@@ -10,11 +10,11 @@ import sys
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from topology_store.producer.publisher import EVENT_TYPE_HEADER, EventPublisher
-from topology_store.schemas.codec import EventCodec
-from topology_store.schemas.models import CellRegistered, ClaimBucket, ClaimCreated, OwnerType, parse_event
 from tests.conftest import settings_env
+from topology_store.producer.publisher import EventPublisher
 from topology_store.runtime.settings import Settings
+from topology_store.schemas.codec import EVENT_TYPE_HEADER, EventCodec
+from topology_store.schemas.models import CellRegistered, ClaimBucket, ClaimCreated, OwnerType, parse_event
 
 pytestmark = pytest.mark.integration
 

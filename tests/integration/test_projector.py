@@ -11,13 +11,14 @@ import psycopg
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from tests.integration.scenario import build
 from topology_store.producer.publisher import EventPublisher, PublishFailed
 from topology_store.projector.consumer import Projector
-from topology_store.projector.store import ProjectionStore, create_engine
+from topology_store.projector.store import ProjectionStore
+from topology_store.runtime.database import create_engine
+from topology_store.runtime.settings import Settings
 from topology_store.schemas.codec import EventCodec
 from topology_store.schemas.models import ClaimBucket, ClaimCreated, Event, OwnerType
-from tests.integration.scenario import build
-from topology_store.runtime.settings import Settings
 
 pytestmark = pytest.mark.integration
 

@@ -10,12 +10,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from topology_store.core.cells import PositionedEvent
-from topology_store.projector.store import PartitionAdvance, ProjectionStore, create_engine
-from topology_store.schemas.models import CellRegistered, ClaimBucket, ClaimCreated, Event, OwnerType, protect_value
 from tests.conftest import AUTH, CLAIMS_AUTH
 from tests.integration.processes import read_api, wait_until
+from topology_store.core.cells import PositionedEvent
+from topology_store.projector.store import PartitionAdvance, ProjectionStore
+from topology_store.runtime.database import create_engine
 from topology_store.runtime.settings import Settings
+from topology_store.schemas.models import CellRegistered, ClaimBucket, ClaimCreated, Event, OwnerType, protect_value
 
 pytestmark = pytest.mark.integration
 

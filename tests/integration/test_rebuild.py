@@ -21,16 +21,23 @@ import httpx
 import psycopg
 import pytest
 
-from topology_store.producer.publisher import EventPublisher, PublishFailed
-from topology_store.projector.audit import ArchivedRecord
-from topology_store.core.cells import PositionedEvent
 import topology_store.projector.rebuild as rebuild_module
+from tests.conftest import AUTH
+from tests.integration.processes import read_api, scalar, start, stop, wait_until
+from tests.integration.routing import claim, release
+from tests.integration.scenario import build
+from tests.integration.test_projector import Member
+from tests.integration.workload import build_workload
+from topology_store.core.cells import PositionedEvent
+from topology_store.producer.publisher import EventPublisher, PublishFailed
+from topology_store.projector.archive import ArchivedRecord
 from topology_store.projector.rebuild import RETIRED_SCHEMA, RebuildError, RebuildResult, rebuild
 from topology_store.projector.replay import LIVE_SCHEMA, Cut, DecisionDecoder, compare, decode_event, replay, verify
-from topology_store.projector.store import CommitResult, PartitionAdvance, ProjectionStore, create_engine
-from topology_store.schemas.router_sync import VERSION_HEADER
+from topology_store.projector.store import CommitResult, PartitionAdvance, ProjectionStore
 from topology_store.query_api.snapshot import SnapshotCache
 from topology_store.router.client import Inconsistent, RoutingTable
+from topology_store.runtime.database import create_engine
+from topology_store.runtime.settings import Settings
 from topology_store.schemas.codec import EventCodec
 from topology_store.schemas.models import (
     CellRegistered,
@@ -45,18 +52,12 @@ from topology_store.schemas.models import (
     LeaseReleased,
     OwnerTransferred,
     OwnerType,
-    ReleaseCause,
     RejectionReason,
+    ReleaseCause,
     RequestRejected,
     SequenceRangeGranted,
 )
-from tests.conftest import AUTH
-from tests.integration.processes import read_api, scalar, start, stop, wait_until
-from tests.integration.routing import claim, release
-from tests.integration.scenario import build
-from tests.integration.test_projector import Member
-from tests.integration.workload import build_workload
-from topology_store.runtime.settings import Settings
+from topology_store.schemas.router_sync import VERSION_HEADER
 
 pytestmark = pytest.mark.integration
 

@@ -29,18 +29,18 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from topology_store.producer.outbox import create_outbox, write_events
-from topology_store.producer.publisher import EncodedRecord, EventPublisher
-from topology_store.producer.relay import OutboxRelay
-from topology_store.producer.relay_metrics import RelayMetrics
-from topology_store.schemas.codec import EventCodec
-from topology_store.schemas.models import ClaimBucket, ClaimCreated, ClaimReleased, Event, OwnerType
 from tests.conftest import AUTH, _as_url, settings_env
 from tests.integration.processes import read_api, scalar, start, stop, wait_until
 from tests.servers import Servers
 from topology_store.cli.devstack import EmbeddedKafka, free_port
+from topology_store.producer.outbox import create_outbox, write_events
+from topology_store.producer.publisher import EncodedRecord, EventPublisher
+from topology_store.producer.relay import OutboxRelay
+from topology_store.producer.relay_metrics import RelayMetrics
 from topology_store.runtime.settings import Settings
 from topology_store.runtime.topics import ensure_topics
+from topology_store.schemas.codec import EventCodec
+from topology_store.schemas.models import ClaimBucket, ClaimCreated, ClaimReleased, Event, OwnerType
 
 pytestmark = pytest.mark.integration
 

@@ -13,12 +13,12 @@ import httpx
 import orjson
 import pytest
 
-from topology_store.projector.changelog import Retention, configure_retention
-from topology_store.router.client import RouterClient, load_last_known_good
 from tests.conftest import TEST_TOKEN
 from tests.integration.processes import read_api, start, stop, wait_until
 from tests.integration.routing import Projection, cell, claim, get, metric, release
 from topology_store.cli.devstack import free_port
+from topology_store.projector.changelog import Retention, configure_retention
+from topology_store.router.client import RouterClient, load_last_known_good
 from topology_store.runtime.settings import Settings
 
 pytestmark = pytest.mark.integration

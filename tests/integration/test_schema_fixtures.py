@@ -11,12 +11,12 @@ import psycopg
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from topology_store.schemas.codec import EventCodec
-from topology_store.schemas.compatibility import load_versions
-from topology_store.schemas.models import DECISION_EVENT_TYPES, parse_event
 from tests.fixtures.make_event_fixtures import fixture_paths, sample_events
 from tests.integration.test_projector import Member, wait_for
 from topology_store.runtime.settings import Settings
+from topology_store.schemas.codec import EventCodec
+from topology_store.schemas.compatibility import load_versions
+from topology_store.schemas.models import DECISION_EVENT_TYPES, parse_event
 
 pytestmark = pytest.mark.integration
 

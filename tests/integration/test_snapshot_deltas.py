@@ -20,15 +20,17 @@ import msgpack
 import psycopg
 import pytest
 import zstandard
-from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
-from topology_store.projector.changelog import Retention, configure_retention
-from topology_store.schemas.router_sync import apply_delta, decode_msgpack_snapshot, namespace_digest
-from topology_store.schemas.models import CellState, CellStateChanged, CellUpdated, Event
 from tests.conftest import AUTH, TEST_TOKEN, TEST_TOKEN_NO_SCOPE
 from tests.integration.processes import read_api, scalar, wait_until
 from tests.integration.routing import Projection, cell, claim, get, metric, release
+from topology_store.projector.changelog import Retention, configure_retention
 from topology_store.runtime.settings import Settings
+from topology_store.schemas.models import CellState, CellStateChanged, CellUpdated, Event
+from topology_store.schemas.router_sync import apply_delta, decode_msgpack_snapshot, namespace_digest
 
 pytestmark = pytest.mark.integration
 

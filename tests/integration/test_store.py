@@ -20,8 +20,8 @@ from topology_store.projector.store import (
     ProjectionStore,
     create_engine,
 )
-from topology_store.schemas.models import CellRegistered, ClaimBucket, ClaimCreated, ClaimReleased, OwnerType
 from topology_store.runtime.settings import Settings
+from topology_store.schemas.models import CellRegistered, ClaimBucket, ClaimCreated, ClaimReleased, OwnerType
 
 pytestmark = pytest.mark.integration
 

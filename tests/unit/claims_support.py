@@ -10,15 +10,7 @@ from typing import TypeAlias
 
 from hypothesis import strategies as st
 
-from topology_store.core.claims import (
-    ClaimKey,
-    ClaimStatus,
-    HeldClaim,
-    Lease,
-    LeaseStatus,
-    Registry,
-    evolve,
-)
+from topology_store.core.claims import ClaimKey, ClaimStatus, HeldClaim, Lease, LeaseStatus, Registry, evolve
 from topology_store.schemas.models import (
     MAX_SEQUENCE_RANGE,
     ClaimBucket,

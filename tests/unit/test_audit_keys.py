@@ -1,23 +1,12 @@
-"""The audit index (projector.audit.event_audit_keys): which keys an event and its
+"""The audit index (core.audit.event_audit_keys): which keys an event and its
 decisions touched. Pure; the integration test of `topology audit history` relies on it."""
 
 from __future__ import annotations
 
-from topology_store.projector.audit import event_audit_keys
+from tests.unit.claims_support import CLEAR_EMAIL, OWNER_A, SECRET, T0, begin, commit, create, ns, ref, transfer
+from topology_store.core.audit import event_audit_keys
 from topology_store.core.claims import Registry, decide
 from topology_store.schemas.models import CellRegistered, ClaimBucket, protect_value
-from tests.unit.claims_support import (
-    CLEAR_EMAIL,
-    OWNER_A,
-    SECRET,
-    T0,
-    begin,
-    commit,
-    create,
-    ns,
-    ref,
-    transfer,
-)
 
 
 def keys_of(command: object, registry: Registry | None = None) -> set[tuple[str, str]]:

@@ -15,6 +15,33 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.unit.claims_support import (
+    CLEAR_EMAIL,
+    OWNER_A,
+    OWNER_B,
+    PROTECTED_EMAIL,
+    SECRET,
+    T0,
+    Owner,
+    all_text,
+    begin,
+    command_logs,
+    commit,
+    create,
+    destroy,
+    invariant_violations,
+    is_expiry,
+    key,
+    ns,
+    ref,
+    release,
+    replay,
+    rollback,
+    sequence,
+    state,
+    tick,
+    transfer,
+)
 from topology_store.core.claims import (
     DECIDER_SOURCE,
     MAX_SEQUENCE_END,
@@ -53,33 +80,6 @@ from topology_store.schemas.models import (
     SequenceRangeGranted,
     parse_event,
     protect_value,
-)
-from tests.unit.claims_support import (
-    CLEAR_EMAIL,
-    OWNER_A,
-    OWNER_B,
-    PROTECTED_EMAIL,
-    SECRET,
-    T0,
-    Owner,
-    all_text,
-    begin,
-    command_logs,
-    commit,
-    create,
-    destroy,
-    invariant_violations,
-    is_expiry,
-    key,
-    ns,
-    ref,
-    release,
-    replay,
-    rollback,
-    sequence,
-    state,
-    tick,
-    transfer,
 )
 
 OWNER_C: Owner = ("cell-3", OwnerType.USER, 3)

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from topology_store.cli.main import main
 from topology_store.schemas.compatibility import _Names, check, resolution_problems
 from topology_store.schemas.registry import SCHEMA_DIR
-from topology_store.cli.main import main
 
 
 def test_the_repository_schemas_are_compatible_and_locked() -> None:

@@ -14,6 +14,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.unit import claims_support
+from tests.unit.claims_support import SECRET, T0
+from topology_store.core.cells import (
+    ALLOWED_TRANSITIONS,
+    BatchResult,
+    Cell,
+    Decision,
+    Outcome,
+    PositionedEvent,
+    apply_cell_event,
+    project_batch,
+)
 from topology_store.core.claims import (
     CLAIM_COMMANDS,
     ClaimKey,
@@ -25,16 +37,6 @@ from topology_store.core.claims import (
     Verdict,
     decide,
     needs,
-)
-from topology_store.core.cells import (
-    ALLOWED_TRANSITIONS,
-    BatchResult,
-    Cell,
-    Decision,
-    Outcome,
-    PositionedEvent,
-    apply_cell_event,
-    project_batch,
 )
 from topology_store.schemas.models import (
     CellRegistered,
@@ -52,8 +54,6 @@ from topology_store.schemas.models import (
     OwnerType,
     RequestRejected,
 )
-from tests.unit import claims_support
-from tests.unit.claims_support import SECRET, T0
 
 SEC = timedelta(seconds=1)
 

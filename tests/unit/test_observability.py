@@ -15,9 +15,16 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanContext, TraceFlags
 
-from topology_store.projector.observe import bounded_event_type
 from topology_store.cli.main import _configured_secrets, build_parser
-from topology_store.runtime.logs import REDACTED, REDACTED_EMAIL, choose_format, configure_logging, redact, register_secrets
+from topology_store.projector.observe import bounded_event_type
+from topology_store.runtime.logs import (
+    REDACTED,
+    REDACTED_EMAIL,
+    choose_format,
+    configure_logging,
+    redact,
+    register_secrets,
+)
 from topology_store.runtime.settings import Settings
 from topology_store.runtime.tracing import (
     MAX_LINKS,

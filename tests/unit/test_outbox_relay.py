@@ -7,14 +7,13 @@ import re
 
 import pytest
 
+from topology_store.cli.main import build_parser
 from topology_store.producer.outbox import OUTBOX_CHANNEL, outbox_ddl
-from topology_store.producer.publisher import EVENT_TYPE_HEADER
 from topology_store.producer.relay import OutboxRelay, OutboxRow, libpq_url
 from topology_store.producer.relay_metrics import RelayMetrics
-from topology_store.schemas.codec import EventCodec
-from topology_store.schemas.models import CellRegistered, ClaimBucket, ClaimCreated, OwnerType
-from topology_store.cli.main import build_parser
 from topology_store.runtime.settings import Settings
+from topology_store.schemas.codec import EVENT_TYPE_HEADER, EventCodec
+from topology_store.schemas.models import CellRegistered, ClaimBucket, ClaimCreated, OwnerType
 
 
 def row_for(event: CellRegistered | ClaimCreated, headers: dict[str, object] | None = None) -> OutboxRow:

@@ -11,9 +11,11 @@ import psycopg
 import pytest
 from aiokafka.structs import ConsumerRecord
 from psycopg import errors
-from sqlalchemy.exc import DataError, OperationalError, TimeoutError as PoolTimeout
+from sqlalchemy.exc import DataError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from topology_store.projector.poison import archive_log_time, backoff, describe, is_transient, record_log_time
+from topology_store.projector.poison import archive_log_time, describe, is_transient, record_log_time
+from topology_store.runtime.retry import backoff
 
 
 def wrapped(error: psycopg.Error, kind: type = OperationalError) -> Exception:

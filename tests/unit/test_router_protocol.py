@@ -4,9 +4,11 @@ entity tags, wait values, the namespace digest, and the versioned namespace tabl
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from topology_store.query_api.auth import Authorizer, TokenConfigError, parse_tokens
+from topology_store.query_api.snapshot import NamespaceTable
 from topology_store.schemas.router_sync import (
     JSON,
     MSGPACK,
@@ -19,7 +21,6 @@ from topology_store.schemas.router_sync import (
     namespace_digest,
     parse_wait,
 )
-from topology_store.query_api.snapshot import NamespaceTable
 
 
 @pytest.mark.parametrize(("value", "seconds"), [("30s", 30), ("500ms", 0.5), ("2m", 120), ("15", 15), (" 1.5s ", 1.5)])
