@@ -104,7 +104,7 @@ def _cmd_relay(args: argparse.Namespace) -> int:
 
 
 def _cmd_claim(args: argparse.Namespace) -> int:
-    from topology_store.producer.requests import run_request
+    from topology_store.cli.claim import run_request
 
     return asyncio.run(run_request(_settings(), args))
 
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     relay.set_defaults(run=_cmd_relay)
 
     from topology_store.cli.audit import add_audit_parsers
-    from topology_store.producer.requests import add_claim_parser
+    from topology_store.cli.claim import add_claim_parser
 
     add_claim_parser(commands).set_defaults(run=_cmd_claim)
     add_audit_parsers(commands)

@@ -17,7 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from topology_store.query_api.audit_api import audit_router
-from topology_store.query_api.claims_api import CLAIMS_READ, ClaimsService, claims_router, denied, secured
+from topology_store.query_api.claims_api import CLAIMS_READ, ClaimsDoor, claims_router, denied, secured
 from topology_store.query_api.errors import RequestLimitsMiddleware, document_errors, error, install_error_handlers
 from topology_store.query_api.metrics import ApiMetrics
 from topology_store.query_api.models import (
@@ -65,7 +65,7 @@ def create_app(settings: Settings, metrics: ApiMetrics | None = None) -> FastAPI
         engine = create_engine(settings.sqlalchemy_url)
         cache = sync.start(engine)
         app.state.api = ApiState(settings=settings, engine=engine, cache=cache, metrics=api_metrics)
-        app.state.claims = ClaimsService(settings, engine)
+        app.state.claims = ClaimsDoor(settings, engine)
         await app.state.claims.start()
         refresher = asyncio.create_task(cache.run(), name="snapshot-refresh")
         try:

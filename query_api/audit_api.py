@@ -19,7 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from topology_store.core.audit import audit_key, mask_pii
-from topology_store.query_api.claims_api import ClaimsService, denied, secured
+from topology_store.query_api.claims_api import ClaimsDoor, denied, secured
 from topology_store.query_api.errors import error
 from topology_store.query_api.models import AuditDocument, ErrorDocument, any_case_pattern
 from topology_store.schemas.codec import DecodeError, EventCodec
@@ -63,7 +63,7 @@ def audit_router() -> APIRouter:
         value: str = Query(..., max_length=1024),
         limit: int = Query(MAX_HISTORY, ge=1, le=MAX_HISTORY, description="At most this many events"),
     ) -> JSONResponse:
-        service: ClaimsService = request.app.state.claims
+        service: ClaimsDoor = request.app.state.claims
         if refused := denied(request, service.authorizer, AUDIT_READ):
             return refused
         header = request.headers.get("authorization")

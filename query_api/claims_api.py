@@ -1,4 +1,5 @@
-"""HTTP for clients that do not speak Kafka: claim requests with a synchronous answer.
+"""HTTP for clients that do not speak Kafka: claim requests with a synchronous answer, a
+door of the claims service (``service/claims.py``, adr/0015).
 
 Each call publishes a command to the claim-requests topic and waits for the
 projector's decision (read-your-writes): 201/200 when granted, 409 naming the
@@ -22,9 +23,9 @@ from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from topology_store.producer.publisher import EventPublisher, PublishFailed
+from topology_store.producer.publisher import EventPublisher
 from topology_store.query_api.auth import Authorizer
-from topology_store.query_api.decisions import DecisionWaiter, RequestDecision, lookup
+from topology_store.query_api.decisions import DecisionWaiter, lookup
 from topology_store.query_api.errors import DATABASE_DOWN, RETRY_AFTER_S, error, validation_message
 from topology_store.query_api.models import ErrorDocument, any_case_pattern
 from topology_store.runtime.settings import Settings
@@ -33,13 +34,19 @@ from topology_store.schemas.models import (
     MAX_LEASE_TTL_MS,
     CellId,
     ClaimBucket,
-    ClaimsDestroyRequested,
-    ClaimsRequested,
     Event,
-    LeaseCommitRequested,
-    LeaseRollbackRequested,
     OwnerType,
     stored_claim_value,
+)
+from topology_store.service import commands
+from topology_store.service.claims import (
+    ClaimsService,
+    Decided,
+    DecisionUnreadable,
+    NotPublished,
+    Pending,
+    RequestDecision,
+    Submission,
 )
 
 log = logging.getLogger(__name__)
@@ -143,15 +150,44 @@ def _answer(decision: RequestDecision, created: bool = False) -> JSONResponse:
     return JSONResponse(body, status_code=201 if created and decision.outcome == "applied" else 200)
 
 
-class ClaimsService:
-    """The writer side of the API: a Kafka publisher (started on first use, so
-    reads keep working while the broker is away) and the decision waiter."""
+def _respond(result: Submission, wait_s: float, created: bool = False) -> JSONResponse:
+    """The HTTP answer to what a submission came to."""
+    match result:
+        case Decided(decision=decision):
+            return _answer(decision, created)
+        case NotPublished(request_id=request_id, cause=cause):
+            log.warning("could not publish %s: %s", request_id, cause.__class__.__name__)
+            return error(503, "broker_unavailable", "the request could not be published; retry with the same request_id",
+                         headers={"Retry-After": str(RETRY_AFTER_S)}, request_id=str(request_id))
+        case DecisionUnreadable(request_id=request_id, cause=cause):
+            # Published, so it will be decided: the client retries with the same request id.
+            log.warning("database unavailable waiting for %s: %s", request_id, cause.__class__.__name__)
+            return error(503, "database_unavailable", "published, but the decision cannot be read now; retry "
+                         "with the same request_id", headers={"Retry-After": str(RETRY_AFTER_S)},
+                         request_id=str(request_id))
+        case Pending(request_id=request_id):
+            return JSONResponse(
+                PendingAnswer(
+                    request_id=request_id,
+                    message=f"no decision within {wait_s}s; poll GET /v1/requests/{request_id}",
+                ).model_dump(mode="json"),
+                status_code=504,
+            )
+    raise AssertionError(result)
+
+
+class ClaimsDoor:
+    """What the claims routes share: the claims service over a Kafka publisher (started
+    on first use, so reads keep working while the broker is away) and the decision
+    waiter, plus the engine and authorizer of the read routes."""
 
     def __init__(self, settings: Settings, engine: AsyncEngine) -> None:
         self.settings = settings
         self.engine = engine
         self.authorizer = Authorizer.from_settings(settings)
         self.waiter = DecisionWaiter(engine, settings.libpq_url)
+        self.service = ClaimsService(self._started_publisher, self.waiter, settings.decision_wait_s,
+                                     unreadable=DATABASE_DOWN)
         self._publisher: EventPublisher | None = None
         self._publisher_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -179,38 +215,7 @@ class ClaimsService:
 
     async def submit(self, command: Event, created: bool = False) -> JSONResponse:
         """Publish ``command`` (unless already decided) and answer with its decision."""
-        known = await self.waiter.lookups.find(command.event_id)  # a retried request id may be decided already
-        if known is not None:
-            return _answer(known, created)
-        waiting = asyncio.create_task(
-            self.waiter.wait(command.event_id, self.settings.decision_wait_s, check_first=False)
-        )
-        await asyncio.sleep(0)  # let the waiter register before the request can be decided
-        try:
-            publisher = await self._started_publisher()
-            await publisher.publish(command)
-        except (PublishFailed, OSError, Exception) as exc:  # noqa: BLE001 - any broker failure is a 503
-            waiting.cancel()
-            log.warning("could not publish %s %s: %s", command.EVENT_TYPE, command.event_id, exc.__class__.__name__)
-            return error(503, "broker_unavailable", "the request could not be published; retry with the same request_id",
-                         headers={"Retry-After": str(RETRY_AFTER_S)}, request_id=str(command.event_id))
-        try:
-            decision = await waiting
-        except DATABASE_DOWN as exc:
-            # Published, so it will be decided: the client retries with the same request id.
-            log.warning("database unavailable waiting for %s: %s", command.event_id, exc.__class__.__name__)
-            return error(503, "database_unavailable", "published, but the decision cannot be read now; retry "
-                         "with the same request_id", headers={"Retry-After": str(RETRY_AFTER_S)},
-                         request_id=str(command.event_id))
-        if decision is None:
-            return JSONResponse(
-                PendingAnswer(
-                    request_id=command.event_id,
-                    message=f"no decision within {self.settings.decision_wait_s}s; poll GET /v1/requests/{command.event_id}",
-                ).model_dump(mode="json"),
-                status_code=504,
-            )
-        return _answer(decision, created)
+        return _respond(await self.service.submit(command), self.service.wait_s, created)
 
 
 def claims_router() -> APIRouter:
@@ -221,7 +226,7 @@ def claims_router() -> APIRouter:
         504: {"model": PendingAnswer},
     }
 
-    def service(request: Request) -> ClaimsService:
+    def service(request: Request) -> ClaimsDoor:
         return request.app.state.claims  # type: ignore[no-any-return]
 
     def invalid(exc: ValidationError | ValueError) -> JSONResponse:
@@ -234,15 +239,10 @@ def claims_router() -> APIRouter:
         if refused := denied(request, service(request).authorizer, CLAIMS_WRITE):
             return refused
         try:
-            command = ClaimsRequested(
-                event_id=body.request_id or uuid.uuid4(),
-                lease_id=body.lease_id or uuid.uuid4(),
-                source=f"http:{body.cell_id}",
-                cell_id=body.cell_id,
-                owner_type=body.owner_type,
-                owner_id=body.owner_id,
-                claims=[c.model_dump() for c in body.claims],
-                lease_ttl_ms=body.lease_ttl_ms,
+            command = commands.begin(
+                request_id=body.request_id, lease_id=body.lease_id, source=f"http:{body.cell_id}",
+                cell_id=body.cell_id, owner_type=body.owner_type, owner_id=body.owner_id,
+                claims=[c.model_dump() for c in body.claims], lease_ttl_ms=body.lease_ttl_ms,
             )
         except ValidationError as exc:
             return invalid(exc)
@@ -251,10 +251,10 @@ def claims_router() -> APIRouter:
     async def lease_action(request: Request, lease_id: uuid.UUID, body: LeaseAction, commit: bool) -> JSONResponse:
         if refused := denied(request, service(request).authorizer, CLAIMS_WRITE):
             return refused
-        model = LeaseCommitRequested if commit else LeaseRollbackRequested
+        build = commands.commit if commit else commands.rollback
         try:
-            command = model(event_id=body.request_id or uuid.uuid4(), source=f"http:{body.cell_id}",
-                            lease_id=lease_id, cell_id=body.cell_id)
+            command = build(request_id=body.request_id, source=f"http:{body.cell_id}", lease_id=lease_id,
+                            cell_id=body.cell_id)
         except ValidationError as exc:
             return invalid(exc)
         return await service(request).submit(command)
@@ -284,9 +284,9 @@ def claims_router() -> APIRouter:
         if refused := denied(request, service(request).authorizer, CLAIMS_WRITE):
             return refused
         try:
-            command = ClaimsDestroyRequested(
-                event_id=request_id or uuid.uuid4(), source=f"http:{cell_id}", cell_id=cell_id,
-                owner_type=owner_type, owner_id=owner_id, claims=[{"bucket": bucket.upper(), "value": value}],
+            command = commands.destroy(
+                request_id=request_id, source=f"http:{cell_id}", cell_id=cell_id, owner_type=owner_type,
+                owner_id=owner_id, claims=[{"bucket": bucket.upper(), "value": value}],
             )
         except ValidationError as exc:
             return invalid(exc)
@@ -343,7 +343,7 @@ def claims_router() -> APIRouter:
     return router
 
 
-async def login_cell(service: ClaimsService, login: str) -> str | None:
+async def login_cell(service: ClaimsDoor, login: str) -> str | None:
     """The cell of a user, given their username or e-mail: the holder of the
     committed USERNAME or EMAIL claim (e-mails are compared as keyed hashes)."""
     candidates: list[tuple[str, str]] = []

@@ -1,4 +1,5 @@
-"""Waiting for the decision on a claim request: read-your-writes for HTTP clients.
+"""Waiting for the decision on a claim request: read-your-writes for the claims service's
+doors (``service.claims.DecisionSource``, adr/0010).
 
 The projector NOTIFYs ``topology_decisions`` when a batch that decided claim
 requests commits. One listening connection per API process wakes every waiting
@@ -11,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from dataclasses import dataclass
-from typing import Any
 
 import psycopg
 from sqlalchemy import text
@@ -20,17 +19,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from topology_store.runtime.database import DECISIONS_CHANNEL
 from topology_store.runtime.retry import backoff
+from topology_store.service.claims import RequestDecision
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class RequestDecision:
-    request_id: uuid.UUID
-    request_type: str
-    outcome: str  # applied | unchanged | rejected
-    reason: str | None
-    decisions: list[dict[str, Any]]  # the decision events, as JSON
 
 
 async def lookup(engine: AsyncEngine, request_ids: list[uuid.UUID]) -> dict[uuid.UUID, RequestDecision]:
@@ -95,6 +86,10 @@ class DecisionWaiter:
         self._poll_interval_s = poll_interval_s
         self._pending: dict[uuid.UUID, list[asyncio.Future[RequestDecision]]] = {}
         self.lookups = LookupBatcher(engine)
+
+    async def find(self, request_id: uuid.UUID) -> RequestDecision | None:
+        """The decision on ``request_id`` if recorded now (batched with concurrent lookups)."""
+        return await self.lookups.find(request_id)
 
     @property
     def waiting(self) -> int:

@@ -1,4 +1,5 @@
-"""``topology claim ...``: claim requests from the command line.
+"""``topology claim ...``: claim requests from the command line, a door of the claims
+service (``service/claims.py``, adr/0015).
 
 Each subcommand builds one command event, publishes it (the broker's
 acknowledgement is printed), and with ``--wait`` prints the projector's decision,
@@ -10,6 +11,7 @@ by the broker (it may or may not be in the log: retry with the same --request-id
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import uuid
@@ -17,18 +19,20 @@ from typing import TextIO
 
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from topology_store.producer.publisher import EventPublisher, PublishFailed
+from topology_store.query_api.decisions import DecisionWaiter
+from topology_store.runtime.database import create_engine
 from topology_store.runtime.settings import Settings
-from topology_store.schemas.models import (
-    ClaimsDestroyRequested,
-    ClaimsRequested,
-    Event,
-    LeaseCommitRequested,
-    LeaseRollbackRequested,
-    OwnerTransferRequested,
-    SequenceRangeRequested,
+from topology_store.schemas.models import Event
+from topology_store.service import commands
+from topology_store.service.claims import (
+    Acknowledgement,
+    ClaimsService,
+    Decided,
+    DecisionUnreadable,
+    NotPublished,
+    Pending,
 )
 
 
@@ -53,26 +57,35 @@ def parse_claim(text: str) -> dict[str, str]:
 
 
 def build_command(args: argparse.Namespace) -> Event:
-    request = {"event_id": args.request_id or uuid.uuid4(), "source": args.source}
+    request = {"request_id": args.request_id, "source": args.source}
     if args.action == "begin":
         owner_type, owner_id = parse_owner(args.owner)
-        extra = {"lease_id": args.lease_id} if args.lease_id else {}
-        return ClaimsRequested(**request, **extra, cell_id=args.cell, owner_type=owner_type, owner_id=owner_id,
-                               claims=[parse_claim(c) for c in args.claim], lease_ttl_ms=args.ttl_ms)
+        return commands.begin(**request, lease_id=args.lease_id, cell_id=args.cell, owner_type=owner_type,
+                              owner_id=owner_id, claims=[parse_claim(c) for c in args.claim], lease_ttl_ms=args.ttl_ms)
     if args.action in ("commit", "rollback"):
-        model = LeaseCommitRequested if args.action == "commit" else LeaseRollbackRequested
-        return model(**request, lease_id=args.lease_id, cell_id=args.cell)
+        build = commands.commit if args.action == "commit" else commands.rollback
+        return build(**request, lease_id=args.lease_id, cell_id=args.cell)
     if args.action == "destroy":
         owner_type, owner_id = parse_owner(args.owner)
-        return ClaimsDestroyRequested(**request, cell_id=args.cell, owner_type=owner_type, owner_id=owner_id,
-                                      claims=[parse_claim(c) for c in args.claim])
+        return commands.destroy(**request, cell_id=args.cell, owner_type=owner_type, owner_id=owner_id,
+                                claims=[parse_claim(c) for c in args.claim])
     if args.action == "transfer":
         owner_type, owner_id = parse_owner(args.owner)
-        return OwnerTransferRequested(**request, owner_type=owner_type, owner_id=owner_id, from_cell_id=args.from_cell,
-                                      to_cell_id=args.to_cell, to_owner_id=args.to_owner_id)
+        return commands.transfer(**request, owner_type=owner_type, owner_id=owner_id, from_cell_id=args.from_cell,
+                                 to_cell_id=args.to_cell, to_owner_id=args.to_owner_id)
     if args.action == "sequence":
-        return SequenceRangeRequested(**request, cell_id=args.cell, sequence_name=args.name, size=args.size)
+        return commands.sequence(**request, cell_id=args.cell, sequence_name=args.name, size=args.size)
     raise RequestInputError(f"unknown action {args.action}")
+
+
+class _NoDecisions:
+    """Without --wait the CLI only publishes: nothing is looked up."""
+
+    async def find(self, request_id: object) -> None:
+        return None
+
+    async def wait(self, request_id: object, timeout_s: float, check_first: bool = True) -> None:
+        return None
 
 
 async def run_request(settings: Settings, args: argparse.Namespace, out: TextIO | None = None,
@@ -87,45 +100,48 @@ async def run_request(settings: Settings, args: argparse.Namespace, out: TextIO 
     except RequestInputError as exc:
         print(str(exc), file=err)
         return 2
-    from topology_store.query_api.decisions import DecisionWaiter  # the CLI waits the way the HTTP API does
 
-    engine = create_async_engine(settings.sqlalchemy_url) if args.wait else None
-    try:
-        waiter = DecisionWaiter(engine, settings.libpq_url, poll_interval_s=0.2) if engine is not None else None
-        try:
-            async with EventPublisher(settings) as publisher:
-                published = await publisher.publish(command)
-        except (KafkaError, PublishFailed) as exc:
-            # Never a success line for an unacknowledged request; the same request id
-            # makes the retry safe (a duplicate is absorbed by event_id).
-            cause = exc.cause if isinstance(exc, PublishFailed) else exc
-            print(f"request {command.event_id} not acknowledged by the broker at {settings.kafka_bootstrap} "
-                  f"({type(cause).__name__}); retry with --request-id {command.event_id}", file=err)
-            return 4
+    def acknowledged(ack: Acknowledgement) -> None:
         line: dict[str, object] = {"request_id": str(command.event_id), "type": command.EVENT_TYPE,
-                                   "status": "acknowledged", "topic": published.topic,
-                                   "partition": published.partition, "offset": published.offset}
+                                   "status": "acknowledged", "topic": ack.topic,
+                                   "partition": ack.partition, "offset": ack.offset}
         if hasattr(command, "lease_id"):
             line["lease_id"] = str(command.lease_id)
         print(json.dumps(line), file=out, flush=True)
-        if waiter is None:
-            return 0
-        import asyncio
 
-        task = asyncio.create_task(waiter.run())
-        try:
-            decision = await waiter.wait(command.event_id, args.wait)
-        finally:
-            task.cancel()
-        if decision is None:
-            print(f"no decision within {args.wait}s; it may still come", file=err)
-            return 3
-        print(json.dumps({"request_id": str(decision.request_id), "outcome": decision.outcome,
-                          "reason": decision.reason, "decisions": decision.decisions}), file=out)
-        return 1 if decision.outcome == "rejected" else 0
+    engine = create_engine(settings.sqlalchemy_url, pool_size=1) if args.wait else None
+    waiter = DecisionWaiter(engine, settings.libpq_url, poll_interval_s=0.2) if engine is not None else None
+    listening = asyncio.create_task(waiter.run()) if waiter is not None else None
+    try:
+        async with EventPublisher(settings) as publisher:
+            # The CLI always publishes (and prints the broker's acknowledgement), then waits.
+            service = ClaimsService(lambda: publisher, waiter or _NoDecisions(), wait_s=args.wait or 0)
+            result = await service.submit(command, reuse_decided=False, on_published=acknowledged)
+    except KafkaError as exc:  # the producer could not even start
+        result = NotPublished(command.event_id, exc)
     finally:
+        if listening is not None:
+            listening.cancel()
         if engine is not None:
             await engine.dispose()
+    match result:
+        case NotPublished(cause=cause):
+            # Never a success line for an unacknowledged request; the same request id
+            # makes the retry safe (a duplicate is absorbed by event_id).
+            cause = cause.cause if isinstance(cause, PublishFailed) else cause
+            print(f"request {command.event_id} not acknowledged by the broker at {settings.kafka_bootstrap} "
+                  f"({type(cause).__name__}); retry with --request-id {command.event_id}", file=err)
+            return 4
+        case Pending() if waiter is None:
+            return 0
+        case Pending() | DecisionUnreadable():
+            print(f"no decision within {args.wait}s; it may still come", file=err)
+            return 3
+        case Decided(decision=decision):
+            print(json.dumps({"request_id": str(decision.request_id), "outcome": decision.outcome,
+                              "reason": decision.reason, "decisions": decision.decisions}), file=out)
+            return 1 if decision.outcome == "rejected" else 0
+    raise AssertionError(result)
 
 
 def add_claim_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
