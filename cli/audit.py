@@ -12,18 +12,11 @@ from pydantic import ValidationError
 from topology_store.runtime.settings import Settings
 
 
-def _settings() -> Settings:
-    from topology_store.cli.main import _settings as read
-
-    return read()
-
-
-def _cmd_history(args: argparse.Namespace) -> int:
+def _cmd_history(args: argparse.Namespace, settings: Settings) -> int:
     from topology_store.core.audit import audit_key
     from topology_store.query_api.audit_api import key_history
     from topology_store.runtime.database import create_engine
 
-    settings = _settings()
     try:
         kind, key = audit_key(args.kind, args.value, settings.claim_secret)
     except (ValueError, ValidationError) as exc:
@@ -56,11 +49,11 @@ def _cmd_history(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_replay(args: argparse.Namespace) -> int:
+def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     from topology_store.projector.replay import Cut, ReplayError, replay
 
     try:
-        projection = replay(_settings(), args.into, Cut.parse(args.until), source=args.source, replace=args.replace)
+        projection = replay(settings, args.into, Cut.parse(args.until), source=args.source, replace=args.replace)
     except ReplayError as exc:
         raise SystemExit(f"topology replay: {exc}") from None
     print(json.dumps({"schema": args.into, "cells": len(projection.cells), "claims": len(projection.registry.claims),
@@ -68,10 +61,10 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_verify(args: argparse.Namespace) -> int:
+def _cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     from topology_store.projector.replay import verify
 
-    result = verify(_settings())
+    result = verify(settings)
     print(json.dumps({"equal": result.equal, "live_digest": result.live_digest, "replay_digest": result.replay_digest}))
     for table, rows in result.unexpected.items():
         for row in rows:
@@ -82,11 +75,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if result.equal else 1
 
 
-def _cmd_rebuild(args: argparse.Namespace) -> int:
+def _cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
     from topology_store.projector.rebuild import RebuildError, drop_retired, rebuild, result_json
     from topology_store.projector.replay import ReplayError
 
-    settings = _settings()
     try:
         if args.drop_retired:
             dropped = drop_retired(settings, args.retired_schema)
@@ -102,11 +94,11 @@ def _cmd_rebuild(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
+def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     from topology_store.projector.replay import ReplayError, export_rows
 
     try:
-        count = export_rows(_settings(), args.schema, args.table, args.format, sys.stdout)
+        count = export_rows(settings, args.schema, args.table, args.format, sys.stdout)
     except ReplayError as exc:
         raise SystemExit(f"topology export: {exc}") from None
     print(f"{count} rows", file=sys.stderr)

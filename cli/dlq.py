@@ -17,25 +17,20 @@ from topology_store.runtime.settings import Settings
 STATUSES = ("open", "resolved", "discarded")
 
 
-def _settings() -> Settings:
-    from topology_store.cli.main import _settings as read
 
-    return read()
-
-
-def _cmd_list(args: argparse.Namespace) -> int:
+def _cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     from topology_store.projector.dead_letters import list_dead_letters
 
-    for line in list_dead_letters(_settings(), args.status, args.limit, args.topic):
+    for line in list_dead_letters(settings, args.status, args.limit, args.topic):
         print(json.dumps(line))
     return 0
 
 
-def _cmd_show(args: argparse.Namespace) -> int:
+def _cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     from topology_store.projector.dead_letters import DeadLetterError, show
 
     try:
-        document = show(_settings(), args.id, pii=args.pii)
+        document = show(settings, args.id, pii=args.pii)
     except DeadLetterError as exc:
         print(f"topology dlq show: {exc}", file=sys.stderr)
         return 1
@@ -43,10 +38,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_replay(args: argparse.Namespace) -> int:
+def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     from topology_store.projector.dead_letters import DeadLetterError, open_ids, operator, redrive
 
-    settings = _settings()
     if bool(args.ids) == bool(args.all):
         print("topology dlq replay: give dead letter ids or --all", file=sys.stderr)
         return 2
@@ -64,11 +58,11 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return 1 if failing else 0
 
 
-def _cmd_discard(args: argparse.Namespace) -> int:
+def _cmd_discard(args: argparse.Namespace, settings: Settings) -> int:
     from topology_store.projector.dead_letters import DeadLetterError, discard, operator
 
     try:
-        discard(_settings(), args.id, args.reason, args.by or operator())
+        discard(settings, args.id, args.reason, args.by or operator())
     except DeadLetterError as exc:
         print(f"topology dlq discard: {exc}", file=sys.stderr)
         return 1

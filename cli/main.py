@@ -1,4 +1,5 @@
-"""The ``topology`` command."""
+"""The ``topology`` command: the parser of every subcommand, and the one read of the
+configuration (``runtime.settings.Settings``) that each of them is given."""
 
 from __future__ import annotations
 
@@ -13,18 +14,9 @@ from pydantic import ValidationError
 from topology_store.runtime.settings import Settings
 
 
-def _settings() -> Settings:
-    try:
-        return Settings()
-    except ValidationError as exc:
-        problems = "; ".join(f"TOPOLOGY_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
-        raise SystemExit(f"topology: bad configuration: {problems}") from None
-
-
-def _cmd_migrate(args: argparse.Namespace) -> int:
+def _cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     from topology_store.projector.migrate import ensure_database, upgrade_to_head
 
-    settings = _settings()
     if args.create_database and ensure_database(settings.libpq_url):
         print("created database", file=sys.stderr)
     upgrade_to_head(settings.sqlalchemy_url)
@@ -32,7 +24,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_emit(args: argparse.Namespace) -> int:
+def _cmd_emit(args: argparse.Namespace, settings: Settings) -> int:
     from topology_store.producer.emit import emit
 
     if args.event is not None and args.file is not None:
@@ -54,19 +46,18 @@ def _cmd_emit(args: argparse.Namespace) -> int:
             print(f"topology emit: {args.file} is not UTF-8 text (byte {exc.start}); nothing was sent",
                   file=sys.stderr)
             return 2
-    return asyncio.run(emit(_settings(), lines))
+    return asyncio.run(emit(settings, lines))
 
 
-def _cmd_topics(args: argparse.Namespace) -> int:
+def _cmd_topics(args: argparse.Namespace, settings: Settings) -> int:
     from topology_store.runtime.topics import ensure_topics
 
-    settings = _settings()
     asyncio.run(ensure_topics(settings))
     print(f"topics ready: {', '.join(settings.topics)}", file=sys.stderr)
     return 0
 
 
-def _cmd_project(args: argparse.Namespace) -> int:
+def _cmd_project(args: argparse.Namespace, settings: Settings) -> int:
     import signal
 
     # Until run_projector installs the event loop's handler: a SIGTERM during the
@@ -74,17 +65,16 @@ def _cmd_project(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     from topology_store.projector.main import run_projector
 
-    asyncio.run(run_projector(_settings()))
+    asyncio.run(run_projector(settings))
     return 0
 
 
-def _cmd_relay(args: argparse.Namespace) -> int:
+def _cmd_relay(args: argparse.Namespace, settings: Settings) -> int:
     import psycopg
 
     from topology_store.producer.outbox import create_outbox
     from topology_store.producer.relay import OutboxMissing, libpq_url, run_relay
 
-    settings = _settings()
     source = args.source or settings.relay_source_url
     if not source:
         raise SystemExit("topology relay: give --source postgresql://... or set TOPOLOGY_RELAY_SOURCE_URL")
@@ -103,27 +93,26 @@ def _cmd_relay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_claim(args: argparse.Namespace) -> int:
+def _cmd_claim(args: argparse.Namespace, settings: Settings) -> int:
     from topology_store.cli.claim import run_request
 
-    return asyncio.run(run_request(_settings(), args))
+    return asyncio.run(run_request(settings, args))
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
+def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from topology_store.query_api.auth import TokenConfigError
     from topology_store.query_api.server import serve
 
     try:
-        serve(_settings())
+        serve(settings)
     except TokenConfigError as exc:
         raise SystemExit(f"topology serve: bad configuration: {exc}") from None
     return 0
 
 
-def _cmd_router(args: argparse.Namespace) -> int:
+def _cmd_router(args: argparse.Namespace, settings: Settings) -> int:
     from topology_store.router.sidecar import run_router, token_from
 
-    settings = _settings()
     urls = [u.strip() for u in (args.api or settings.router_api_urls).split(",") if u.strip()]
     try:
         token = token_from(settings, args.token_file)
@@ -140,10 +129,10 @@ def _cmd_router(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_up(args: argparse.Namespace) -> int:
+def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from topology_store.cli.up import up
 
-    return up(data_dir=args.data_dir, api_port=args.api_port or _settings().api_port, demo=args.demo)
+    return up(data_dir=args.data_dir, api_port=args.api_port or settings.api_port, demo=args.demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_claim_parser(commands).set_defaults(run=_cmd_claim)
     add_audit_parsers(commands)
     from topology_store.cli.dlq import add_dlq_parsers
-    from topology_store.schemas.compatibility import add_schemas_parsers
+    from topology_store.cli.schemas import add_schemas_parsers
 
     add_dlq_parsers(commands)  # topology dlq list | show | replay | discard
     add_schemas_parsers(commands)  # topology schemas check
@@ -212,10 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     from topology_store.runtime.logs import choose_format, configure_logging, register_secrets
     from topology_store.runtime.tracing import configure_tracing
 
+    # The one read of the configuration; every command gets this object.
     try:
         settings: Settings | None = Settings()
-    except ValidationError:
-        settings = None  # the command reports the problem itself
+        problems = ""
+    except ValidationError as exc:
+        settings = None
+        problems = "; ".join(f"TOPOLOGY_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
     configure_logging(
         choose_format(settings.log_format if settings else "auto", args.command),
         logging.DEBUG if args.verbose else (settings.log_level if settings else logging.INFO),
@@ -223,7 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     if settings is not None:
         register_secrets(_configured_secrets(settings))
     configure_tracing(f"topology-{args.command}")
-    return int(args.run(args))
+    if settings is None:
+        if getattr(args, "needs_settings", True):
+            raise SystemExit(f"topology: bad configuration: {problems}")
+        settings = Settings.model_construct()  # never read: the command said so
+    return int(args.run(args, settings))
 
 
 def _configured_secrets(settings: Settings) -> list[str]:
