@@ -1,10 +1,15 @@
-"""The ``topology`` command, the top layer: every subcommand, and the embedded dev stack.
-Nothing imports this package.
+"""The ``topology`` command, the top layer: every subcommand, and the servers of the dev
+stack. Nothing imports this package.
 
-- ``main``      the parser and the dispatch of every subcommand.
-- ``audit``     ``topology audit history``, ``replay``, ``rebuild``, ``verify``, ``export``.
-- ``dlq``       ``topology dlq list | show | replay | discard``.
-- ``up``        ``topology up``: the whole stack in one command.
-- ``devstack``  the embedded servers behind ``topology up`` and the test fallback.
-- ``demo``      the demo topology of ``topology up --demo``.
+- ``main``          the parser, the one read of the configuration, and the small subcommands
+                    (migrate, topics, emit, project, relay, serve, router, up).
+- ``claim``         ``topology claim ...``: a door of the claims service.
+- ``audit``         ``topology audit history``, ``replay``, ``rebuild``, ``verify``, ``export``.
+- ``dlq``           ``topology dlq list | show | replay | discard``.
+- ``schemas``       ``topology schemas check``.
+- ``up``            ``topology up``: the whole stack in one command.
+- ``demo``          the demo topology of ``topology up --demo``.
+- ``devstack``      the embedded servers behind ``topology up`` and the test fallback (Tansu,
+                    embedded PostgreSQL).
+- ``apache_kafka``  a real Apache Kafka broker on the local JVM (KRaft), for tests and local runs.
 """

@@ -1,1 +1,7 @@
-"""The application service layer (adr/0007): what every door (HTTP, gRPC, CLI) calls alike."""
+"""The application service layer (adr/0007, adr/0015): what every door (HTTP, the CLI, a
+later gRPC server) calls alike. No I/O of its own: the adapters it needs come in as ports.
+
+- ``claims``    :class:`ClaimsService`: ``submit(command)`` publishes a claim command and
+                answers with the projector's decision.
+- ``commands``  the claim commands, built in one place for every door.
+"""
