@@ -1,15 +1,33 @@
-"""The read API: versioned snapshots for edge routers, and point lookups.
+"""The read API: versioned snapshots for edge routers, point lookups, and the claims door
+(adr/0009).
 
-- ``snapshot``      one consistent snapshot per version, kept fresh by LISTEN/NOTIFY and
-                    the change log; deltas.
-- ``sync``          the router sync protocol (adr/0009): full snapshots, deltas, long-poll,
-                    negotiation, bearer tokens, classification; the ASGI fast path.
-- ``fast_protocol`` 304 revalidations answered in uvicorn's protocol, below ASGI.
-- ``protocol``      wire details shared with the router client (``router/``).
-- ``encodings``     serialize once, compress once, per version.
-- ``auth``          tokens and scopes.
-- ``models``        the response documents (pydantic, for validation and OpenAPI).
-- ``errors``        the one error document; exception handlers, request limits, and the
-                    errors the OpenAPI document declares.
-- ``app``           the HTTP routes (FastAPI on uvicorn); ``server`` runs it.
+Resources, one module each:
+
+- ``snapshot_api``      ``GET /v1/snapshot`` (full snapshot, delta, long-poll) and
+                        ``GET /v1/classify``: the one snapshot endpoint and its 304
+                        decision, the version headers, the error answer in bytes.
+- ``cells_api``         ``GET /v1/cells`` and ``GET /v1/cells/{cell_id}``.
+- ``audit_api``         ``GET /v1/audit/history``, and reading a key's history.
+- ``health_api``        ``/healthz``, ``/readyz``, ``/metrics``.
+- ``claims_api``        claim requests with a synchronous answer; ``decisions`` waits for
+                        the projector's decisions.
+
+In front of them, cheaper doors to the same snapshot endpoint:
+
+- ``sync_middleware``   plain ASGI: the token check of routing data, ``GET /v1/snapshot``.
+- ``uvicorn_fast_path`` plain 304 revalidations in uvicorn's HTTP protocol, below ASGI.
+
+Underneath:
+
+- ``snapshot``          one consistent snapshot per version, kept fresh by LISTEN/NOTIFY
+                        and the change log; deltas and their cache.
+- ``encodings``         serialize once, compress once, per version.
+- ``auth``              tokens and scopes; 401/403 answers and their OpenAPI description.
+- ``documents``         the response documents (pydantic, for validation and OpenAPI).
+- ``errors``            the one error document; exception handlers, request limits, and the
+                        errors the OpenAPI document declares.
+- ``metrics``           Prometheus metrics; ``state`` what the lifespan opens for the routes.
+- ``app``               the app: resources, middleware, lifespan; ``server`` runs it on uvicorn.
+
+The router sync wire details shared with the router client are ``schemas/router_sync.py``.
 """

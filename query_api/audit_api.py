@@ -19,9 +19,10 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from topology_store.core.audit import audit_key, mask_pii
-from topology_store.query_api.claims_api import ClaimsDoor, denied, secured
+from topology_store.query_api.auth import denied, secured
+from topology_store.query_api.claims_api import ClaimsDoor
+from topology_store.query_api.documents import AuditDocument, ErrorDocument, any_case_pattern
 from topology_store.query_api.errors import error
-from topology_store.query_api.models import AuditDocument, ErrorDocument, any_case_pattern
 from topology_store.schemas.codec import DecodeError, EventCodec
 from topology_store.schemas.models import CellId, ClaimBucket, OwnerType
 

@@ -6,6 +6,9 @@ kept in memory; a presented token is hashed and compared with every configured
 digest by ``hmac.compare_digest`` (no early exit), so the time taken does not
 depend on how much of a token matched. Tokens never appear in logs, errors or
 reprs.
+
+A refused request gets the error document with a ``WWW-Authenticate`` challenge
+(RFC 6750), and the OpenAPI document names the scope each operation needs.
 """
 
 from __future__ import annotations
@@ -15,7 +18,13 @@ import hmac
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from topology_store.query_api.documents import ErrorDocument
+from topology_store.query_api.errors import error
 from topology_store.runtime.settings import Settings
 
 
@@ -88,3 +97,50 @@ class Authorizer:
         if scope not in scopes:
             return 403, "insufficient_scope", f"the token lacks the {scope} scope"
         return None
+
+
+def challenge(status: int, scope: str) -> str:
+    """The ``WWW-Authenticate`` value of a 401 (no valid token) or a 403 (``scope`` missing)."""
+    if status == 401:
+        return 'Bearer realm="topology"'
+    return f'Bearer realm="topology", error="insufficient_scope", scope="{scope}"'
+
+
+def denied(request: Request, authorizer: Authorizer, scope: str) -> JSONResponse | None:
+    """The 401/403 answer when the request's bearer token lacks ``scope``; else None."""
+    header = request.headers.get("authorization")
+    refused = authorizer.check(header.encode("latin-1") if header else None, scope)
+    if refused is None:
+        return None
+    status, code, message = refused
+    return error(status, code, message, headers={"WWW-Authenticate": challenge(status, scope)})
+
+
+def secured(scope: str) -> dict[str, Any]:
+    """The OpenAPI ``security`` of an operation that needs ``scope`` (the scheme: :func:`document_bearer_auth`)."""
+    return {"security": [{"bearerAuth": [scope]}]}
+
+
+def refusals(scope: str) -> dict[int | str, dict[str, Any]]:
+    """The documented 401 and 403 of an operation that needs ``scope``."""
+    return {
+        401: {"model": ErrorDocument, "description": "Missing or unknown bearer token"},
+        403: {"model": ErrorDocument, "description": f"The token lacks the {scope} scope"},
+    }
+
+
+def document_bearer_auth(app: FastAPI) -> None:
+    """Declare, in the OpenAPI document, the bearer scheme that :func:`secured` operations name."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        document = build()
+        schemes = document.setdefault("components", {}).setdefault("securitySchemes", {})
+        schemes["bearerAuth"] = {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "A token configured in TOPOLOGY_API_TOKENS; routing data needs the snapshot:read scope",
+        }
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]

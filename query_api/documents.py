@@ -1,5 +1,7 @@
-"""Response documents of the read API. The snapshot body is serialized once per
-version from these models and then served as bytes."""
+"""The read API's response documents (pydantic): what each route answers, for validation
+and for the OpenAPI document (adr/0009). The snapshot body is serialized once per version
+from plain data (``query_api/snapshot.py``) and then served as bytes; these models only
+describe it. The event and command models are ``schemas/models.py``."""
 
 from __future__ import annotations
 

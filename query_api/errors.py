@@ -4,14 +4,15 @@ Every answer that is not a success is ``{"error": {"code": ..., "message": ...}}
 (plus fields of its own for some codes, e.g. ``conflicts``): FastAPI's 422
 validation bodies, Starlette's 404/405, an oversize body, a database that does
 not answer and, last of all, an unexpected exception (logged here, answered
-without its trace). ``document_errors`` makes the OpenAPI document say so.
+without its trace). ``document_errors`` makes the OpenAPI document say so. A
+database outage answers 503 with Retry-After (adr/0012).
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Iterable, Mapping
 from http import HTTPStatus
 from typing import Any
 
@@ -21,14 +22,9 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # A client told to come back should not come back at once, nor wait long: the
 # read side recovers by itself as soon as PostgreSQL answers again.
@@ -60,6 +56,8 @@ _CODES = {
 
 
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    """The error document; every error answer of the API is built from it (as a
+    ``JSONResponse`` by :func:`error`, as bytes by ``snapshot_api.error_answer``)."""
     return {"error": {"code": code, "message": message, **extra}}
 
 

@@ -1,4 +1,4 @@
-"""``topology serve``: the read API on uvicorn.
+"""``topology serve``: the read API on uvicorn (adr/0009).
 
 uvloop and httptools are used when installed (they are dependencies). On SIGINT or
 SIGTERM, long-polling requests are released at once (they answer 304), so
@@ -13,8 +13,9 @@ from types import FrameType
 import uvicorn
 
 from topology_store.query_api.app import create_app
-from topology_store.query_api.fast_protocol import protocol_for
-from topology_store.query_api.sync import RouterSync, RouterSyncMiddleware
+from topology_store.query_api.snapshot_api import RouterSync
+from topology_store.query_api.sync_middleware import RouterSyncMiddleware
+from topology_store.query_api.uvicorn_fast_path import protocol_for
 from topology_store.runtime.http_server import GracefulServer
 from topology_store.runtime.settings import Settings
 
@@ -51,6 +52,6 @@ def serve(settings: Settings) -> None:
         # would only cost time on every request; neither is a Server header needed.
         proxy_headers=False,
         server_header=False,
-        http=protocol_for(sync) or "auto",  # 304 revalidations below ASGI (query_api/fast_protocol.py)
+        http=protocol_for(sync) or "auto",  # 304 revalidations below ASGI (query_api/uvicorn_fast_path.py)
     )
     _Server(config, sync).run()

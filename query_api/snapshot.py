@@ -13,7 +13,8 @@ gap the change log no longer covers, reads the whole tables. Each snapshot is
 immutable (the namespace table is a shared base plus a per-version overlay), so a
 request that took one snapshot answers from that version only, and the delta
 from the previous version is handed to the delta cache for the long-polling
-routers that wake up on it.
+routers that wake up on it. Deltas to other versions are computed from the change
+log on request, once per pair of versions (:class:`DeltaCache`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,8 +34,9 @@ import psycopg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from topology_store.query_api.documents import CellView
 from topology_store.query_api.encodings import Compression, Observer, Representations
-from topology_store.query_api.models import CellView
+from topology_store.query_api.metrics import ApiMetrics
 from topology_store.runtime.database import VERSION_CHANNEL
 from topology_store.runtime.retry import backoff
 from topology_store.schemas.router_sync import JSON, MSGPACK, digest_after, namespace_digest
@@ -441,3 +444,70 @@ def _merge_cells(cells_by_id: Mapping[str, dict[str, Any]], changes: Changes) ->
         merged[cell["cell_id"]] = cell
     return list(merged.values())
 
+
+
+class DeltaCache:
+    """Deltas by (since, version): computed once from the change log (concurrent
+    requests for the same pair share one query), kept in a small LRU. The
+    refresh hands in the delta from the previous version, which is the one every
+    up-to-date long-polling router asks for next."""
+
+    def __init__(self, engine: AsyncEngine, compression: Compression, observe: Observer | None,
+                 max_entries: int = 256, metrics: ApiMetrics | None = None) -> None:
+        self._engine = engine
+        self._compression = compression
+        self._observe = observe
+        self._max_entries = max_entries
+        self._metrics = metrics
+        self._entries: OrderedDict[tuple[int, int], Delta] = OrderedDict()
+        self._pending: dict[tuple[int, int], asyncio.Task[Delta | None]] = {}
+
+    def put(self, delta: Delta) -> None:
+        self._entries[(delta.since, delta.version)] = delta
+        self._entries.move_to_end((delta.since, delta.version))
+        while len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+
+    async def get(self, since: int, target: Snapshot) -> Delta | None:
+        """The delta from ``since`` to ``target``; None when the change log no longer covers it."""
+        key = (since, target.version)
+        delta = self._entries.get(key)
+        if delta is not None:
+            self._entries.move_to_end(key)
+            if self._metrics is not None:
+                self._metrics.deltas.labels("cached").inc()
+            return delta
+        task = self._pending.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._compute(since, target))
+            self._pending[key] = task
+        return await asyncio.shield(task)
+
+    async def _compute(self, since: int, target: Snapshot) -> Delta | None:
+        key = (since, target.version)
+        try:
+            conn = await read_only_connection(self._engine)
+            try:
+                async with conn.begin():
+                    changes = await read_changes(conn, since, target.version)
+            finally:
+                await conn.close()
+            if changes is None:
+                if self._metrics is not None:
+                    self._metrics.deltas.labels("gone").inc()
+                return None
+            delta = Delta(since, target, changes, self._compression, self._observe)
+            self.put(delta)
+            if self._metrics is not None:
+                self._metrics.deltas.labels("computed").inc()
+            return delta
+        finally:
+            self._pending.pop(key, None)
+
+    async def floor(self) -> int:
+        conn = await read_only_connection(self._engine)
+        try:
+            async with conn.begin():
+                return await read_floor(conn)
+        finally:
+            await conn.close()

@@ -1,9 +1,10 @@
-"""The revalidation fast path below ASGI (adr/0009).
+"""The revalidation fast path in uvicorn's HTTP protocol, below ASGI (adr/0009).
 
 A fleet of routers mostly asks "I hold version V; anything newer?" and the answer is
 mostly 304. Through ASGI that costs a scope, a request/response cycle object, an
 asyncio task and two ``send`` calls per request; here, in uvicorn's httptools
-protocol, the parser callback that completes the headers writes the prebuilt 304
+protocol, the parser callback that completes the headers writes the 304 of
+:meth:`SnapshotEndpoint.revalidate_current <topology_store.query_api.snapshot_api.SnapshotEndpoint.revalidate_current>`
 straight to the transport when, and only when, all of these hold:
 
 ``GET /v1/snapshot`` without a query, HTTP/1.1 keep-alive, no pipelined request in
@@ -21,14 +22,34 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from topology_store.query_api.sync import RouterSync
+from prometheus_client import Counter
+
+from topology_store.query_api.snapshot_api import RouterSync
+from topology_store.schemas.router_sync import SNAPSHOT_READ
 
 log = logging.getLogger(__name__)
 
 _EXPECTED = ("on_headers_complete", "on_message_complete", "on_body", "on_response_complete")
 
 
+def not_modified_bytes(sync: RouterSync, counted: Counter, authorization: bytes, if_none_match: bytes,
+                       default_headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """The raw HTTP/1.1 304 for a revalidation that needs nothing else; None when the
+    request must take the ASGI path (not current, not authorized, not started, ...)."""
+    endpoint = sync.endpoint
+    answer = endpoint.revalidate_current(if_none_match) if endpoint is not None else None
+    # The token after the version: a stale version needs no hash.
+    if answer is None or sync.authorizer.check(authorization, SNAPSHOT_READ) is not None:
+        return None
+    counted.inc()
+    lines = [b"%s: %s\r\n" % pair for pair in default_headers]
+    lines += [b"%s: %s\r\n" % pair for pair in answer.headers]
+    return b"HTTP/1.1 304 Not Modified\r\n" + b"".join(lines) + b"\r\n"
+
+
 def protocol_for(sync: RouterSync) -> type[Any] | None:
+    # The counter's series exists from the start, as every route's does once answered.
+    counted = sync.metrics.requests.labels("/v1/snapshot", "304")
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # needs httptools
     except ImportError:
@@ -52,8 +73,8 @@ def protocol_for(sync: RouterSync) -> type[Any] | None:
                         elif name == b"if-none-match":
                             if_none_match = value
                     if authorization is not None and if_none_match is not None:
-                        raw = sync.revalidation_response(authorization, if_none_match,
-                                                         self.server_state.default_headers)
+                        raw = not_modified_bytes(sync, counted, authorization, if_none_match,
+                                                 self.server_state.default_headers)
                         if raw is not None:
                             self._fast = True
                             self.transport.write(raw)

@@ -1,0 +1,338 @@
+"""``GET /v1/snapshot`` and ``GET /v1/classify``: the routing data edge routers keep in
+sync (the router sync protocol, adr/0009; its wire details are ``schemas/router_sync.py``).
+
+One framework-free object answers the snapshot, :class:`SnapshotEndpoint`: raw header
+values in, an :class:`Answer` (status, raw headers, body) out. Three entries reach it
+and differ only in cost: uvicorn's protocol for the plain 304 revalidation
+(``query_api/uvicorn_fast_path.py``), plain ASGI for every other request
+(``query_api/sync_middleware.py``), and the FastAPI route, which documents it
+(OpenAPI) and serves it when the app runs without that middleware.
+:meth:`SnapshotEndpoint.revalidate` alone decides between a 304 and a
+representation, and :func:`version_headers` alone states an answer's version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+from urllib.parse import parse_qsl
+
+import orjson
+from fastapi import APIRouter, Query, Request, Response
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from topology_store.query_api.auth import Authorizer, refusals, secured
+from topology_store.query_api.claims_api import login_cell
+from topology_store.query_api.documents import (
+    ClassifyDocument,
+    DeltaDocument,
+    ErrorDocument,
+    GoneDocument,
+    SnapshotDocument,
+    any_case_pattern,
+)
+from topology_store.query_api.encodings import Compression
+from topology_store.query_api.errors import error_body
+from topology_store.query_api.metrics import ApiMetrics
+from topology_store.query_api.snapshot import DeltaCache, Snapshot, SnapshotCache
+from topology_store.runtime.settings import Settings
+from topology_store.schemas.router_sync import (
+    AGE_HEADER,
+    CLASSIFY_TYPES,
+    JSON,
+    SNAPSHOT_READ,
+    VERSION_HEADER,
+    WAIT_PATTERN,
+    choose_encoding,
+    choose_format,
+    classify_in,
+    etag_versions,
+    parse_wait,
+)
+
+Headers = list[tuple[bytes, bytes]]
+
+_VERSION = VERSION_HEADER.lower().encode()
+_AGE = AGE_HEADER.lower().encode()
+_NO_CACHE = (b"cache-control", b"no-cache")
+_VARY = (b"vary", b"Accept, Accept-Encoding")  # the snapshot is negotiated on both
+_JSON_TYPE = (b"content-type", JSON.encode())
+
+
+@dataclass(slots=True)  # not frozen: that would cost four times as much to build, on every revalidation
+class Answer:
+    """An HTTP answer without a framework: what uvicorn's protocol, ASGI and FastAPI each send."""
+
+    status: int
+    headers: Headers
+    body: bytes = b""
+
+    @classmethod
+    def json(cls, status: int, body: bytes, headers: Iterable[tuple[bytes, bytes]] = ()) -> Answer:
+        return cls(status, [_JSON_TYPE, (b"content-length", str(len(body)).encode()), *headers], body)
+
+
+def error_answer(status: int, code: str, message: str, headers: Iterable[tuple[bytes, bytes]] = (),
+                 **extra: Any) -> Answer:
+    """The error document (``errors.error_body``) as an :class:`Answer`."""
+    return Answer.json(status, orjson.dumps(error_body(code, message, **extra)), headers)
+
+
+def starlette_response(answer: Answer) -> Response:
+    """The :class:`Answer` as a Starlette response, its headers as they are."""
+    response = Response(answer.body, answer.status)
+    response.raw_headers = answer.headers
+    return response
+
+
+@lru_cache(maxsize=8)
+def _fixed_headers(version: int, vary: bool) -> tuple[tuple[bytes, bytes], ...]:
+    return ((_VERSION, str(version).encode()), _NO_CACHE, *((_VARY,) if vary else ()))
+
+
+def version_headers(snapshot: Snapshot, *, etag: bool = True, vary: bool = False) -> Headers:
+    """The version an answer comes from (X-Topology-Version, and the ETag unless told
+    otherwise), its age (X-Topology-Age-Seconds), Cache-Control: no-cache, and with
+    ``vary`` the request headers the representation was negotiated on."""
+    headers = [(_AGE, f"{snapshot.age_seconds():.3f}".encode()), *_fixed_headers(snapshot.version, vary)]
+    if etag:
+        headers.append((b"etag", snapshot.etag.encode()))
+    return headers
+
+
+class SnapshotEndpoint:
+    """``GET /v1/snapshot`` with ``since``, ``wait``, ``min_version``, If-None-Match,
+    Accept and Accept-Encoding."""
+
+    def __init__(self, cache: SnapshotCache, deltas: DeltaCache, max_wait_s: float, metrics: ApiMetrics) -> None:
+        self.cache = cache
+        self.deltas = deltas
+        self.max_wait_s = max_wait_s
+        self.metrics = metrics
+
+    def revalidate(self, snapshot: Snapshot, known: int | None, held: int | None) -> Answer | None:
+        """The 304 when the client already has ``snapshot``'s version or a newer one
+        (``known``); None when it needs a representation. A process behind the client
+        (a lagging replica) never hands out the older version: it answers 304 with its
+        own version, and the ETag only when that is the version the client holds (``held``)."""
+        if known is None or snapshot.version > known:
+            return None
+        return Answer(304, version_headers(snapshot, etag=snapshot.version == held, vary=True))
+
+    def revalidate_current(self, if_none_match: bytes) -> Answer | None:
+        """:meth:`revalidate` for the request a fleet repeats, ``If-None-Match: "V"`` and
+        no query, against the current snapshot; None when it needs :meth:`handle`."""
+        snapshot = self.cache.current
+        if snapshot is None:
+            return None
+        match_all, held = etag_versions(if_none_match.decode("latin-1"))
+        return None if match_all else self.revalidate(snapshot, held, held)
+
+    async def handle(self, query: bytes, if_none_match: str, accept: str, accept_encoding: str) -> Answer:
+        since: int | None = None
+        min_version: int | None = None
+        wait_s = 0.0
+        if query:
+            for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+                try:
+                    if name == "since":
+                        since = int(value)
+                        if since < 0:
+                            raise ValueError
+                    elif name == "min_version":
+                        min_version = int(value)
+                        if min_version < 0:
+                            raise ValueError
+                    elif name == "wait":
+                        wait_s = min(parse_wait(value), self.max_wait_s)
+                except ValueError:
+                    hint = "30s, 500ms, 1m or 30" if name == "wait" else "a non-negative integer"
+                    return error_answer(400, "bad_parameter", f"{name} must be {hint}")
+        fmt = choose_format(accept)
+        if fmt is None:
+            return error_answer(406, "not_acceptable", "this resource is application/json or application/msgpack")
+        encoding = choose_encoding(accept_encoding)
+
+        # The newest version the client already holds (None: it holds nothing).
+        known: int | None = None
+        if since is not None:
+            known = since
+        elif if_none_match:
+            match_all, highest = etag_versions(if_none_match)
+            if match_all:
+                current = self.cache.current
+                known = current.version if current is not None else None
+            else:
+                known = highest
+        held = known  # the version the client says it holds
+        if min_version is not None:
+            # "Send me version min_version or newer": as if the client held min_version - 1.
+            known = max(known if known is not None else -1, min_version - 1)
+
+        snapshot = self.cache.current
+        if wait_s > 0 and (snapshot is None or (known is not None and snapshot.version <= known)):
+            self.metrics.long_polls_waiting.inc()
+            try:
+                snapshot = await self.cache.wait_newer(known if known is not None else -1, wait_s)
+            finally:
+                self.metrics.long_polls_waiting.dec()
+        if snapshot is None:
+            return error_answer(503, "not_loaded", "no snapshot loaded yet", headers=[(b"retry-after", b"1")])
+        not_modified = self.revalidate(snapshot, known, held)
+        if not_modified is not None:
+            return not_modified
+        return await self.represent(snapshot, since, fmt, encoding)
+
+    async def represent(self, snapshot: Snapshot, since: int | None, fmt: str, encoding: str) -> Answer:
+        """The full snapshot, or the delta from ``since`` (410 when the change log no
+        longer goes back that far), in ``fmt`` and, when worth it, ``encoding``."""
+        if since is not None:
+            delta = await self.deltas.get(since, snapshot)
+            if delta is None:
+                floor = await self.deltas.floor()
+                return error_answer(
+                    410,
+                    "delta_unavailable",
+                    f"the change log no longer holds the changes from version {since} to {snapshot.version} "
+                    f"(deltas start at version {floor} or later): fetch the full snapshot without since",
+                    headers=version_headers(snapshot, vary=True),
+                    oldest_since=floor,
+                    version=snapshot.version,
+                )
+            representations = delta.representations
+        else:
+            representations = snapshot.representations
+        cached = representations.cached(fmt, encoding)
+        body, used = cached if cached is not None else await representations.get(fmt, encoding)
+        headers = version_headers(snapshot, vary=True)
+        headers.append((b"content-type", fmt.encode()))
+        headers.append((b"content-length", str(len(body)).encode()))
+        if used != "identity":
+            headers.append((b"content-encoding", used.encode()))
+        return Answer(200, headers, body)
+
+
+def classify(snapshot: Snapshot, kind: str, value: str) -> tuple[int, dict[str, Any]]:
+    """(status, document) for ``GET /v1/classify``."""
+    return classify_in(snapshot.version, snapshot.namespaces, snapshot.cells_by_id, kind, value)
+
+
+class RouterSync:
+    """The per-process state of the protocol, built with the app; ``start`` runs in its lifespan."""
+
+    def __init__(self, settings: Settings, metrics: ApiMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.authorizer = Authorizer.from_settings(settings)
+        self.compression = Compression(settings.snapshot_gzip_level, settings.snapshot_zstd_level)
+        self.endpoint: SnapshotEndpoint | None = None
+        self.cache: SnapshotCache | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, engine: AsyncEngine) -> SnapshotCache:
+        self._loop = asyncio.get_running_loop()
+        deltas = DeltaCache(engine, self.compression, self.metrics.observe_encoding, metrics=self.metrics)
+        self.cache = SnapshotCache(
+            engine,
+            self.settings.libpq_url,
+            self.settings.snapshot_poll_interval_s,
+            on_loaded=self.metrics.observe_snapshot,
+            compression=self.compression,
+            observe=self.metrics.observe_encoding,
+            on_delta=deltas.put,
+        )
+        self.endpoint = SnapshotEndpoint(self.cache, deltas, self.settings.api_max_wait_s, self.metrics)
+        return self.cache
+
+    async def answer(self, query: bytes, if_none_match: str, accept: str, accept_encoding: str) -> Answer:
+        """``GET /v1/snapshot``, also before the lifespan started the endpoint."""
+        if self.endpoint is None:
+            return error_answer(503, "not_loaded", "starting up")
+        return await self.endpoint.handle(query, if_none_match, accept, accept_encoding)
+
+    def close_soon(self) -> None:
+        """Release long-polls (from a signal handler: thread-safe)."""
+        if self._loop is not None and self.cache is not None:
+            self._loop.call_soon_threadsafe(self.cache.close)
+
+
+def snapshot_router(sync: RouterSync) -> APIRouter:
+    """The routes; ``sync_middleware.RouterSyncMiddleware`` checks their token first."""
+    router = APIRouter()
+
+    @router.get(
+        "/v1/snapshot",
+        response_model=SnapshotDocument | DeltaDocument,
+        responses={
+            200: {
+                "description": "The full snapshot (no since), or the delta from since (DeltaDocument). "
+                "Headers: ETag and X-Topology-Version (the version), X-Topology-Age-Seconds (since the "
+                "projector last committed, as this process knows it). Content-Encoding zstd or gzip when "
+                "Accept-Encoding allows it; application/msgpack when Accept prefers it.",
+                "content": {"application/msgpack": {}},
+            },
+            304: {"description": "Nothing newer than the client's version (since, If-None-Match or "
+                  "min_version - 1), also when this process is behind the client: it never hands out an "
+                  "older version"},
+            400: {"model": ErrorDocument},
+            406: {"model": ErrorDocument},
+            410: {"model": GoneDocument, "description": "The change log no longer goes back to since: "
+                  "fetch the full snapshot"},
+            503: {"model": ErrorDocument},
+            **refusals(SNAPSHOT_READ),
+        },
+        summary="Routing tables at one version: full snapshot, or delta since a version; long-poll with wait",
+        openapi_extra=secured(SNAPSHOT_READ),
+    )
+    async def get_snapshot(
+        request: Request,
+        since: int | None = Query(None, ge=0, description="Answer the changes from this version (a delta)"),
+        wait: str | None = Query(None, pattern=WAIT_PATTERN,
+                                 description="Long-poll: hold the request up to this long (30s, 500ms; "
+                                 "bounded by TOPOLOGY_API_MAX_WAIT_S) until a version newer than the "
+                                 "client's exists"),
+        min_version: int | None = Query(None, ge=0, description="Full snapshot at this version or newer "
+                                        "(never an older one)"),
+    ) -> Response:
+        answer = await sync.answer(
+            request.scope["query_string"], request.headers.get("if-none-match", ""),
+            request.headers.get("accept", ""), request.headers.get("accept-encoding", ""),
+        )
+        return starlette_response(answer)
+
+    @router.get(
+        "/v1/classify",
+        response_model=ClassifyDocument,
+        responses={400: {"model": ErrorDocument}, 404: {"model": ErrorDocument}, 503: {"model": ErrorDocument},
+                   **refusals(SNAPSHOT_READ)},
+        summary="Which cell serves this request: ROUTE (a path; its top-level namespace), SESSION_PREFIX, CELL_ID, "
+        "LOGIN (a username or e-mail)",
+        openapi_extra=secured(SNAPSHOT_READ),
+    )
+    async def get_classify(
+        request: Request,
+        type: str = Query(..., description="ROUTE, SESSION_PREFIX, CELL_ID or LOGIN (any case)",  # noqa: A002
+                          json_schema_extra={"pattern": any_case_pattern((*CLASSIFY_TYPES, "LOGIN"))}),
+        value: str = Query(..., description="e.g. gitlab-org/gitlab for a ROUTE, a username or e-mail for a LOGIN"),
+    ) -> Response:
+        snapshot = sync.cache.current if sync.cache is not None else None
+        if snapshot is None:
+            return starlette_response(error_answer(503, "not_loaded", "no snapshot loaded yet"))
+        if type.upper() == "LOGIN":
+            # Usernames and e-mails are not in the routers' snapshot; the claims table answers.
+            cell_id = await login_cell(request.app.state.claims, value)
+            if cell_id is None:
+                status, document = 404, error_body("not_found", "no cell holds this login")
+            else:
+                status, document = classify(snapshot, "CELL_ID", cell_id)
+                if status == 200:
+                    document = {**document, "type": "LOGIN", "value": value, "key": cell_id}
+        else:
+            status, document = classify(snapshot, type, value)
+        # With the snapshot's Vary, as this answer has always had.
+        return starlette_response(Answer.json(status, orjson.dumps(document), version_headers(snapshot, vary=True)))
+
+    return router
