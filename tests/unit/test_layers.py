@@ -2,10 +2,9 @@
 pyproject.toml — imports point down the layers, and the contract, the core and the
 service do no I/O.
 
-The sub-packages of ``topology_store`` live in the repository's top folders (a
-setuptools package-dir mapping), which an editable install serves through an import
-hook that import-linter's file walk cannot follow. So the check runs on a throwaway
-``topology_store/`` folder of links to those folders: the same files, one tree.
+The sub-packages of ``topology_store`` live in the repository's top folders, linked
+into ``src/topology_store/``; ``lint-imports`` walks that tree. The probe runs it on a
+throwaway copy of the tree with one offending module added.
 """
 
 from __future__ import annotations
@@ -18,6 +17,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+PACKAGE = ROOT / "src" / "topology_store"
+FOLDERS = sorted(link.name for link in PACKAGE.iterdir() if link.is_symlink())
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 
@@ -27,8 +28,8 @@ def namespace_tree(where: Path, probe: str | None = None) -> Path:
     package = where / "topology_store"
     package.mkdir()
     (package / "__init__.py").write_text("")
-    for name, folder in PYPROJECT["tool"]["setuptools"]["package-dir"].items():
-        link = package / name.removeprefix("topology_store.")
+    for folder in FOLDERS:
+        link = package / folder
         if probe is not None and folder == "core":
             link.mkdir()
             for module in (ROOT / folder).glob("*.py"):
@@ -40,7 +41,10 @@ def namespace_tree(where: Path, probe: str | None = None) -> Path:
 
 
 def run_contracts(tmp_path: Path, probe: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(namespace_tree(tmp_path, probe))}
+    """lint-imports over the installed tree, or over a copy with a probe module."""
+    env = dict(os.environ)
+    if probe is not None:
+        env["PYTHONPATH"] = str(namespace_tree(tmp_path, probe))
     return subprocess.run([str(LINT_IMPORTS), "--config", str(ROOT / "pyproject.toml"), "--no-cache"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
 
@@ -61,9 +65,11 @@ def test_the_contract_sees_an_upward_import(tmp_path: Path) -> None:
 
 
 def test_the_tree_is_every_package_setuptools_installs() -> None:
-    """Each mapped folder is a package; nothing else at the top is one (but tests, bench)."""
-    mapped = set(PYPROJECT["tool"]["setuptools"]["package-dir"].values())
-    for folder in mapped:
-        assert (ROOT / folder / "__init__.py").is_file(), folder
-    top_packages = {p.parent.name for p in ROOT.glob("*/__init__.py")}
-    assert top_packages - {"tests", "bench"} == mapped
+    """Each top folder that is a package (but tests, bench) is linked into the namespace,
+    and setuptools installs each of them."""
+    top_packages = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests", "bench"}
+    assert set(FOLDERS) == top_packages
+    for folder in FOLDERS:
+        assert (PACKAGE / folder).resolve() == ROOT / folder
+    installed = set(PYPROJECT["tool"]["setuptools"]["packages"])
+    assert {f"topology_store.{folder}" for folder in FOLDERS} <= installed
