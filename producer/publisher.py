@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Self
 from uuid import UUID
 
 from aiokafka import AIOKafkaProducer
@@ -71,7 +72,10 @@ class EventPublisher:
         self._max_batch_bytes = max_batch_bytes
         self._partitioner = DefaultPartitioner()
         self._producer: AIOKafkaProducer | None = None
+        # Set by start(): whether the broker granted an idempotent producer, and the
+        # producer id it assigned then (InitProducerId); adr/0002, adr/0016.
         self.idempotent = False
+        self.producer_id: int | None = None
 
     def _new_producer(self, idempotent: bool) -> AIOKafkaProducer:
         sizing = {} if self._max_batch_bytes is None else {"max_batch_size": self._max_batch_bytes}
@@ -101,14 +105,19 @@ class EventPublisher:
             await producer.stop()
             if mode == "on":
                 raise
-            # The broker refused InitProducerId (the embedded Tansu broker does):
-            # fall back to plain acks=all. Duplicates from retries are then
-            # absorbed downstream by event_id (adr/0002).
+            # "auto" asks the broker rather than guessing it (adr/0016): Apache Kafka grants
+            # a producer id; the embedded Tansu broker answers InitProducerId with an error.
+            # Then plain acks=all: duplicates from retries are absorbed downstream by
+            # event_id (adr/0002).
             log.warning("broker refused an idempotent producer (%r); publishing without idempotence", exc)
             producer = self._new_producer(idempotent=False)
             await producer.start()
         else:
             self.idempotent = True
+            # aiokafka keeps the InitProducerId answer in its transaction manager.
+            manager = getattr(producer, "_txn_manager", None)
+            self.producer_id = getattr(manager, "producer_id", None)
+            log.debug("idempotent producer (producer id %s)", self.producer_id)
         self._producer = producer
 
     async def stop(self) -> None:
@@ -116,7 +125,7 @@ class EventPublisher:
             await self._producer.stop()
             self._producer = None
 
-    async def __aenter__(self) -> EventPublisher:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 

@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     claims_topic: str = "topology.claims"
     claim_requests_topic: str = "topology.claim-requests"
     claim_decisions_topic: str = "topology.claim-decisions"
+    # `topology topics` creates the claim-requests topic with message.timestamp.type=LogAppendTime
+    # and, on a broker that applies topic configs, switches an existing one to it (adr/0010, adr/0016).
     claim_requests_partitions: int = Field(default=8, ge=1)
     claims_partitions: int = Field(default=8, ge=1)
     replication_factor: int = Field(default=1, ge=1)
@@ -32,7 +34,9 @@ class Settings(BaseSettings):
     # Producer
     producer_idempotence: Literal["auto", "on", "off"] = Field(
         default="auto",
-        description="auto: idempotent where the broker serves InitProducerId, plain acks=all otherwise",
+        description="auto: idempotent where the broker grants a producer id (Apache Kafka), plain acks=all "
+        "where it refuses InitProducerId (the embedded Tansu broker); on: refuse to start without; off: never "
+        "(adr/0016)",
     )
     producer_linger_ms: int = Field(default=5, ge=0)
     producer_request_timeout_ms: int = Field(default=30_000, ge=1000)
