@@ -1,6 +1,13 @@
 """Fixtures: real servers (chosen in ``tests/servers.py``), and per-test isolation —
 a database of its own (copied from a migrated template) and topics and a consumer
-group of their own — so tests run in any order."""
+group of their own — so tests run in any order.
+
+Brokers (adr/0016): ``servers.broker`` is the session's (Apache Kafka by default where it
+can run, ``TOPOLOGY_TEST_BROKER=apache|tansu`` to choose); ``other_broker`` the other kind;
+``each_broker`` runs a test once per kind; ``own_broker`` is a private broker of the
+session's kind that a test may freeze. Tests marked ``both_brokers`` exercise what differs
+between brokers (group joins, rebalances, lag, crashes, outages): CI runs them a second
+time with ``TOPOLOGY_TEST_BROKER=tansu`` (``.ci/run``, docs/testing.md)."""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -15,10 +23,33 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from pydantic import SecretStr
 
-from tests.servers import Servers, start_servers
+from tests.servers import (
+    BROKER_ENV,
+    KINDS,
+    Broker,
+    PrivateBroker,
+    ServerChoiceError,
+    Servers,
+    private_broker,
+    start_other_broker,
+    start_servers,
+)
 from topology_store.projector.migrate import upgrade_to_head
 from topology_store.runtime.settings import Settings
 from topology_store.runtime.topics import ensure_topics
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "both_brokers: exercises what differs between brokers (group joins, rebalances, lag, crashes, "
+        "outages); CI runs these again on the embedded Tansu broker (TOPOLOGY_TEST_BROKER=tansu -m both_brokers)",
+    )
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    chosen = os.environ.get(BROKER_ENV) or "unset: the first of env, Docker, the local JVM, Tansu"
+    return f"broker: {BROKER_ENV}={chosen} (tests/servers.py)"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -42,12 +73,60 @@ AUTH = {"Authorization": f"Bearer {TEST_TOKEN}"}
 CLAIMS_AUTH = {"Authorization": f"Bearer {TEST_CLAIMS_TOKEN}"}
 
 
+def _say(config: pytest.Config, line: str) -> None:
+    """A line on the terminal at once, whatever the output capturing."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or capture is None:
+        print(line)
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.ensure_newline()
+        reporter.write_line(line)
+
+
 @pytest.fixture(scope="session")
-def servers() -> Iterator[Servers]:
+def servers(request: pytest.FixtureRequest) -> Iterator[Servers]:
     with ExitStack() as stack:
-        chosen = start_servers(stack)
-        print(f"\nintegration servers: {chosen.description}")
+        try:
+            chosen = start_servers(stack)
+        except ServerChoiceError as exc:
+            pytest.exit(f"integration servers: {exc}", returncode=3)
+        _say(request.config, f"integration servers: {chosen.description}")
         yield chosen
+
+
+@pytest.fixture(scope="session")
+def other_broker(request: pytest.FixtureRequest, servers: Servers) -> Iterator[Broker]:
+    """A broker of the other kind than the session's (Tansu when the session runs on Apache
+    Kafka, and the other way round); the test is skipped when it cannot run here."""
+    with ExitStack() as stack:
+        try:
+            broker = start_other_broker(stack, servers)
+        except ServerChoiceError as exc:
+            pytest.skip(f"no second broker: {exc}")
+        _say(request.config, f"other broker: {broker.description}")
+        yield broker
+
+
+@pytest.fixture(params=KINDS)
+def each_broker(request: pytest.FixtureRequest, servers: Servers) -> Broker:
+    """The test once on Apache Kafka and once on Tansu (the session's broker, or ``other_broker``)."""
+    if servers.broker.kind == request.param:
+        return servers.broker
+    broker: Broker = request.getfixturevalue("other_broker")
+    if broker.kind != request.param:
+        pytest.skip(f"no {request.param} broker here")
+    return broker
+
+
+@pytest.fixture
+def own_broker(servers: Servers, tmp_path: Path) -> Iterator[PrivateBroker]:
+    """A broker for this test alone, of the session's kind, so that it can be frozen with
+    SIGSTOP (``own_broker.signal``) or stopped; thawed and stopped afterwards."""
+    kafka = private_broker(servers.broker.kind, tmp_path / "own-broker.log")
+    yield kafka
+    kafka.stop()
 
 
 def _database_url(servers: Servers, name: str) -> str:
