@@ -1,23 +1,31 @@
-"""Projector apply throughput against the two physical limits, measured in the same run.
+"""Projector apply throughput against the two physical limits, measured in the same run,
+on Tansu and on Apache Kafka.
 
-    python -m bench.projector_throughput [--events 1000000] [--batch 5000] [--profile]
+    python -m bench.projector_throughput [--broker tansu|apache|both] [--events 1000000]
+                                         [--batch 5000] [--profile] [--json FILE]
 
-Opt-in and slow; not part of the test run. It starts its own embedded Kafka broker
-and uses the local PostgreSQL (TOPOLOGY_BENCH_POSTGRES_URL, default
-postgresql://postgres@127.0.0.1:5432/postgres), in a scratch database it drops.
+Opt-in and slow; not part of the test run. For each broker in turn (``--broker``; both
+when Apache Kafka is available, see bench/__init__.py) it starts a fresh broker and a
+fresh scratch database on the local PostgreSQL (TOPOLOGY_BENCH_POSTGRES_URL, default
+postgresql://postgres@127.0.0.1:5432/postgres), which it drops, and runs the same
+workload (the same N records, built once):
 
 1. Pre-loads N ClaimCreated events (distinct namespaces, 8 partitions) into the broker.
 2. Baseline (a), the log-read limit: a bare aiokafka consumer reads and decodes them
    (EventCodec.decode) and does nothing else.
 3. The projector (in this process) from start to caught up: the stored positions
    cover every record. The start includes joining the consumer group (about 5 s on
-   Tansu), which is why small N understate the rate.
+   Tansu), which is why small N understate the rate; the rate after its first committed
+   batch is reported beside it, and so are the CPU this process used per event (the
+   projector's; on a shared machine it moves less than the rate) and the broker's.
 4. Baseline (b), the ingest limit: PostgreSQL COPY of every row the projector wrote
    (all its tables, binary format) into empty tables with the same indexes; plus,
    for reference, COPY of the claims rows alone.
 
-Reports events/s of each and the projector's ratio to the slower baseline. With
---profile, runs the projector under pyinstrument and prints the hot spots.
+Reports events/s of each and the projector's ratio to the slower baseline of its own
+run, per broker, in one table with the ratio Apache Kafka / Tansu, and the load average
+before and after each run (the figures of a shared machine are noisy; compare the
+ratios). With --profile, runs the projector under pyinstrument and prints the hot spots.
 """
 
 from __future__ import annotations
@@ -28,15 +36,20 @@ import io
 import json
 import os
 import platform
+import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from psycopg import sql
 
-from topology_store.cli.devstack import EmbeddedKafka
+from bench import add_broker_argument, broker_table, load_average, running_broker, selected_brokers
+from bench.router_sync import cpu_seconds
 from topology_store.projector.consumer import Projector
 from topology_store.projector.main import tune_gc_for_batches
 from topology_store.projector.migrate import upgrade_to_head
@@ -162,7 +175,19 @@ def copy_resulting_rows(settings: Settings) -> tuple[float, dict[str, int]]:
         return time.perf_counter() - started, {t: n for t, n in counts.items() if n}
 
 
-async def project(settings: Settings, total: int, profile: bool) -> float:
+@dataclass
+class Projected:
+    elapsed_s: float  # start to caught up
+    first_s: float  # start to the first committed batch seen
+    first_count: int  # events that batch covered
+    cpu_s: float  # this process's CPU meanwhile: the projector's (its polling here is negligible)
+    broker_cpu_s: float
+
+
+async def project(settings: Settings, total: int, profile: bool, broker_pid: int | None = None) -> Projected:
+    """The projector from start to caught up, timed; the first committed batch seen splits
+    off the start (group join, first fetch), and the CPU it used is measured beside the wall
+    time (on a shared machine its CPU per event moves less than its rate)."""
     engine = create_engine(settings.sqlalchemy_url)
     tune_gc_for_batches()  # as `topology project` does
     stop = asyncio.Event()
@@ -173,7 +198,10 @@ async def project(settings: Settings, total: int, profile: bool) -> float:
 
         profiler = Profiler(async_mode="enabled")
         profiler.start()
+    broker_cpu = cpu_seconds([broker_pid]) if broker_pid else 0.0
+    cpu = time.process_time()
     started = time.perf_counter()
+    first: tuple[float, int] | None = None
     task = asyncio.create_task(projector.run(stop))
     try:
         with psycopg.connect(settings.libpq_url) as conn:
@@ -181,12 +209,16 @@ async def project(settings: Settings, total: int, profile: bool) -> float:
                 # The stored positions, not count(*): cheap however far the run got.
                 count = conn.execute("SELECT coalesce(sum(next_offset), 0) FROM partition_offsets").fetchone()[0]  # type: ignore[index]
                 conn.commit()
+                if count and first is None:
+                    first = (time.perf_counter() - started, int(count))
                 if count >= total:
                     break
                 if task.done():
                     task.result()
                 await asyncio.sleep(0.2)
         elapsed = time.perf_counter() - started
+        cpu = time.process_time() - cpu
+        broker_cpu = (cpu_seconds([broker_pid]) if broker_pid else 0.0) - broker_cpu
     finally:
         stop.set()
         await task
@@ -194,56 +226,118 @@ async def project(settings: Settings, total: int, profile: bool) -> float:
         if profiler is not None:
             profiler.stop()
             print(profiler.output_text(unicode=True, color=False, show_all=False)[:6000])
-    return elapsed
+    first_s, first_count = first if first is not None else (elapsed, total)
+    return Projected(elapsed, first_s, first_count, cpu, broker_cpu)
 
 
-def main() -> None:
+PRELOAD = "preload (producer, raw bytes)"
+BASELINE_A = "baseline a: bare consumer read + decode"
+BASELINE_B = "baseline b: COPY of all resulting rows"
+CLAIMS_COPY = "  (COPY of the claims rows alone)"
+PROJECTOR = "projector: start to caught up"
+STEADY = "  (projector after its first batch)"
+
+
+def steady_rate(total: int, elapsed_s: float, first_s: float, first_count: int) -> float | None:
+    """Events per second after the first committed batch (the group join and the first
+    fetch left out); None when the first look already saw nearly everything."""
+    if elapsed_s - first_s <= 0 or total - first_count < total / 10:
+        return None
+    return (total - first_count) / (elapsed_s - first_s)
+
+
+def on_broker(name: str, args: argparse.Namespace, admin_url: str,
+              records: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+    """The whole workload on a fresh broker of kind ``name`` and a fresh scratch database."""
+    database = f"bench_{uuid.uuid4().hex[:8]}"
+    log = Path(tempfile.mkdtemp(prefix=f"bench-projector-{name}-")) / f"{name}.log"
+    result: dict[str, Any] = {"broker": name, "load_before": load_average(), "log": str(log)}
+    print(f"[{name}] starting; load average {result['load_before']}", flush=True)
+    with running_broker(name, log) as broker:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+        try:
+            url = psycopg.conninfo.conninfo_to_dict(admin_url)
+            settings = Settings(
+                kafka_bootstrap=broker.bootstrap,
+                database_url=f"postgresql://{url.get('user', 'postgres')}@{url.get('host', '127.0.0.1')}:"
+                f"{url.get('port', 5432)}/{database}",
+                claims_partitions=PARTITIONS, batch_max_events=args.batch, projector_metrics_port=0,
+                consumer_group="bench", producer_idempotence="off",
+            )
+            upgrade_to_head(settings.sqlalchemy_url)
+            asyncio.run(ensure_topics(settings))
+            load_s = asyncio.run(preload(settings, records))
+            read_s = asyncio.run(bare_read(settings, args.events))
+            claims_copy_s = copy_claim_rows(admin_url, database, records)
+            projected = asyncio.run(project(settings, args.events, args.profile, broker.pid))
+            copy_s, rows = copy_resulting_rows(settings)
+        finally:
+            with psycopg.connect(admin_url, autocommit=True) as conn:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
+    print(f"[{name}] rows the projector wrote: {sum(rows.values()):,} "
+          f"({', '.join(f'{t} {n:,}' for t, n in rows.items())})", flush=True)
+    rates: dict[str, float | None] = {
+        PRELOAD: args.events / load_s,
+        BASELINE_A: args.events / read_s,
+        BASELINE_B: args.events / copy_s,
+        CLAIMS_COPY: args.events / claims_copy_s,
+        PROJECTOR: args.events / projected.elapsed_s,
+        STEADY: steady_rate(args.events, projected.elapsed_s, projected.first_s, projected.first_count),
+    }
+    slower = min(args.events / read_s, args.events / copy_s)
+    result.update(rates=rates, ratio=args.events / projected.elapsed_s / slower, first_batch_s=projected.first_s,
+                  cpu_us_per_event=projected.cpu_s / args.events * 1e6,
+                  cpu_share=100 * projected.cpu_s / projected.elapsed_s,
+                  broker_cpu_us_per_event=projected.broker_cpu_s / args.events * 1e6,
+                  load_after=load_average())
+    return result
+
+
+def report(results: list[dict[str, Any]], events: int, batch: int) -> dict[str, Any]:
+    brokers = [r["broker"] for r in results]
+    by = {r["broker"]: r for r in results}
+    rows: list[Any] = [(name, {b: by[b]["rates"][name] for b in brokers}) for name in results[0]["rates"]]
+    rows.append(("projector / slower baseline (same run)", {b: by[b]["ratio"] for b in brokers}, "{:.2f}".format))
+    rows.append(("start to first committed batch", {b: by[b]["first_batch_s"] for b in brokers}, "{:.1f} s".format))
+    rows.append(("projector CPU per event (its process)", {b: by[b]["cpu_us_per_event"] for b in brokers},
+                 "{:.0f} µs".format))
+    rows.append(("  its CPU over wall time (% of one core)", {b: by[b]["cpu_share"] for b in brokers},
+                 "{:.0f}%".format))
+    rows.append(("broker CPU per event meanwhile", {b: by[b]["broker_cpu_us_per_event"] for b in brokers},
+                 "{:.0f} µs".format))
+    print()
+    print(f"{events:,} ClaimCreated events, {batch:,} per batch; events/s unless said otherwise:")
+    for line in broker_table(rows, brokers, "{:,.0f}".format):
+        print(line)
+    for r in results:
+        print(f"load average, {r['broker']} run: before {r['load_before']}; after {r['load_after']}")
+    return {"events": events, "batch": batch, "runs": [{
+        "broker": r["broker"], **{k.strip(): round(v) for k, v in r["rates"].items() if v is not None},
+        "ratio_to_slower_baseline": round(r["ratio"], 3), "first_batch_s": round(r["first_batch_s"], 1),
+        "projector_cpu_us_per_event": round(r["cpu_us_per_event"], 1),
+        "projector_cpu_percent_of_a_core": round(r["cpu_share"]),
+        "broker_cpu_us_per_event": round(r["broker_cpu_us_per_event"], 1),
+        "load_before": r["load_before"], "load_after": r["load_after"]} for r in results]}
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_broker_argument(parser)
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--batch", type=int, default=5000)
     parser.add_argument("--profile", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    brokers = selected_brokers(args.broker)
     admin_url = os.environ.get("TOPOLOGY_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-    database = f"bench_{uuid.uuid4().hex[:8]}"
-    kafka = EmbeddedKafka().start()
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
-    try:
-        url = psycopg.conninfo.conninfo_to_dict(admin_url)
-        settings = Settings(
-            kafka_bootstrap=kafka.bootstrap,
-            database_url=f"postgresql://{url.get('user', 'postgres')}@{url.get('host', '127.0.0.1')}:"
-            f"{url.get('port', 5432)}/{database}",
-            claims_partitions=PARTITIONS, batch_max_events=args.batch, projector_metrics_port=0,
-            consumer_group="bench", producer_idempotence="off",
-        )
-        upgrade_to_head(settings.sqlalchemy_url)
-        asyncio.run(ensure_topics(settings))
-        print(f"machine: {machine()}")
-        records = claim_records(args.events)
-        load_s = asyncio.run(preload(settings, records))
-        read_s = asyncio.run(bare_read(settings, args.events))
-        claims_copy_s = copy_claim_rows(admin_url, database, records)
-        project_s = asyncio.run(project(settings, args.events, args.profile))
-        copy_s, rows = copy_resulting_rows(settings)
-        print(f"rows the projector wrote: {sum(rows.values()):,} ({', '.join(f'{t} {n:,}' for t, n in rows.items())})")
-        rates = {
-            "preload (producer, raw bytes)": args.events / load_s,
-            "baseline a: bare consumer read + decode": args.events / read_s,
-            "baseline b: COPY of all resulting rows": args.events / copy_s,
-            "  (COPY of the claims rows alone)": args.events / claims_copy_s,
-            "projector: start to caught up": args.events / project_s,
-        }
-        slower = min(rates["baseline a: bare consumer read + decode"], rates["baseline b: COPY of all resulting rows"])
-        for name, rate in rates.items():
-            print(f"{name:45s} {rate:>12,.0f} events/s")
-        print(f"{'projector / slower baseline':45s} {rates['projector: start to caught up'] / slower:>12.2f}")
-        print(json.dumps({"events": args.events, "batch": args.batch, **{k.strip(): round(v) for k, v in rates.items()},
-                          "ratio_to_slower_baseline": round(rates["projector: start to caught up"] / slower, 3)}))
-    finally:
-        kafka.stop()
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
+    print(f"machine: {machine()}; brokers: {', '.join(brokers)}", flush=True)
+    records = claim_records(args.events)  # the same records on every broker
+    results = [on_broker(name, args, admin_url, records) for name in brokers]
+    summary = report(results, args.events, args.batch)
+    if args.json is not None:
+        args.json.write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -1,18 +1,24 @@
 """The pure parts of the benchmark harnesses (bench/): percentiles, the open-loop pacing
-schedule, ratios, joins of timestamps, the cost-growth plan. No servers, no timing:
-the harnesses report figures, they never fail on a time."""
+schedule, ratios, joins of timestamps, the cost-growth plan, the broker choice and the
+both-broker table, the claim harness's HTTP/1.1 client (against a stub on loopback). No
+real servers, no timing: the harnesses report figures, they never fail on a time."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
+from bench import broker_ratio, broker_table, brokers_for
+from bench.claims_latency import Head, cpu_share, pair_requests, parse_head, request_bytes
+from bench.claims_latency import offer as offer_claims
 from bench.cost_growth import fill_plan, log_allowance, per_event_us
 from bench.producer_throughput import alternating, rate
+from bench.projector_throughput import steady_rate
 from bench.steady_latency import (
     Offered,
     Summary,
@@ -92,10 +98,10 @@ class TestPacing:
     def test_a_stalled_pacer_catches_up_at_once(self) -> None:
         # Open loop: what is released depends on the clock only. A pacer that woke
         # 100 ms late releases the 100 events that fell due meanwhile, in one go.
-        smooth = [due(1000, t / 1000, 10**6) for t in range(0, 301)]
+        smooth = [due(1000, t / 1000, 10**6) for t in range(301)]
         assert due(1000, 0.300, 10**6) == smooth[-1]
         assert due(1000, 0.300, 10**6) - due(1000, 0.200, 10**6) == 100
-        assert all(later >= earlier for earlier, later in zip(smooth, smooth[1:], strict=False))
+        assert all(later >= earlier for earlier, later in itertools.pairwise(smooth))
 
     def test_bounds(self) -> None:
         assert due(1000, -0.5, 100) == 0
@@ -183,3 +189,182 @@ def test_producer_rounds_alternate_starting_with_the_baseline() -> None:
     assert alternating(2) == ["bare", "library", "bare", "library"]
     assert alternating(0) == []
     assert rate(100, 0.5) == 200.0
+
+
+class TestBrokerChoice:
+    def test_both_by_default_when_apache_kafka_can_start(self) -> None:
+        assert brokers_for(None, apache_available=True) == ["tansu", "apache"]
+        assert brokers_for(None, apache_available=False) == ["tansu"]
+
+    def test_an_explicit_choice(self) -> None:
+        assert brokers_for("tansu", apache_available=True) == ["tansu"]
+        assert brokers_for("apache", apache_available=True) == ["apache"]
+        assert brokers_for("both", apache_available=True) == ["tansu", "apache"]
+        assert brokers_for("tansu", apache_available=False) == ["tansu"]
+
+    @pytest.mark.parametrize("choice", ["apache", "both"])
+    def test_apache_kafka_asked_for_but_missing_is_an_error_not_a_fallback(self, choice: str) -> None:
+        with pytest.raises(ValueError, match="needs Apache Kafka"):
+            brokers_for(choice, apache_available=False)
+
+    def test_refuses_an_unknown_broker(self) -> None:
+        with pytest.raises(ValueError):
+            brokers_for("redpanda", apache_available=True)
+
+
+class TestBrokerTable:
+    def test_columns_per_broker_and_the_ratio_apache_to_tansu(self) -> None:
+        lines = broker_table([("rate", {"tansu": 100.0, "apache": 50.0}), ("only one", {"tansu": 3.0})],
+                             ["tansu", "apache"], "{:.0f}".format)
+        assert lines == ["|  | Tansu | Apache Kafka | Apache/Tansu |", "|---|---|---|---|",
+                         "| rate | 100 | 50 | 0.50x |", "| only one | 3 |  |  |"]
+
+    def test_one_broker_has_no_ratio_column(self) -> None:
+        assert broker_table([("rate", {"tansu": 1.0})], ["tansu"], "{:.1f}".format) == [
+            "|  | Tansu |", "|---|---|", "| rate | 1.0 |"]
+
+    def test_a_row_may_bring_its_own_format_and_go_without_a_ratio(self) -> None:
+        lines = broker_table([("load", {"tansu": 1.5, "apache": 3.0}, "{:.2f}".format)], ["tansu", "apache"],
+                             "{:.0f}".format, ratio_rows=[])
+        assert lines[-1] == "| load | 1.50 | 3.00 |  |"
+
+    @pytest.mark.parametrize(("apache", "tansu", "text"),
+                             [(2.0, 1.0, "2.00x"), (25.0, 1.0, "25.0x"), (1.0, 0.0, ""), (None, 1.0, ""),
+                              (1.0, math.nan, "")])
+    def test_ratio(self, apache: float | None, tansu: float, text: str) -> None:
+        assert broker_ratio(apache, tansu) == text
+
+
+class TestResponseHead:
+    def test_status_and_length(self) -> None:
+        head = b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: 345\r\n\r\n"
+        assert parse_head(head) == Head(201, 345, keep_alive=True)
+
+    def test_header_names_in_any_case_and_spacing(self) -> None:
+        assert parse_head(b"HTTP/1.1 200 OK\r\nContent-Length:12\r\n\r\n") == Head(200, 12, True)
+        assert parse_head(b"HTTP/1.1 409 Conflict\r\nCONTENT-LENGTH:  7 \r\n\r\n") == Head(409, 7, True)
+
+    def test_connection_close_and_http_1_0(self) -> None:
+        assert parse_head(b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+                          ).keep_alive is False
+        assert parse_head(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n").keep_alive is False
+        assert parse_head(b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 2\r\n\r\n").keep_alive
+
+    def test_no_body_without_length_only_where_http_says_so(self) -> None:
+        assert parse_head(b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\n\r\n") == Head(304, 0, True)
+        assert parse_head(b"HTTP/1.1 204 No Content\r\n\r\n") == Head(204, 0, True)
+        with pytest.raises(ValueError, match="without Content-Length"):
+            parse_head(b"HTTP/1.1 200 OK\r\n\r\n")
+
+    def test_refuses_chunked_and_garbage(self) -> None:
+        with pytest.raises(ValueError, match="chunked"):
+            parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        with pytest.raises(ValueError):
+            parse_head(b"SSH-2.0-OpenSSH\r\n\r\n")
+
+
+class TestRequests:
+    def test_a_post_carries_its_length_and_token(self) -> None:
+        request = request_bytes("POST", "/v1/claims", b'{"a": 1}', token="t0k")
+        head, _, body = request.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        assert lines[0] == b"POST /v1/claims HTTP/1.1"
+        assert b"Authorization: Bearer t0k" in lines and b"Content-Length: 8" in lines
+        assert body == b'{"a": 1}'
+
+    def test_a_get_has_no_body_headers(self) -> None:
+        assert request_bytes("GET", "/healthz") == (
+            b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept-Encoding: identity\r\n\r\n")
+
+    def test_pairs_commit_the_lease_their_begin_names(self) -> None:
+        import json
+
+        pairs = pair_requests(50, "x", commit=True, token="t")
+        values, leases = set(), set()
+        for begin, commit in pairs:
+            body = json.loads(begin.partition(b"\r\n\r\n")[2])
+            assert commit is not None and commit.startswith(f"POST /v1/leases/{body['lease_id']}/commit ".encode())
+            values.add(body["claims"][0]["value"])
+            leases.add(body["lease_id"])
+        assert len(values) == len(leases) == 50  # a fresh namespace and lease each
+        assert all(commit is None for _, commit in pair_requests(3, "y", commit=False))
+
+
+class TestClaimClient:
+    async def test_offer_releases_on_schedule_without_waiting_for_answers(self) -> None:
+        """Open loop against a server that answers nothing until every request has arrived:
+        a client that waited for answers (or queued on a bounded pool) would never finish."""
+        total = 40
+        arrived = 0
+        everyone = asyncio.Event()
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal arrived
+            try:
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length = next(int(line[15:]) for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length:"))
+                    await reader.readexactly(length)
+                    arrived += 1
+                    if arrived == total:
+                        everyone.set()
+                    await everyone.wait()
+                    status = b"201 Created" if head.startswith(b"POST /v1/claims ") else b"200 OK"
+                    writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 2\r\n\r\n{}")
+            except asyncio.IncompleteReadError:
+                writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            step = await asyncio.wait_for(
+                offer_claims(port, "t", 400.0, pair_requests(total, "t", commit=False), connections=2, timeout_s=20),
+                timeout=20)
+        finally:
+            server.close()
+        assert step.statuses == {"begin 201": total}
+        assert len(step.begin) == total and step.failed == 0
+        assert step.opened >= total  # every request had a connection of its own: nothing queued
+        # Timed from when each was due: the first waited for the last one's release.
+        assert max(step.begin) >= (total - 1) / 400.0
+
+    async def test_pairs_commit_on_the_begins_connection_after_its_201(self) -> None:
+        seen: list[bytes] = []
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length = next(int(line[15:]) for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length:"))
+                    await reader.readexactly(length)
+                    seen.append(head.split(b" ", 2)[1])
+                    status = b"201 Created" if head.startswith(b"POST /v1/claims ") else b"200 OK"
+                    writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            step = await offer_claims(port, "p", 200.0, pair_requests(10, "p", commit=True), connections=1,
+                                      timeout_s=10)
+        finally:
+            server.close()
+        assert step.statuses == {"begin 201": 10, "commit 200": 10}
+        assert len(step.pair) == len(step.commit) == 10
+        assert max(step.pair) >= max(step.begin)  # each pair ends after its own begin
+        assert seen.count(b"/v1/claims") == 10 and len(seen) == 20
+
+
+def test_cpu_share_is_percent_of_one_core() -> None:
+    assert cpu_share(0.5, 2.0) == 25.0
+    assert cpu_share(3.0, 1.5) == 200.0
+    assert math.isnan(cpu_share(1.0, 0.0))
+
+
+def test_steady_projector_rate_leaves_the_start_out() -> None:
+    assert steady_rate(100_000, 12.0, 2.0, 10_000) == pytest.approx(9_000.0)
+    assert steady_rate(100_000, 5.0, 5.0, 100_000) is None  # caught up at the first look
+    assert steady_rate(100_000, 5.0, 4.8, 95_000) is None  # too little left to measure
