@@ -17,6 +17,9 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 BROKERS = ("tansu", "apache")
 BROKER_CHOICES = ("tansu", "apache", "both")
@@ -42,6 +45,27 @@ def add_broker_argument(parser: object) -> None:
         "--broker", choices=BROKER_CHOICES, default=None,
         help="which Kafka-protocol broker to run on: tansu (embedded, in memory), apache (Apache Kafka on the "
              "local JVM) or both in turn (the default when Apache Kafka is available, else tansu)")
+    parser.add_argument(  # type: ignore[attr-defined]
+        "--rounds", type=int, default=1,
+        help="run the brokers in turn this many times (tansu, apache, tansu, ...) and report each broker's best "
+             "round: on a machine whose load drifts, alternating keeps one broker from getting all the quiet")
+
+
+def interleaved(brokers: Sequence[str], rounds: int) -> list[str]:
+    """The order of the runs: every broker once per round, in the same order each round."""
+    if rounds < 1:
+        raise ValueError(f"--rounds must be at least 1, not {rounds}")
+    return [broker for _ in range(rounds) for broker in brokers]
+
+
+def best_per_broker(results: Sequence[T], broker_of: Callable[[T], str], score: Callable[[T], float]) -> list[T]:
+    """Each broker's best run (highest ``score``; the first of equals), in the brokers' first order."""
+    best: dict[str, T] = {}
+    for result in results:
+        name = broker_of(result)
+        if name not in best or score(result) > score(best[name]):
+            best[name] = result
+    return list(best.values())
 
 
 def selected_brokers(choice: str | None) -> list[str]:

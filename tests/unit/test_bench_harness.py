@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
-from bench import broker_ratio, broker_table, brokers_for
+from bench import best_per_broker, broker_ratio, broker_table, brokers_for, interleaved
 from bench.claims_latency import Head, cpu_share, pair_requests, parse_head, request_bytes
 from bench.claims_latency import offer as offer_claims
 from bench.cost_growth import fill_plan, log_allowance, per_event_us
@@ -210,6 +210,20 @@ class TestBrokerChoice:
     def test_refuses_an_unknown_broker(self) -> None:
         with pytest.raises(ValueError):
             brokers_for("redpanda", apache_available=True)
+
+
+class TestRounds:
+    def test_brokers_alternate_round_by_round(self) -> None:
+        assert interleaved(["tansu", "apache"], 3) == ["tansu", "apache"] * 3
+        assert interleaved(["tansu"], 2) == ["tansu", "tansu"]
+        with pytest.raises(ValueError):
+            interleaved(["tansu"], 0)
+
+    def test_each_brokers_best_round_in_the_brokers_order(self) -> None:
+        runs = [("tansu", 5.0), ("apache", 3.0), ("tansu", 7.0), ("apache", 2.0), ("tansu", 7.0)]
+        best = best_per_broker(runs, lambda r: r[0], lambda r: r[1])
+        assert best == [("tansu", 7.0), ("apache", 3.0)]
+        assert best[0] is runs[2]  # the first of equals
 
 
 class TestBrokerTable:
