@@ -42,8 +42,7 @@ def not_modified_bytes(sync: RouterSync, counted: Counter, authorization: bytes,
     if answer is None or sync.authorizer.check(authorization, SNAPSHOT_READ) is not None:
         return None
     counted.inc()
-    lines = [b"%s: %s\r\n" % pair for pair in default_headers]
-    lines += [b"%s: %s\r\n" % pair for pair in answer.headers]
+    lines = [b"%s: %s\r\n" % pair for pair in (*default_headers, *answer.headers)]
     return b"HTTP/1.1 304 Not Modified\r\n" + b"".join(lines) + b"\r\n"
 
 

@@ -15,14 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qs
 
 import orjson
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from topology_store.router.client import RouterClient
 from topology_store.runtime.http_server import GracefulServer
@@ -30,12 +29,9 @@ from topology_store.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
-def sidecar_app(client: RouterClient) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+def sidecar_app(client: RouterClient) -> ASGIApp:
     stop = asyncio.Event()
 
     async def respond(send: Send, status: int, body: bytes, content_type: bytes = b"application/json") -> None:
