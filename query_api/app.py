@@ -6,7 +6,6 @@ and keeps the snapshot fresh. ``server`` runs it on uvicorn.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -28,8 +27,6 @@ from topology_store.query_api.sync_middleware import RouterSyncMiddleware
 from topology_store.runtime.database import create_engine
 from topology_store.runtime.settings import Settings
 from topology_store.schemas.models import ClaimBucket, stored_claim_value
-
-log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings, metrics: ApiMetrics | None = None) -> FastAPI:

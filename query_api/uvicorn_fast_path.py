@@ -3,8 +3,8 @@
 A fleet of routers mostly asks "I hold version V; anything newer?" and the answer is
 mostly 304. Through ASGI that costs a scope, a request/response cycle object, an
 asyncio task and two ``send`` calls per request; here, in uvicorn's httptools
-protocol, the parser callback that completes the headers writes the 304 of
-:meth:`SnapshotEndpoint.revalidate_current <topology_store.query_api.snapshot_api.SnapshotEndpoint.revalidate_current>`
+protocol, the parser callback that completes the headers writes the snapshot
+endpoint's 304 (``SnapshotEndpoint.revalidate_current``, ``query_api/snapshot_api.py``)
 straight to the transport when, and only when, all of these hold:
 
 ``GET /v1/snapshot`` without a query, HTTP/1.1 keep-alive, no pipelined request in
