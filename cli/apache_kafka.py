@@ -21,6 +21,12 @@ nothing from the project's own packages::
             ...  # bootstrap_servers=kafka.bootstrap
         finally:
             kafka.stop()
+
+A node of a multi-node cluster is the same class with a ``node_id``, the ``host`` it
+listens on, the static controller quorum (``quorum_voters``, "1@host:port,2@...") and,
+to run it on a host of its own, a ``command_prefix`` such as ``("ip", "netns", "exec",
+"kafka-1")``; ``kill()`` crashes it (SIGKILL) and ``start()`` brings it back on its data
+(tests/cluster/ runs three of them in network namespaces).
 """
 
 from __future__ import annotations
@@ -270,6 +276,14 @@ class ApacheKafka:
     broker_config: dict[str, str] = field(default_factory=dict)
     cluster_id: str = field(default_factory=new_cluster_id)
     class_data_sharing: bool = True
+    #: The address both listeners bind and the broker advertises.
+    host: str = "127.0.0.1"
+    node_id: int = 1
+    #: A static controller quorum of several nodes, "1@host:port,2@host:port,3@host:port"
+    #: (every node gets the same string and the same ``cluster_id``); empty: this node alone.
+    quorum_voters: str = ""
+    #: Put in front of every JVM command line, e.g. ("ip", "netns", "exec", "kafka-1").
+    command_prefix: tuple[str, ...] = ()
     _process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _owns_work_dir: bool = field(default=False, repr=False)
     _owns_log_path: bool = field(default=False, repr=False)
@@ -278,7 +292,7 @@ class ApacheKafka:
 
     @property
     def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -287,14 +301,17 @@ class ApacheKafka:
     def config(self) -> dict[str, str]:
         """The server.properties that start() writes."""
         assert self.work_dir is not None
+        # The 4.x dynamic quorum (KIP-853): this node alone, formatted with --standalone; or
+        # the static quorum of a cluster, every voter named up front.
+        quorum = ({"controller.quorum.voters": self.quorum_voters} if self.quorum_voters
+                  else {"controller.quorum.bootstrap.servers": f"{self.host}:{self.controller_port}"})
         properties = {
             "process.roles": "broker,controller",
-            "node.id": "1",
-            # The 4.x dynamic quorum (KIP-853): this node alone, formatted with --standalone.
-            "controller.quorum.bootstrap.servers": f"127.0.0.1:{self.controller_port}",
+            "node.id": str(self.node_id),
+            **quorum,
             "controller.listener.names": "CONTROLLER",
-            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "listeners": f"PLAINTEXT://{self.host}:{self.port},CONTROLLER://{self.host}:{self.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://{self.host}:{self.port}",
             "inter.broker.listener.name": "PLAINTEXT",
             "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
             "log.dirs": str(self.work_dir / "data"),
@@ -334,15 +351,16 @@ class ApacheKafka:
         archive = _cds_archive(jars, self.heap_mb) if self.class_data_sharing else None
         have_archive = archive is not None and archive.is_file()
         cds_log = self.work_dir / "cds.log"
-        jvm = ["java", *([f"-XX:SharedArchiveFile={archive}"] if have_archive else []),
+        jvm = [*self.command_prefix, "java", *([f"-XX:SharedArchiveFile={archive}"] if have_archive else []),
                f"-Xms{min(256, self.heap_mb)}m", f"-Xmx{self.heap_mb}m", *JVM_OPTIONS,
                f"-Dlog4j2.configurationFile={log4j_path}", "-cp", jars]
         broker = [*jvm, "kafka.Kafka", str(properties_path)]
+        after_java = len(self.command_prefix) + 1
         if have_archive:  # to tell whether the JVM could use it
-            broker.insert(1, f'-Xlog:cds=info:file="{cds_log}"::filecount=0')
+            broker.insert(after_java, f'-Xlog:cds=info:file="{cds_log}"::filecount=0')
         elif archive is not None:
             partial = archive.with_name(f"{archive.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
-            broker.insert(1, f"-XX:ArchiveClassesAtExit={partial}")
+            broker.insert(after_java, f"-XX:ArchiveClassesAtExit={partial}")
             self._cds_dump = (partial, archive)
         deadline = time.monotonic() + timeout_s
         with open(self.log_path, "ab") as log:
@@ -370,8 +388,10 @@ class ApacheKafka:
         return self
 
     def _format(self, java: list[str], properties_path: Path, log: IO[bytes], deadline: float) -> None:
+        # A static quorum is formatted as it is; a lone node as a dynamic quorum of itself.
+        standalone = [] if self.quorum_voters else ["--standalone"]
         command = [*java, "kafka.tools.StorageTool", "format", "--cluster-id", self.cluster_id,
-                   "--config", str(properties_path), "--standalone", "--ignore-formatted"]
+                   "--config", str(properties_path), *standalone, "--ignore-formatted"]
         try:
             done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                   timeout=max(1.0, deadline - time.monotonic()), check=False)
@@ -393,7 +413,7 @@ class ApacheKafka:
                 with open(self.log_path, "rb") as log:
                     log.seek(log_offset)
                     started = STARTED_LINE.encode() in log.read()
-            if started and api_versions_ok(self.port):
+            if started and api_versions_ok(self.port, self.host):
                 return
             time.sleep(0.1)
         raise ApacheKafkaError(f"the broker did not serve on {self.bootstrap} within {timeout_s:g}s; "
@@ -403,6 +423,17 @@ class ApacheKafka:
         """Send ``sig`` (SIGSTOP, SIGCONT, ...) to the broker process, if it runs."""
         if self._process is not None and self._process.poll() is None:
             os.kill(self._process.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL the broker, as a crash would end it: no controlled shutdown, nothing
+        flushed. Its work folder stays, so ``start()`` brings the same node back on its
+        data (with the same ports)."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+        self._terminate(timeout_s=0)  # forgets the process; a half-written class archive is dropped
 
     def _terminate(self, timeout_s: float, keep_archive: bool = True) -> None:
         process, self._process = self._process, None
