@@ -57,9 +57,9 @@ import psycopg
 from aiokafka.structs import ConsumerRecord
 
 from bench.steady_latency import create_database, drop_database, format_ratio, machine, say
-from topology_store.core.cells import PositionedEvent
-from topology_store.projector.archive import ArchivedRecord
-from topology_store.projector.consumer import archived, read_record
+from topology_store.core.fold import PositionedEvent
+from topology_store.projector.archive import RawRecord
+from topology_store.projector.consumer import read_record
 from topology_store.projector.main import tune_gc_for_batches
 from topology_store.projector.migrate import upgrade_to_head
 from topology_store.projector.store import DeadLetter, PartitionAdvance, ProjectionStore
@@ -135,7 +135,7 @@ class Log:
 class Prepared:
     events: list[PositionedEvent]
     dead: list[DeadLetter]
-    archive: list[ArchivedRecord]
+    archive: list[RawRecord]
     advances: dict[tuple[str, int], PartitionAdvance]
 
 
@@ -145,7 +145,7 @@ def prepare(codec: EventCodec, settings: Settings, records: Sequence[ConsumerRec
     first: dict[int, int] = {}
     last: dict[int, int] = {}
     for record in records:
-        prepared.archive.append(archived(record))
+        prepared.archive.append(RawRecord.of(record))
         item = read_record(codec, settings, record)
         (prepared.dead if isinstance(item, DeadLetter) else prepared.events).append(item)  # type: ignore[arg-type]
         first.setdefault(record.partition, record.offset)

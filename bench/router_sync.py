@@ -167,7 +167,7 @@ class Committer:
         self.loop.run_until_complete(self.store.stored_offsets([(self.topic, 0)]))
 
     def commit(self, events: list[Any]) -> int:
-        from topology_store.core.cells import PositionedEvent
+        from topology_store.core.fold import PositionedEvent
         from topology_store.projector.store import PartitionAdvance
 
         positioned = [PositionedEvent(e, self.topic, 0, self.offset + n) for n, e in enumerate(events)]

@@ -50,7 +50,8 @@ def _cmd_history(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
-    from topology_store.projector.replay import Cut, ReplayError, replay
+    from topology_store.projector.replay import replay
+    from topology_store.projector.sources import Cut, ReplayError
 
     try:
         projection = replay(settings, args.into, Cut.parse(args.until), source=args.source, replace=args.replace)
@@ -77,7 +78,6 @@ def _cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
     from topology_store.projector.rebuild import RebuildError, drop_retired, rebuild, result_json
-    from topology_store.projector.replay import ReplayError
 
     try:
         if args.drop_retired:
@@ -88,14 +88,15 @@ def _cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
                          chunk_events=args.chunk_events, max_tail=args.max_tail, lock_timeout_s=args.lock_timeout,
                          tail_timeout_s=args.tail_timeout, switch_attempts=args.switch_attempts,
                          retired_schema=args.retired_schema)
-    except (RebuildError, ReplayError) as exc:
+    except RebuildError as exc:
         raise SystemExit(f"topology rebuild: {exc}") from None
     print(result_json(result))
     return 0
 
 
 def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
-    from topology_store.projector.replay import ReplayError, export_rows
+    from topology_store.projector.replay import export_rows
+    from topology_store.projector.sources import ReplayError
 
     try:
         count = export_rows(settings, args.schema, args.table, args.format, sys.stdout)

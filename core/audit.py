@@ -8,8 +8,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from uuid import UUID
 
-from topology_store.core.cells import BatchResult, Outcome
+from topology_store.core.cells import Outcome
 from topology_store.core.claims import command_keys
+from topology_store.core.fold import BatchResult
 from topology_store.schemas.models import (
     SENSITIVE_BUCKETS,
     CellRegistered,

@@ -1,27 +1,18 @@
-"""What an event does to the topology: pure functions over plain data.
-
-No I/O and no framework here. The shell (``projector.store``) loads the rows a
-batch touches, calls :func:`project_batch`, and writes back what it returns.
+"""The cell rules: what a cell event does to the cells. Pure functions over plain data (adr/0007).
 
 Cells (adr/0004): a cell's fate depends only on earlier cell events, which live
 in the single partition of the cells topic, so any replay of that log reaches the
-same cells whatever the batch boundaries.
-
-Claims (adr/0010): requests are decided by :mod:`topology_store.core.claims` against the live
-registry, once; the decisions are recorded as events (outbox -> claim-decisions
-topic), and replays follow the recorded decisions instead of deciding again.
+same cells whatever the batch boundaries. The fold that applies these rules, and
+the claim rules of :mod:`topology_store.core.claims`, to a log is :mod:`topology_store.core.fold`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Set
-from dataclasses import dataclass, field, replace
-from datetime import datetime
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import TypeAlias
-from uuid import UUID
+from typing import TypeAlias, get_args
 
-from topology_store.core.claims import CLAIM_COMMANDS, Registry, decide, routed_namespaces
 from topology_store.schemas.models import CellRegistered, CellState, CellStateChanged, CellUpdated, Event
 
 
@@ -74,6 +65,7 @@ ALLOWED_TRANSITIONS: Mapping[CellState, frozenset[CellState]] = {
 
 
 CellEvent: TypeAlias = CellRegistered | CellUpdated | CellStateChanged
+CELL_EVENTS: tuple[type[CellEvent], ...] = get_args(CellEvent)
 
 
 def apply_cell_event(cells: Mapping[str, Cell], event: CellEvent) -> tuple[Decision, Cell | None]:
@@ -125,75 +117,3 @@ def apply_cell_event(cells: Mapping[str, Cell], event: CellEvent) -> tuple[Decis
     if event.state not in ALLOWED_TRANSITIONS[current.state]:
         return _rejected(f"transition {current.state.value} -> {event.state.value} not allowed"), current
     return APPLIED, replace(current, state=event.state, state_reason=event.reason)
-
-
-@dataclass(frozen=True, slots=True)
-class PositionedEvent:
-    """An event and where it sits in the log."""
-
-    event: Event
-    topic: str
-    partition: int
-    offset: int
-    log_time: datetime | None = None  # the record's timestamp; None: the event's occurred_at
-
-    @property
-    def at(self) -> datetime:
-        return self.log_time if self.log_time is not None else self.event.occurred_at
-
-
-@dataclass(slots=True)
-class BatchResult:
-    """What a batch does: final rows of every changed key, the claim decisions made,
-    and one decision per event, in order."""
-
-    cells: dict[str, Cell] = field(default_factory=dict)
-    registry: Registry = field(default_factory=Registry)
-    claim_decisions: list[Event] = field(default_factory=list)
-    namespaces: dict[str, str | None] = field(default_factory=dict)  # routing changes
-    decisions: list[tuple[PositionedEvent, Decision]] = field(default_factory=list)
-
-    @property
-    def routing_changed(self) -> bool:
-        """Whether routers would see a difference: a cell or a namespace route."""
-        return bool(self.cells or self.namespaces)
-
-
-def project_batch(
-    events: Iterable[PositionedEvent],
-    cells: Mapping[str, Cell],
-    registry: Registry,
-    seen_event_ids: Set[UUID],
-    secret: bytes,
-) -> BatchResult:
-    """Fold a batch of events, in log order, over the rows it touches.
-
-    ``cells`` holds every cell; ``registry`` holds what :func:`topology_store.core.claims.needs`
-    named for the batch's claim commands; ``seen_event_ids`` the ids among the batch
-    already processed in earlier batches. Inputs are not modified.
-    """
-    working_cells = dict(cells)
-    working = registry.copy()
-    seen = set(seen_event_ids)
-    result = BatchResult(registry=working)
-    for positioned in events:
-        event = positioned.event
-        if event.event_id in seen:
-            result.decisions.append((positioned, DUPLICATE))
-            continue
-        seen.add(event.event_id)
-        if isinstance(event, CLAIM_COMMANDS):
-            verdict = decide(working, event, positioned.at, secret)
-            result.claim_decisions.extend(verdict.decisions)
-            decision = Decision(Outcome(verdict.outcome), verdict.reason, verdict.decisions)
-        elif isinstance(event, CellRegistered | CellUpdated | CellStateChanged):
-            decision, cell = apply_cell_event(working_cells, event)
-            if decision.outcome is Outcome.APPLIED:
-                assert cell is not None  # cells are never deleted, only decommissioned
-                working_cells[cell.cell_id] = cell
-                result.cells[cell.cell_id] = cell
-        else:
-            raise TypeError(f"no rule for {type(event).__name__}")
-        result.decisions.append((positioned, decision))
-    result.namespaces = routed_namespaces(registry.claims, working.claims, working.changed_claims)
-    return result

@@ -1,7 +1,8 @@
 """The archive and the audit index, written in each batch's transaction (adr/0012).
 
-``event_archive`` keeps every consumed record byte for byte (a replay can read it
-instead of Kafka, whose retention may end). ``event_keys`` names the keys each
+``event_archive`` keeps every consumed record byte for byte, as a :class:`RawRecord`
+(a replay can read it instead of Kafka, whose retention may end; a dead letter is the
+same record with its error, ``projector.store.DeadLetter``). ``event_keys`` names the keys each
 processed event touched — the cell, each stored claim key, the lease, the owner,
 and the keys its decisions touched (an expiry, a transfer) — so an auditor can
 list a key's whole history in log order without decoding the log.
@@ -11,25 +12,58 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import lru_cache
+from typing import Any, Self
 from uuid import UUID
 
+from aiokafka.structs import ConsumerRecord
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from topology_store.projector.bulk import copy_rows
 
+# The range of Python datetimes (years 1 to 9999); a Kafka timestamp is any 64-bit number.
+_MIN_MS = int(datetime(1, 1, 1, tzinfo=UTC).timestamp() * 1000)
+_MAX_MS = int(datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC).timestamp() * 1000)
+CLAMPED_LOG_TIMES = (datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC))
+
+
+def record_log_time(record: ConsumerRecord) -> datetime | None:  # type: ignore[type-arg]
+    """The record's timestamp, or ``None`` when no datetime can hold it (a producer
+    that wrote microseconds instead of milliseconds lands in the year 55,000)."""
+    if not _MIN_MS <= record.timestamp <= _MAX_MS:
+        return None
+    return datetime.fromtimestamp(record.timestamp / 1000, UTC)
+
+
+def archive_log_time(record: ConsumerRecord) -> datetime:  # type: ignore[type-arg]
+    """The archive's log time: the timestamp, clamped into the datetime range. The
+    archive keeps the bytes; such a record is dead-lettered with the exact number."""
+    moment = record_log_time(record)
+    if moment is not None:
+        return moment
+    return CLAMPED_LOG_TIMES[0] if record.timestamp < _MIN_MS else CLAMPED_LOG_TIMES[1]
+
 
 @dataclass(frozen=True, slots=True)
-class ArchivedRecord:
+class RawRecord:
+    """A record as consumed, byte for byte: where it sits, its key, value and headers."""
+
     topic: str
     partition: int
     offset: int
     key: bytes | None
     value: bytes | None
     headers: tuple[tuple[str, bytes], ...]
-    log_time: datetime
+    # The archive's log time (clamped); keyword-only, so a subclass can add fields.
+    log_time: datetime | None = field(default=None, kw_only=True)
+
+    @classmethod
+    def of(cls, record: ConsumerRecord, **more: Any) -> Self:  # type: ignore[type-arg]
+        """The consumed record; ``more`` fills a subclass's own fields (a dead letter's error)."""
+        return cls(record.topic, record.partition, record.offset, record.key, record.value,
+                   tuple((k, bytes(v)) for k, v in record.headers), log_time=archive_log_time(record), **more)
 
 
 def headers_json(headers: Iterable[tuple[str, bytes]]) -> str:
@@ -44,7 +78,7 @@ def _headers_json(headers: tuple[tuple[str, bytes], ...]) -> str:
     return json.dumps([[name, value.hex()] for name, value in headers])
 
 
-async def write_archive(conn: AsyncConnection, records: Sequence[ArchivedRecord]) -> None:
+async def write_archive(conn: AsyncConnection, records: Sequence[RawRecord]) -> None:
     if not records:
         return
     # Plain COPY: fencing lets only the batch that advances a partition's stored
@@ -54,8 +88,7 @@ async def write_archive(conn: AsyncConnection, records: Sequence[ArchivedRecord]
         "event_archive",
         ("topic", "partition", "offset", "key", "value", "headers", "log_time"),
         (
-            (r.topic, r.partition, r.offset, r.key, r.value, headers_json(r.headers),
-             r.log_time)
+            (r.topic, r.partition, r.offset, r.key, r.value, headers_json(r.headers), r.log_time)
             for r in records
         ),
     )

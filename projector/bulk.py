@@ -1,8 +1,10 @@
-"""Bulk statements inside the batch's transaction, on its own connection.
+"""Bulk statements inside the caller's transaction, on its own connection.
 
 Append-only rows (decisions, the archive, the audit index) are the bulk of what a
-batch writes; COPY moves them several times faster than any INSERT, and it runs on
-the same connection, so it commits or rolls back with the rest of the batch.
+batch writes, and a replay writes nothing else (projector/replay.py); COPY moves
+them several times faster than any INSERT, and it runs on the same connection, so
+it commits or rolls back with the rest of the transaction. :func:`copy_rows` is the
+one COPY of the code base.
 
 Set-based statements take whole columns as array parameters (``unnest``). psycopg
 dumps arrays in the text format by default, quoting and escaping every element in
@@ -15,23 +17,33 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import psycopg
 from psycopg import sql
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 
-async def copy_rows(
-    conn: AsyncConnection, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
-) -> None:
-    raw = await conn.get_raw_connection()
-    driver = raw.driver_connection  # the psycopg AsyncConnection of this transaction
+async def _driver(conn: AsyncConnection | psycopg.AsyncConnection[Any]) -> psycopg.AsyncConnection[Any]:
+    """The psycopg connection of the transaction (SQLAlchemy's, or psycopg's own)."""
+    if isinstance(conn, psycopg.AsyncConnection):
+        return conn
+    driver = (await conn.get_raw_connection()).driver_connection
     assert driver is not None
-    statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
-        sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, columns))
-    )
-    async with driver.cursor() as cursor:
-        async with cursor.copy(statement) as copy:
-            for row in rows:
-                await copy.write_row(row)
+    return driver  # type: ignore[no-any-return]
+
+
+async def copy_rows(
+    conn: AsyncConnection | psycopg.AsyncConnection[Any],
+    table: str,
+    columns: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    schema: str | None = None,
+) -> None:
+    """COPY ``rows`` into ``table`` (of ``schema``; None: the search path)."""
+    name = sql.Identifier(schema, table) if schema is not None else sql.Identifier(table)
+    statement = sql.SQL("COPY {} ({}) FROM STDIN").format(name, sql.SQL(", ").join(map(sql.Identifier, columns)))
+    async with (await _driver(conn)).cursor() as cursor, cursor.copy(statement) as copy:
+        for row in rows:
+            await copy.write_row(row)
 
 
 async def execute_binary(
@@ -39,9 +51,6 @@ async def execute_binary(
 ) -> list[tuple[Any, ...]]:
     """Run ``query`` with psycopg placeholders (``%(name)b`` sends that parameter in
     the binary format) on the transaction's connection; the rows it returns, if any."""
-    raw = await conn.get_raw_connection()
-    driver = raw.driver_connection
-    assert driver is not None
-    async with driver.cursor() as cursor:
+    async with (await _driver(conn)).cursor() as cursor:
         await cursor.execute(query, params)  # type: ignore[arg-type]  # a query built from constants
         return await cursor.fetchall() if cursor.description is not None else []

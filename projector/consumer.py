@@ -19,19 +19,12 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
-from topology_store.core.cells import PositionedEvent
-from topology_store.projector.archive import ArchivedRecord
+from topology_store.core.fold import PositionedEvent
+from topology_store.projector.archive import RawRecord, record_log_time
 from topology_store.projector.health import Health
 from topology_store.projector.metrics import PartitionProgress, ProjectorMetrics
 from topology_store.projector.observe import apply_span, batch_committed, batch_failed, bounded_event_type
-from topology_store.projector.poison import (
-    CommitOutcome,
-    Position,
-    archive_log_time,
-    is_transient,
-    on_failure,
-    record_log_time,
-)
+from topology_store.projector.poison import CommitOutcome, Position, is_transient, on_failure
 from topology_store.projector.store import DeadLetter, FencedError, PartitionAdvance, ProjectionStore
 from topology_store.runtime.retry import backoff, sleep_unless
 from topology_store.runtime.settings import Settings
@@ -59,39 +52,13 @@ def read_record(codec: EventCodec, settings: Settings, record: ConsumerRecord) -
             # where their order is lost.
             raise DecodeError(f"record key {record.key!r} is not the partition key {event.partition_key!r}")
     except (DecodeError, EventInputError) as exc:
-        return dead_letter(record, str(exc))
+        return DeadLetter.of(record, error=str(exc))
     return PositionedEvent(
         event=event,
         topic=record.topic,
         partition=record.partition,
         offset=record.offset,
         log_time=log_time,
-    )
-
-
-def archived(record: ConsumerRecord) -> ArchivedRecord:
-    """The record as the archive keeps it: byte for byte, with its log time."""
-    return ArchivedRecord(
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        key=record.key,
-        value=record.value,
-        headers=tuple((k, bytes(v)) for k, v in record.headers),
-        log_time=archive_log_time(record),
-    )
-
-
-def dead_letter(record: ConsumerRecord, error: str) -> DeadLetter:
-    """The record byte for byte, and why it is not applied."""
-    return DeadLetter(
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        key=record.key,
-        value=record.value,
-        headers=tuple((k, bytes(v)) for k, v in record.headers),
-        error=error,
     )
 
 
@@ -250,7 +217,7 @@ class Projector:
         rebalances = self.rebalances
         events: list[PositionedEvent] = []
         dead: list[DeadLetter] = []
-        archive: list[ArchivedRecord] = []
+        archive: list[RawRecord] = []
         advances: dict[tuple[str, int], PartitionAdvance] = {}
         for tp, records in batch.items():
             position = self.positions.get(tp)
@@ -267,10 +234,10 @@ class Projector:
                     "archive, or reset the stored offsets deliberately."
                 )
             for record in records:
-                archive.append(archived(record))
+                archive.append(RawRecord.of(record))  # every record, byte for byte, whatever it holds
                 item = read_record(self.codec, self.settings, record)
                 if poisoned and (record.topic, record.partition, record.offset) in poisoned:
-                    item = dead_letter(record, poisoned[(record.topic, record.partition, record.offset)])
+                    item = DeadLetter.of(record, error=poisoned[(record.topic, record.partition, record.offset)])
                 if isinstance(item, DeadLetter):
                     log.error(
                         "dead letter %s[%d]@%d: %s", record.topic, record.partition, record.offset, item.error,

@@ -29,7 +29,7 @@ import getpass
 import json
 import socket
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -38,14 +38,14 @@ from psycopg.rows import dict_row
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from topology_store.core.cells import BatchResult, PositionedEvent
+from topology_store.core.fold import BatchResult, PositionedEvent
+from topology_store.projector.archive import CLAMPED_LOG_TIMES
 from topology_store.projector.store import FencedError, PartitionAdvance, ProjectionStore
 from topology_store.runtime.database import create_engine
 from topology_store.runtime.settings import Settings
 from topology_store.schemas.codec import EventCodec
 
 STATUSES = ("open", "resolved", "discarded")
-_CLAMPED = (datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC))
 
 
 class DeadLetterError(RuntimeError):
@@ -129,7 +129,7 @@ def _as_record(row: dict[str, Any]) -> ConsumerRecord:  # type: ignore[type-arg]
     """The dead letter as the consumer saw it. Its timestamp comes from the archive,
     written in the same transaction; a timestamp the archive had to clamp is unknown."""
     log_time: datetime | None = row["log_time"]
-    if log_time is not None and log_time in _CLAMPED:
+    if log_time is not None and log_time in CLAMPED_LOG_TIMES:
         raise DeadLetterError(
             f"dead letter {row['id']}: the record's own timestamp is out of range, so its log time is unknown; "
             "discard it and publish the event again"

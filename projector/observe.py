@@ -23,7 +23,7 @@ from topology_store.runtime.tracing import apply_span_arguments, batch_contexts,
 from topology_store.schemas.models import CELL_EVENT_TYPES, CLAIM_EVENT_TYPES, DECISION_EVENT_TYPES, REQUEST_EVENT_TYPES
 
 if TYPE_CHECKING:
-    from topology_store.core.cells import PositionedEvent
+    from topology_store.core.fold import PositionedEvent
     from topology_store.projector.store import PartitionAdvance
 
 log = logging.getLogger("topology_store.projector.consumer")

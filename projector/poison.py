@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
 
 import psycopg
@@ -51,28 +50,6 @@ Position = tuple[str, int, int]  # topic, partition, offset
 # abandoned (fenced, or a transient failure: positions were re-read from the
 # database, so the rest of an isolation is stale); or the deterministic error.
 CommitOutcome = Literal["committed", "abandoned"] | BaseException
-
-# The range of Python datetimes (years 1 to 9999); a Kafka timestamp is any 64-bit number.
-_MIN_MS = int(datetime(1, 1, 1, tzinfo=UTC).timestamp() * 1000)
-_MAX_MS = int(datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC).timestamp() * 1000)
-
-
-def record_log_time(record: ConsumerRecord) -> datetime | None:
-    """The record's timestamp, or ``None`` when no datetime can hold it (a producer
-    that wrote microseconds instead of milliseconds lands in the year 55,000)."""
-    if not _MIN_MS <= record.timestamp <= _MAX_MS:
-        return None
-    return datetime.fromtimestamp(record.timestamp / 1000, UTC)
-
-
-def archive_log_time(record: ConsumerRecord) -> datetime:
-    """The archive's log time: the timestamp, clamped into the datetime range. The
-    archive keeps the bytes; such a record is dead-lettered with the exact number."""
-    moment = record_log_time(record)
-    if moment is not None:
-        return moment
-    return datetime.min.replace(tzinfo=UTC) if record.timestamp < _MIN_MS else datetime.max.replace(tzinfo=UTC)
-
 
 def database_error(exc: BaseException) -> psycopg.Error | None:
     """The psycopg error behind ``exc``: SQLAlchemy wraps it, COPY (projector/bulk.py) does not."""

@@ -1,15 +1,22 @@
-"""Replay: rebuild the projection from the log into a separate schema, and verify the live one.
+"""The one replay pipeline: the log, folded into a schema of its own, in resumable chunks (adr/0013).
 
-The log is the source of truth; the tables are a view of it. A replay rebuilds
-the view from the beginning up to a cut, without touching the live schema:
+The log is the source of truth; the tables are a view of it. Every rebuilt view
+goes through :func:`building`:
 
-- cells from the cells topic (adr/0004: deterministic in log order);
-- the claim registry from the *recorded decisions* (adr/0010), never by deciding
-  again, so a replay made with newer code still follows what was decided.
+1. A schema at the head migrations, created under a temporary name and renamed once
+   complete, so a crash never leaves half a schema behind; or, when it holds a run
+   that was stopped, that run's checkpoint and content, back in memory.
+2. Chunks read from a source (projector/sources.py: the archive or Kafka; the cells
+   topic and the *recorded decisions*, adr/0010), folded by the live projector's own
+   fold (:func:`topology_store.core.fold.fold`), their changed rows COPYed (projector/bulk.py)
+   and committed with the checkpoint. A run killed at any instant resumes from its
+   last committed chunk, applying no event twice and skipping none.
 
-Sources: ``archive`` reads ``event_archive`` (cells records, byte for byte as
-consumed) and ``topology_outbox`` (decisions, in decision order); ``kafka`` reads
-the cells and claim-decisions topics. Both give the same result.
+- ``topology replay --into SCHEMA [--until CUT]`` (:func:`replay`): the pipeline up to a cut.
+- ``topology verify`` (:func:`verify`): the pipeline into a scratch schema, up to where the
+  live tables stood in one snapshot, compared with them row by row.
+- ``topology rebuild`` (projector/rebuild.py): the pipeline into a shadow schema, caught up
+  with the live projector, then switched with the live tables.
 
 The digest covers the projection's content and leaves out the ``version``
 columns: versions number commits, and commits depend on batch sizes.
@@ -18,400 +25,83 @@ columns: versions number commits, and commits depend on batch sizes.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import gc
 import hashlib
-import io
 import json
 import re
 import sys
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from datetime import datetime
-from enum import Enum
-from functools import partial
-from typing import Any, TextIO, get_args
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, TextIO, TypeVar
 from uuid import UUID
 
 import psycopg
-from fastavro import schemaless_reader
 from psycopg import sql
-from pydantic import BaseModel
 
-from topology_store.core.cells import Cell, Outcome, apply_cell_event
-from topology_store.core.claims import HeldClaim, Lease, Registry, evolve
-from topology_store.projector.migrate import upgrade_to_head
-from topology_store.runtime.settings import Settings
-from topology_store.schemas.codec import HEADER_SIZE, MAGIC, DecodeError, EventCodec
-from topology_store.schemas.models import (
-    DECISION_EVENT_TYPES,
-    EVENT_MODELS,
-    CellRegistered,
-    CellStateChanged,
-    CellUpdated,
-    ClaimBucket,
-    ClaimRef,
-    Conflict,
-    Event,
-    EventInputError,
-    SequenceRangeGranted,
-    parse_event,
+from topology_store.core.cells import DUPLICATE, Cell
+from topology_store.core.claims import ClaimKey, ClaimStatus, HeldClaim, Lease, LeaseStatus
+from topology_store.core.fold import BatchResult, Projection, fold
+from topology_store.projector.bulk import copy_rows
+from topology_store.projector.migrate import alembic_config, upgrade_to_head
+from topology_store.projector.sources import (
+    WHOLE_LOG,
+    Checkpoint,
+    Chunk,
+    Conn,
+    Cut,
+    ReplayError,
+    Source,
+    fetch_all,
+    fetch_one,
+    make_source,
 )
-from topology_store.schemas.registry import load_registry
+from topology_store.runtime.settings import Settings
+from topology_store.schemas.models import (
+    CellState,
+    ClaimsCommitted,
+    ClaimsDestroyed,
+    LeaseCommitted,
+    LeaseGranted,
+    LeaseReleased,
+    OwnerTransferred,
+    OwnerType,
+    ReleaseCause,
+    SequenceRangeGranted,
+)
 
-SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,49}$")  # room for the _building suffix within 63 characters
 LIVE_SCHEMA = "public"
+CHECKPOINT_TABLE = "rebuild_checkpoint"
+SEEN_TABLE = "rebuild_seen"  # event ids applied whose duplicates later in the log must be skipped
+BUILDING_SUFFIX = "_building"
+SCHEMA_LOCK = 0x746F706F  # pg advisory lock class: one run per schema at a time (the key: the schema's hash)
+# The decisions that touch claims (all name them in ``claims``) and those that touch a lease.
+_CLAIMS_DECISIONS = frozenset({LeaseGranted, LeaseCommitted, LeaseReleased, ClaimsCommitted, ClaimsDestroyed,
+                               OwnerTransferred})
+_LEASE_DECISIONS = frozenset({LeaseGranted, LeaseCommitted, LeaseReleased})
+_CHECKPOINT_FIELDS = [f.name for f in fields(Checkpoint)]
+# How each command names its schema and its start-over flag, for messages.
+_FLAGS = {"replay": ("--into", "--replace"), "rebuild": ("--schema", "--restart"), "verify": ("--schema", "--restart")}
+
+T = TypeVar("T")
 
 
-class ReplayError(RuntimeError):
-    pass
-
-
-@dataclass(frozen=True)
-class Cut:
-    """Where a replay stops: at a log time, a topology version, or partition offsets
-    (all records strictly before the given next offset). None: the whole log."""
-
-    until_time: datetime | None = None
-    until_version: int | None = None
-    until_offsets: dict[tuple[str, int], int] | None = None
-
-    @staticmethod
-    def parse(text: str | None) -> Cut:
-        if not text:
-            return Cut()
-        if text.startswith("version:") or text.isdigit():
-            return Cut(until_version=int(text.removeprefix("version:")))
-        if "@" in text or text.count(":") >= 2 and not text[:4].isdigit():
-            offsets: dict[tuple[str, int], int] = {}
-            for part in text.split(","):
-                topic_partition, _, offset = part.rpartition("@") if "@" in part else part.rpartition(":")
-                topic, _, number = topic_partition.rpartition(":")
-                if not topic or not number.isdigit() or not offset.isdigit():
-                    raise ReplayError(f"an offsets cut looks like topic:partition@next_offset, not {part!r}")
-                offsets[(topic, int(number))] = int(offset)
-            return Cut(until_offsets=offsets)
-        try:
-            moment = datetime.fromisoformat(text)
-        except ValueError:
-            raise ReplayError(
-                f"--until takes a timestamp (ISO 8601 with zone), version:N, or topic:partition@offset; not {text!r}"
-            ) from None
-        if moment.tzinfo is None:
-            raise ReplayError("a timestamp cut needs a time zone, e.g. 2026-11-23T17:00:00+00:00")
-        return Cut(until_time=moment)
-
-
-@dataclass
-class Projection:
-    """The projection's content, as plain rows (no versions)."""
-
-    cells: dict[str, Cell] = field(default_factory=dict)
-    registry: Registry = field(default_factory=Registry)
-    version: int = 0
-
-
-@dataclass
-class Progress:
-    """Events/s and ETA on a terminal, at most once a second."""
-
-    total: int
-    out: TextIO = sys.stderr
-    done: int = 0
-    started: float = field(default_factory=time.monotonic)
-    shown: float = 0.0
-
-    def advance(self, count: int = 1) -> None:
-        self.done += count
-        now = time.monotonic()
-        if now - self.shown >= 1.0 or self.done == self.total:
-            self.shown = now
-            rate = self.done / max(now - self.started, 1e-9)
-            eta = (self.total - self.done) / rate if rate else 0.0
-            print(f"\rreplayed {self.done}/{self.total} events, {rate:,.0f}/s, ETA {eta:,.0f}s ", end="",
-                  file=self.out, flush=True)
-            if self.done == self.total:
-                print(file=self.out)
-
-
-def decode_event(codec: EventCodec, value: bytes) -> Event | None:
+def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run ``coroutine`` to its end on an event loop of its own: in this thread, or in
+    another when this one runs a loop already (a caller that blocks on us knowingly)."""
     try:
-        decoded = codec.decode(value)
-        return parse_event(decoded.payload, decoded.event_type)
-    except (DecodeError, EventInputError):
-        return None  # dead-lettered when it was consumed; it never changed the projection
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
-class DecisionDecoder:
-    """Decodes recorded claim decisions without validating them again.
+# --- the projection's rows -----------------------------------------------------------------------
 
-    A decision in the outbox or on the decision topic was built by the decider from
-    validated, canonical values and encoded by this code base; re-running pydantic's
-    validators on it (canonical values, NUL checks, millisecond truncation) yields an
-    equal model at several times the cost, which was most of a replay. So the models
-    are built directly from the Avro record (Avro schemas parsed once, per
-    fingerprint), enum and nested fields converted the way validation converts them.
-    Every ``check_every``-th decision is also decoded with the codec and parsed with
-    :func:`schemas.models.parse_event` and must compare equal; anything unusual (not a
-    decision, an unknown fingerprint or symbol, a field the model lacks) takes that path.
-    """
-
-    def __init__(self, codec: EventCodec | None = None, check_every: int = 997) -> None:
-        self._codec = codec or EventCodec()
-        self._check_every = check_every
-        self._count = 0
-        registry = load_registry()
-        self._schemas: dict[bytes, tuple[str, Any, Any]] = {}
-        for fingerprint, writer in registry.writers.items():
-            reader = registry.readers.get(writer.event_type)
-            if writer.event_type in DECISION_EVENT_TYPES and reader is not None:
-                # Same fingerprint: no schema resolution to do.
-                self._schemas[fingerprint] = (writer.event_type, writer.parsed,
-                                              None if reader.fingerprint == fingerprint else reader.parsed)
-        self._plans = {event_type: _Plan.of(EVENT_MODELS[event_type]) for event_type in DECISION_EVENT_TYPES}
-
-    def decode(self, value: bytes) -> Event | None:
-        """The decision, or None when the bytes are not a readable event (as :func:`decode_event`)."""
-        schema = self._schemas.get(bytes(value[2:HEADER_SIZE])) if value[:2] == MAGIC else None
-        if schema is None:
-            return decode_event(self._codec, value)
-        event_type, writer, reader = schema
-        body = io.BytesIO(value)
-        body.seek(HEADER_SIZE)
-        try:
-            payload = schemaless_reader(body, writer, reader)
-        except Exception:  # noqa: BLE001 - fastavro raises many kinds on corrupt bodies; the codec names it
-            return decode_event(self._codec, value)
-        event = self._plans[event_type].build(payload) if isinstance(payload, dict) and body.tell() == len(value) \
-            else None
-        if event is None:
-            return decode_event(self._codec, value)
-        self._count += 1
-        if self._count % self._check_every == 0:
-            parsed = decode_event(self._codec, value)
-            if parsed != event:
-                raise ReplayError(f"a {event_type} decision decodes differently without validation: "
-                                  f"{event!r} != {parsed!r}")
-        return event
-
-
-_NEW = object.__new__
-_SET = object.__setattr__
-_FIELDS_SET = BaseModel.__pydantic_fields_set__.__set__  # type: ignore[attr-defined]
-_EXTRA = BaseModel.__pydantic_extra__.__set__  # type: ignore[union-attr]
-_PRIVATE = BaseModel.__pydantic_private__.__set__  # type: ignore[union-attr]
-_BUCKETS = {bucket.value: bucket for bucket in ClaimBucket}
-
-
-def _built(model: type[BaseModel], values: dict[str, Any]) -> Any:
-    # What BaseModel.model_construct does, minus its per-field bookkeeping.
-    instance = _NEW(model)
-    _SET(instance, "__dict__", values)
-    _FIELDS_SET(instance, set(values))
-    _EXTRA(instance, None)
-    _PRIVATE(instance, None)
-    return instance
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """How validation turns one decision's Avro record into its model's values."""
-
-    model: type[Event]
-    fields: frozenset[str]
-    enums: tuple[tuple[str, dict[Any, Enum]], ...]  # field -> symbol -> member (None stays None)
-    refs: bool  # ``claims`` holds ClaimRefs
-    conflicts: bool  # ``conflicts`` holds Conflicts
-
-    @staticmethod
-    def of(model: type[Event]) -> _Plan:
-        enums = []
-        for name, info in model.model_fields.items():
-            kinds = [a for a in (get_args(info.annotation) or (info.annotation,)) if a is not type(None)]
-            if len(kinds) == 1 and isinstance(kinds[0], type) and issubclass(kinds[0], Enum):
-                enums.append((name, {member.value: member for member in kinds[0]}))
-        fields = model.model_fields
-        refs = "claims" in fields and get_args(fields["claims"].annotation)[:1] == (ClaimRef,)
-        conflicts = "conflicts" in fields and get_args(fields["conflicts"].annotation)[:1] == (Conflict,)
-        return _Plan(model, frozenset(fields), tuple(enums), refs, conflicts)
-
-    def build(self, payload: dict[str, Any]) -> Event | None:
-        if payload.keys() != self.fields:
-            return None
-        try:
-            for name, members in self.enums:
-                value = payload[name]
-                if value is not None:
-                    payload[name] = members[value]
-            if self.refs:
-                payload["claims"] = tuple([_built(ClaimRef, {"bucket": _BUCKETS[r["bucket"]], "value": r["value"]})
-                                           for r in payload["claims"]])
-            if self.conflicts:
-                payload["conflicts"] = tuple([
-                    _built(Conflict, {"bucket": _BUCKETS[c["bucket"]], "value": c["value"], "cell_id": c["cell_id"]})
-                    for c in payload["conflicts"]])
-        except KeyError:  # a symbol this code does not know: let validation say what it makes of it
-            return None
-        return _built(self.model, payload)  # type: ignore[no-any-return]
-
-
-def _parse(payload: dict[str, Any], event_type: str) -> Event | None:
-    try:
-        return parse_event(payload, event_type)
-    except EventInputError:
-        return None
-
-
-def fold(cell_events: Iterable[Event], decisions: Iterable[Event], progress: Progress | None = None) -> Projection:
-    """The projection a log yields: pure, deterministic, independent of batching."""
-    projection = Projection()
-    seen: set[UUID] = set()
-    for event in cell_events:
-        if event.event_id in seen:
-            continue
-        seen.add(event.event_id)
-        assert isinstance(event, CellRegistered | CellUpdated | CellStateChanged)
-        decision, cell = apply_cell_event(projection.cells, event)
-        if decision.outcome is Outcome.APPLIED and cell is not None:
-            projection.cells[cell.cell_id] = cell
-        if progress:
-            progress.advance()
-    for decision_event in decisions:
-        if decision_event.event_id in seen:
-            continue  # the relay publishes at least once
-        seen.add(decision_event.event_id)
-        evolve(projection.registry, decision_event)
-        if progress:
-            progress.advance()
-    return projection
-
-
-# --- reading the log ---------------------------------------------------------------------------
-
-
-def _cut_decision_ids(conn: psycopg.Connection[Any], cut: Cut) -> set[str] | None:
-    """The decisions inside a version or offsets cut, named by processed_events.detail."""
-    if cut.until_version is None and cut.until_offsets is None:
-        return None
-    if cut.until_version is not None:
-        rows = conn.execute("SELECT detail FROM processed_events WHERE detail IS NOT NULL AND version <= %s",
-                            (cut.until_version,))
-    else:
-        assert cut.until_offsets is not None
-        rows = conn.execute(
-            'SELECT detail FROM processed_events p JOIN unnest(%s::text[], %s::int[], %s::bigint[]) AS c(t, n, o) '
-            'ON p.topic = c.t AND p.partition = c.n AND p."offset" < c.o WHERE detail IS NOT NULL',
-            ([t for t, _ in cut.until_offsets], [n for _, n in cut.until_offsets], list(cut.until_offsets.values())),
-        )
-    return {str(d["event_id"]) for (detail,) in rows for d in detail}
-
-
-def read_archive(conn: psycopg.Connection[Any], settings: Settings, cut: Cut) -> tuple[list[Event], list[Event]]:
-    codec = EventCodec()
-    query = 'SELECT value, log_time, "offset" FROM event_archive WHERE topic = %s'
-    # What the live projector dead-lettered (a wrong key, a record it could not apply)
-    # never changed the projection, even when its bytes decode; a re-driven one did.
-    query += (' AND NOT EXISTS (SELECT 1 FROM dead_letters d WHERE d.topic = event_archive.topic '
-              'AND d.partition = event_archive.partition AND d."offset" = event_archive."offset" '
-              "AND d.status <> 'resolved')")
-    params: list[Any] = [settings.cells_topic]
-    if cut.until_time is not None:
-        query += " AND log_time <= %s"
-        params.append(cut.until_time)
-    if cut.until_version is not None:
-        query += (' AND "offset" <= coalesce((SELECT max("offset") FROM processed_events '
-                  "WHERE topic = %s AND version <= %s), -1)")
-        params += [settings.cells_topic, cut.until_version]
-    if cut.until_offsets is not None:
-        query += ' AND "offset" < %s'
-        params.append(cut.until_offsets.get((settings.cells_topic, 0), 0))
-    cells = [e for (value, _, _) in conn.execute(query + ' ORDER BY "offset"', params)
-             if value is not None and (e := decode_event(codec, bytes(value))) is not None]
-    allowed = _cut_decision_ids(conn, cut)
-    decisions = []
-    decoder = DecisionDecoder(codec)
-    for (payload,) in conn.execute("SELECT payload FROM topology_outbox ORDER BY id"):
-        event = decoder.decode(bytes(payload))
-        if event is None:
-            raise ReplayError("an outbox row is not a readable decision")
-        if cut.until_time is not None and event.occurred_at > cut.until_time:
-            continue
-        if allowed is not None and str(event.event_id) not in allowed:
-            continue
-        decisions.append(event)
-    return cells, decisions
-
-
-async def read_kafka(settings: Settings, cut: Cut, idle_ms: int = 2000) -> tuple[list[Event], list[Event]]:
-    """Read the cells and claim-decisions topics from the beginning until they go quiet.
-    (Broker end offsets are not trusted: the embedded broker reports them wrongly.)"""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    if cut.until_version is not None:
-        raise ReplayError("a version cut needs the archive source (versions live in PostgreSQL)")
-    codec = EventCodec()
-    decoder = DecisionDecoder(codec)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        found: dict[str, list[Event]] = {settings.cells_topic: [], settings.claim_decisions_topic: []}
-        for topic in found:
-            tp = TopicPartition(topic, 0)
-            consumer.assign([tp])
-            await consumer.seek_to_beginning(tp)
-            limit = (cut.until_offsets or {}).get((topic, 0))
-            read = decoder.decode if topic == settings.claim_decisions_topic else partial(decode_event, codec)
-            while True:
-                batch = await consumer.getmany(tp, timeout_ms=idle_ms, max_records=10_000)
-                records = batch.get(tp, [])
-                if not records:
-                    break
-                for record in records:
-                    if limit is not None and record.offset >= limit:
-                        break
-                    event = read(record.value) if record.value is not None else None
-                    if event is None:
-                        continue
-                    if cut.until_time is not None and event.occurred_at > cut.until_time:
-                        continue
-                    found[topic].append(event)
-        return found[settings.cells_topic], found[settings.claim_decisions_topic]
-    finally:
-        await consumer.stop()
-
-
-# --- writing a schema --------------------------------------------------------------------------
-
-
-def schema_url(settings: Settings, schema: str) -> str:
-    """The database URL with ``schema`` first on the search path."""
-    separator = "&" if "?" in settings.sqlalchemy_url else "?"
-    return f"{settings.sqlalchemy_url}{separator}options=-csearch_path%3D{schema}"
-
-
-def create_schema(settings: Settings, schema: str, replace: bool) -> None:
-    if not SCHEMA_NAME.match(schema) or schema in (LIVE_SCHEMA, "pg_catalog", "information_schema"):
-        raise ReplayError(f"--into must name a new lower-case schema other than {LIVE_SCHEMA}, not {schema!r}")
-    with psycopg.connect(settings.libpq_url, autocommit=True) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone()
-        if exists and not replace:
-            raise ReplayError(f"schema {schema} exists; pass --replace to rebuild it")
-        if exists:
-            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
-        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-    upgrade_to_head(schema_url(settings, schema))
-
-
-def _copy(conn: psycopg.Connection[Any], schema: str, table: str, columns: list[str], rows: Iterable[tuple[Any, ...]]) -> None:
-    statement = sql.SQL("COPY {}.{} ({}) FROM STDIN").format(
-        sql.Identifier(schema), sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, columns))
-    )
-    with conn.cursor().copy(statement) as copy:
-        for row in rows:
-            copy.write_row(row)
-
-
-# The projection tables' columns and rows, shared with the resumable rebuild
-# (projector/rebuild.py), so both write a projection the same way.
 CELL_COLUMNS = ["cell_id", "address", "session_prefix", "region", "weight", "state", "state_reason", "version"]
 CLAIM_COLUMNS = ["bucket", "value", "cell_id", "owner_type", "owner_id", "claimed_at", "version", "status", "lease_id"]
 LEASE_COLUMNS = ["lease_id", "request_id", "cell_id", "owner_type", "owner_id", "claims", "expires_at", "status",
@@ -438,35 +128,376 @@ def range_row(r: SequenceRangeGranted, version: int) -> tuple[Any, ...]:
     return (r.sequence_name, r.start, r.end, r.cell_id, r.request_id, version)
 
 
-def write_projection(settings: Settings, schema: str, projection: Projection) -> None:
-    v = projection.version
-    with psycopg.connect(settings.libpq_url) as conn:
-        _copy(conn, schema, "cells", CELL_COLUMNS, (cell_row(c, v) for c in projection.cells.values()))
-        _copy(conn, schema, "claims", CLAIM_COLUMNS, (claim_row(h, v) for h in projection.registry.claims.values()))
-        _copy(conn, schema, "leases", LEASE_COLUMNS, (lease_row(l, v) for l in projection.registry.leases.values()))
-        _copy(conn, schema, "sequence_ranges", RANGE_COLUMNS,
-              (range_row(r, v) for r in projection.registry.granted_ranges))
-        conn.execute(sql.SQL("UPDATE {}.topology_version SET version = %s, committed_at = now()").format(
-            sql.Identifier(schema)), (projection.version,))
+# --- applying and writing a chunk ----------------------------------------------------------------
 
 
-def replay(settings: Settings, schema: str, cut: Cut, source: str = "archive", replace: bool = False,
-           out: TextIO = sys.stderr) -> Projection:
-    if source == "archive":
-        with psycopg.connect(settings.libpq_url) as conn:
-            cells, decisions = read_archive(conn, settings, cut)
-    elif source == "kafka":
-        cells, decisions = asyncio.run(read_kafka(settings, cut))
-    else:
-        raise ReplayError(f"--source is archive or kafka, not {source!r}")
-    projection = fold(cells, decisions, Progress(len(cells) + len(decisions), out))
-    projection.version = cut.until_version or 0
-    create_schema(settings, schema, replace)
-    write_projection(settings, schema, projection)
-    return projection
+@dataclass
+class State:
+    """What a run holds in memory: the schema's content (equal to its tables at the
+    checkpoint) and the event ids applied, for the log's redeliveries."""
+
+    checkpoint: Checkpoint
+    projection: Projection = field(default_factory=Projection)
+    # NAMESPACE keys the shadow changed since the switch's pre-diff (None: no pre-diff)
+    namespaces_touched: set[str] | None = None
 
 
-# --- digest and verify -------------------------------------------------------------------------
+@dataclass
+class _Changes:
+    """What one chunk changed, for writing: presence of each touched key at the chunk's start."""
+
+    cells: bool = False
+    claims_before: dict[ClaimKey, bool] = field(default_factory=dict)
+    leases_before: dict[UUID, bool] = field(default_factory=dict)
+    seen: list[UUID] = field(default_factory=list)  # ids to persist in rebuild_seen
+
+
+def _fresh(result: BatchResult) -> list[UUID]:
+    return [p.event.event_id for p, decision in result.decisions if decision is not DUPLICATE]
+
+
+def apply_chunk(state: State, chunk: Chunk, persist_decision_ids: bool) -> _Changes:
+    """Fold a chunk over the in-memory projection with the live projector's fold, and
+    move the checkpoint past it."""
+    changes = _Changes()
+    registry = state.projection.registry
+    # Whether each key existed before the chunk decides how it is written: a new row
+    # is only COPYed, an existing one deleted and COPYed again.
+    claims_before, leases_before = changes.claims_before, changes.leases_before
+    for positioned in chunk.decisions:
+        decision: Any = positioned.event
+        if type(decision) in _CLAIMS_DECISIONS:
+            for ref in decision.claims:
+                key = ref.key
+                if key not in claims_before:
+                    claims_before[key] = key in registry.claims
+            if type(decision) in _LEASE_DECISIONS and decision.lease_id not in leases_before:
+                leases_before[decision.lease_id] = decision.lease_id in registry.leases
+    cells = fold(chunk.cells, state.projection)
+    decisions = fold(chunk.decisions, state.projection)
+    changes.cells = bool(cells.cells)
+    changes.seen = _fresh(cells) + (_fresh(decisions) if persist_decision_ids else [])
+    chunk.advance(state.checkpoint)
+    return changes
+
+
+async def write_chunk(conn: Conn, schema: str, state: State, changes: _Changes, version: int) -> None:
+    """Write what a chunk changed and the checkpoint, in the caller's transaction."""
+    projection, registry = state.projection, state.projection.registry
+    changed_claims = list(registry.changed_claims)
+    if state.namespaces_touched is not None:
+        state.namespaces_touched.update(v for b, v in changed_claims if b == "NAMESPACE")
+    replaced = [k for k in changed_claims if changes.claims_before.get(k, True)]
+    if replaced:
+        await conn.execute(
+            sql.SQL("DELETE FROM {} c USING unnest(%s::text[], %s::text[]) AS k(b, v) "
+                    "WHERE c.bucket = k.b AND c.value = k.v").format(sql.Identifier(schema, "claims")),
+            ([b for b, _ in replaced], [v for _, v in replaced]),
+        )
+    await copy_rows(conn, "claims", CLAIM_COLUMNS,
+                    (claim_row(registry.claims[k], version) for k in changed_claims if k in registry.claims), schema)
+    changed_leases = list(registry.changed_leases)
+    replaced_leases = [i for i in changed_leases if changes.leases_before.get(i, True)]
+    if replaced_leases:
+        await conn.execute(sql.SQL("DELETE FROM {} WHERE lease_id = ANY(%s::uuid[])").format(
+            sql.Identifier(schema, "leases")), (replaced_leases,))
+    await copy_rows(conn, "leases", LEASE_COLUMNS,
+                    (lease_row(registry.leases[i], version) for i in changed_leases if i in registry.leases), schema)
+    await copy_rows(conn, "sequence_ranges", RANGE_COLUMNS,
+                    (range_row(r, version) for r in registry.granted_ranges), schema)
+    if changes.cells:  # one row per cell: rewriting the table is simplest
+        await conn.execute(sql.SQL("DELETE FROM {}").format(sql.Identifier(schema, "cells")))
+        await copy_rows(conn, "cells", CELL_COLUMNS, (cell_row(c, version) for c in projection.cells.values()),
+                        schema)
+    if changes.seen:
+        await copy_rows(conn, SEEN_TABLE, ["event_id"], ((i,) for i in changes.seen), schema)
+    registry.changed_claims.clear()
+    registry.changed_leases.clear()
+    registry.granted_ranges.clear()
+    await save_checkpoint(conn, schema, state.checkpoint)
+
+
+async def save_checkpoint(conn: Conn, schema: str, checkpoint: Checkpoint) -> None:
+    await conn.execute(
+        sql.SQL("UPDATE {} SET {}, updated_at = now()").format(
+            sql.Identifier(schema, CHECKPOINT_TABLE),
+            sql.SQL(", ").join(sql.SQL("{} = {}").format(sql.Identifier(f), sql.Placeholder(f))
+                               for f in _CHECKPOINT_FIELDS)),
+        asdict(checkpoint),
+    )
+
+
+async def live_version(conn: Conn) -> int:
+    row = await fetch_one(conn, "SELECT version FROM public.topology_version WHERE id = 1")
+    return int(row[0]) if row else 0
+
+
+# --- the schema ----------------------------------------------------------------------------------
+
+
+def check_name(name: str, what: str) -> None:
+    if not SCHEMA_NAME.match(name) or name in (LIVE_SCHEMA, "pg_catalog", "information_schema"):
+        raise ReplayError(f"{what} must be a lower-case schema name of at most 50 characters other than "
+                          f"{LIVE_SCHEMA}, not {name!r}")
+
+
+def schema_url(settings: Settings, schema: str) -> str:
+    """The database URL with ``schema`` first on the search path."""
+    separator = "&" if "?" in settings.sqlalchemy_url else "?"
+    return f"{settings.sqlalchemy_url}{separator}options=-csearch_path%3D{schema}"
+
+
+def head_revision(settings: Settings) -> str:
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(alembic_config(settings.sqlalchemy_url)).get_current_head()
+    assert head is not None
+    return head
+
+
+async def schema_exists(conn: Conn, schema: str) -> bool:
+    return await fetch_one(conn, "SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)) is not None
+
+
+async def _read_checkpoint(conn: Conn, schema: str) -> Checkpoint | None:
+    exists = await fetch_one(conn, "SELECT to_regclass(%s)", (f"{schema}.{CHECKPOINT_TABLE}",))
+    if not exists or exists[0] is None:
+        return None
+    # A schema started before runs recorded their cut was a run over the whole log.
+    await conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS cut text NOT NULL DEFAULT ''").format(
+        sql.Identifier(schema, CHECKPOINT_TABLE)))
+    row = await fetch_one(conn, sql.SQL("SELECT {} FROM {}").format(
+        sql.SQL(", ").join(map(sql.Identifier, _CHECKPOINT_FIELDS)), sql.Identifier(schema, CHECKPOINT_TABLE)))
+    if row is None:
+        return None
+    values = dict(zip(_CHECKPOINT_FIELDS, row, strict=True))
+    values["skipped_dead_letters"] = list(values["skipped_dead_letters"] or [])
+    return Checkpoint(**values)
+
+
+async def _create_schema(settings: Settings, schema: str, checkpoint: Checkpoint) -> None:
+    building = schema + BUILDING_SUFFIX
+    async with await psycopg.AsyncConnection.connect(settings.libpq_url, autocommit=True) as conn:
+        await conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(building)))
+        await conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(building)))
+    await asyncio.to_thread(upgrade_to_head, schema_url(settings, building))
+    async with await psycopg.AsyncConnection.connect(settings.libpq_url) as conn:
+        await conn.execute(sql.SQL(
+            "CREATE TABLE {} (id int PRIMARY KEY DEFAULT 1 CHECK (id = 1), source text NOT NULL, "
+            "cells_topic text NOT NULL, decisions_topic text NOT NULL, revision text NOT NULL, cut text NOT NULL, "
+            "cells_next_offset bigint NOT NULL, decisions_position bigint NOT NULL, decisions_read bigint NOT NULL, "
+            "events_read bigint NOT NULL, chunks bigint NOT NULL, skipped_dead_letters bigint[] NOT NULL, "
+            "outbox_covered_id bigint NOT NULL, switched_version bigint, "
+            "started_at timestamptz NOT NULL DEFAULT now(), updated_at timestamptz NOT NULL DEFAULT now())"
+        ).format(sql.Identifier(building, CHECKPOINT_TABLE)))
+        await conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(
+            sql.Identifier(building, CHECKPOINT_TABLE),
+            sql.Literal("topology replay/rebuild: where the schema stands in the log, committed with each chunk")))
+        await conn.execute(sql.SQL("CREATE TABLE {} (event_id uuid PRIMARY KEY)").format(
+            sql.Identifier(building, SEEN_TABLE)))
+        await conn.execute(sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+            sql.Identifier(building, CHECKPOINT_TABLE), sql.SQL(", ").join(map(sql.Identifier, _CHECKPOINT_FIELDS)),
+            sql.SQL(", ").join(sql.Placeholder(f) for f in _CHECKPOINT_FIELDS)), asdict(checkpoint))
+        # The name appears only once everything above exists: a crash before this
+        # leaves a *_building schema, which the next run drops.
+        await conn.execute(sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(sql.Identifier(building),
+                                                                        sql.Identifier(schema)))
+
+
+async def _prepare_schema(settings: Settings, schema: str, fresh: Checkpoint, restart: bool, command: str,
+                          out: TextIO) -> tuple[Checkpoint, bool]:
+    """The checkpoint to continue from, and whether it is a resumption."""
+    schema_flag, restart_flag = _FLAGS[command]
+    async with await psycopg.AsyncConnection.connect(settings.libpq_url, autocommit=True) as conn:
+        await conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+            sql.Identifier(schema + BUILDING_SUFFIX)))
+        exists = await schema_exists(conn, schema)
+        checkpoint = await _read_checkpoint(conn, schema) if exists and not restart else None
+        if exists and checkpoint is None and not restart:
+            raise ReplayError(f"schema {schema} exists but is not a {command} in progress; pass {restart_flag} to "
+                              f"replace it, or choose another {schema_flag}")
+        if checkpoint is not None and checkpoint.switched_version is not None:
+            print(f"{command}: {schema} is left over from a rebuild switched at version "
+                  f"{checkpoint.switched_version}; starting a new one", file=out, flush=True)
+            checkpoint, restart = None, True
+        if checkpoint is not None:
+            mismatch = [
+                f"{name} {getattr(checkpoint, name)!r} (now {getattr(fresh, name)!r})"
+                for name in ("source", "cells_topic", "decisions_topic", "revision", "cut")
+                if getattr(checkpoint, name) != getattr(fresh, name)
+            ]
+            if mismatch:
+                raise ReplayError(f"the run in {schema} was started with {', '.join(mismatch)}; "
+                                  f"pass {restart_flag} to start over")
+            return checkpoint, True
+        if exists:
+            await conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+    await _create_schema(settings, schema, fresh)
+    return fresh, False
+
+
+async def _load_state(conn: Conn, schema: str, checkpoint: Checkpoint, source: Source) -> State:
+    """The schema's content as of its checkpoint, back in memory."""
+    state = State(checkpoint)
+    cells, claims, leases = state.projection.cells, state.projection.registry.claims, state.projection.registry.leases
+    for cell_id, address, prefix, region, weight, cell_state, reason in await fetch_all(conn, sql.SQL(
+            "SELECT cell_id, address, session_prefix, region, weight, state, state_reason FROM {}").format(
+            sql.Identifier(schema, "cells"))):
+        cells[cell_id] = Cell(cell_id, address, prefix, region, weight, CellState(cell_state), reason)
+    for bucket, value, cell_id, owner_type, owner_id, status, lease_id, claimed_at in await fetch_all(conn, sql.SQL(
+            "SELECT bucket, value, cell_id, owner_type, owner_id, status, lease_id, claimed_at FROM {}").format(
+            sql.Identifier(schema, "claims"))):
+        claims[(bucket, value)] = HeldClaim(bucket, value, cell_id, OwnerType(owner_type), owner_id,
+                                            ClaimStatus(status), lease_id, claimed_at)
+    for lease_id, request_id, cell_id, owner_type, owner_id, keys, expires_at, status, cause in await fetch_all(
+            conn, sql.SQL("SELECT lease_id, request_id, cell_id, owner_type, owner_id, claims, expires_at, status, "
+                          "cause FROM {}").format(sql.Identifier(schema, "leases"))):
+        leases[lease_id] = Lease(lease_id, request_id, cell_id, OwnerType(owner_type), owner_id,
+                                 tuple((b, v) for b, v in keys), expires_at, LeaseStatus(status),
+                                 ReleaseCause(cause) if cause else None)
+    # (registry.sequences only feeds decide(), which a replay never calls.)
+    state.projection.seen.update(event_id for (event_id,) in await fetch_all(
+        conn, sql.SQL("SELECT event_id FROM {}").format(sql.Identifier(schema, SEEN_TABLE))))
+    state.projection.seen.update(await source.seen_decisions(conn, checkpoint))
+    return state
+
+
+# --- a run ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """Events/s and ETA on stderr: one line per chunk (rewritten in place on a terminal)."""
+
+    command: str
+    out: TextIO
+    to_go: int  # events left when this run started (grows with the live log)
+    done: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def chunk(self, checkpoint: Checkpoint, size: int, remaining: int | None = None) -> None:
+        self.done += size
+        if remaining is not None:
+            self.to_go = self.done + remaining
+        self.to_go = max(self.to_go, self.done)
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        rate = self.done / elapsed
+        eta = (self.to_go - self.done) / rate if rate else 0.0
+        line = (f"{self.command}: chunk {checkpoint.chunks} committed: {checkpoint.events_read:,} events in the "
+                f"schema, {self.done:,}/{self.to_go:,} this run, {rate:,.0f} events/s, ETA {eta:,.0f}s")
+        terminal = self.out.isatty()
+        print(("\r" + line + " ") if terminal else line, end="" if terminal else "\n", file=self.out, flush=True)
+
+    def note(self, message: str) -> None:
+        if self.out.isatty() and self.done:
+            print(file=self.out)
+        print(f"{self.command}: {message}", file=self.out, flush=True)
+
+
+@dataclass
+class Build:
+    """One run of the pipeline over ``schema``: what it holds, where it reads, how far it got."""
+
+    schema: str
+    conn: Conn  # commits each chunk
+    state: State
+    source: Source
+    progress: Progress
+    chunk_events: int
+    version: int | None  # stamped on the rows written (None: the live version as each chunk is written)
+    resumed: bool
+    at_start: int  # events already in the schema when this run started
+
+    async def write(self, conn: Conn, chunk: Chunk, version: int) -> None:
+        """Apply ``chunk`` and write what it changed, with the checkpoint, in ``conn``'s transaction."""
+        changes = apply_chunk(self.state, chunk, self.source.persists_decision_ids)
+        await write_chunk(conn, self.schema, self.state, changes, version)
+
+    async def catch_up(self, target: int | None) -> None:
+        """Commit chunks until at most ``target`` events are left (None: until the source
+        has nothing more)."""
+        conn, state, source = self.conn, self.state, self.source
+        while True:
+            chunk = await source.read(conn, state.checkpoint, self.chunk_events)
+            if chunk.size:
+                await self.write(conn, chunk, self.version if self.version is not None else await live_version(conn))
+            # Only once a read came back short is the end near enough to be worth counting.
+            remaining = (await source.remaining(conn, state.checkpoint, state.projection.seen)
+                         if chunk.size < self.chunk_events else None)
+            await conn.commit()
+            # The projection in memory grows by millions of long-lived objects: with
+            # automatic collection the collector walked them again and again (a third
+            # of a rebuild's CPU time, measured). The loop makes no garbage cycles worth
+            # reclaiming before the run ends, so collection is off for the run and each
+            # chunk's objects are frozen, out of the first collection's way afterwards.
+            gc.freeze()
+            if chunk.size:
+                self.progress.chunk(state.checkpoint, chunk.size, remaining)
+            if chunk.size == 0 or (target is not None and remaining is not None and remaining <= target):
+                return
+
+
+@asynccontextmanager
+async def building(settings: Settings, schema: str, source_name: str, *, cut: Cut = WHOLE_LOG, restart: bool = False,
+                   chunk_events: int = 50_000, version: int | None = None, command: str = "replay",
+                   out: TextIO = sys.stderr) -> AsyncIterator[Build]:
+    """Start (or resume) a run of the pipeline into ``schema``; the caller catches up."""
+    check_name(schema, _FLAGS[command][0])
+    if chunk_events < 1:
+        raise ReplayError("--chunk-events must be positive")
+    collecting = gc.isenabled()
+    gc.disable()  # process-wide, for the run only: see Build.catch_up
+    try:
+        async with await psycopg.AsyncConnection.connect(settings.libpq_url, autocommit=True) as guard:
+            # Session-level: released when this connection ends, however the run ends.
+            locked = await fetch_one(guard, "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (SCHEMA_LOCK, schema))
+            if not locked or not locked[0]:
+                raise ReplayError(f"another run is writing schema {schema}")
+            source = make_source(settings, source_name, cut)
+            try:
+                fresh = Checkpoint(source=source_name, cells_topic=settings.cells_topic, cut=str(cut),
+                                   decisions_topic=settings.claim_decisions_topic, revision=head_revision(settings))
+                checkpoint, resumed = await _prepare_schema(settings, schema, fresh, restart, command, out)
+                async with await psycopg.AsyncConnection.connect(settings.libpq_url) as conn:
+                    state = await _load_state(conn, schema, checkpoint, source)
+                    progress = Progress(command, out, await source.remaining(conn, checkpoint, state.projection.seen))
+                    await conn.commit()
+                    if resumed:
+                        progress.note(f"resuming {schema} from its checkpoint: {checkpoint.events_read:,} events "
+                                      f"already applied in {checkpoint.chunks} chunks, about {progress.to_go:,} to go")
+                    else:
+                        progress.note(f"building {schema} from the {source_name}: about {progress.to_go:,} events")
+                    yield Build(schema, conn, state, source, progress, chunk_events, version, resumed,
+                                checkpoint.events_read)
+            finally:
+                await source.close()
+    finally:
+        gc.unfreeze()
+        if collecting:
+            gc.enable()
+
+
+# --- replay and verify ---------------------------------------------------------------------------
+
+
+def replay(settings: Settings, schema: str, cut: Cut = WHOLE_LOG, source: str = "archive", replace: bool = False,
+           out: TextIO = sys.stderr, chunk_events: int = 50_000) -> Projection:
+    """Replay the log up to ``cut`` into ``schema``: a rebuild without the switch. A rerun
+    resumes a run that was stopped; ``replace`` starts over. Rows carry the cut's version
+    (0 without one). Returns the projection."""
+
+    async def run() -> Projection:
+        version = cut.until_version or 0
+        async with building(settings, schema, source, cut=cut, restart=replace, chunk_events=chunk_events,
+                            version=version, command="replay", out=out) as build:
+            await build.catch_up(None)
+            await build.conn.execute(sql.SQL("UPDATE {} SET version = %s, committed_at = now()").format(
+                sql.Identifier(schema, "topology_version")), (version,))
+            await build.conn.commit()
+            return build.state.projection
+
+    return run_sync(run())
+
 
 # The projection's content: everything but the version columns, ordered by key.
 DIGEST_QUERIES: dict[str, str] = {
@@ -523,20 +554,29 @@ def _verification(live: dict[str, list[tuple[str, ...]]], replayed: dict[str, li
 
 
 def verify(settings: Settings, scratch_schema: str = "topology_verify", out: TextIO = sys.stderr) -> Verification:
-    """Replay the whole archive into a scratch schema and compare it, row by row, with
-    the live tables. The live projector may keep running: the live rows and the log
-    are read in one REPEATABLE READ snapshot, so both sides stand at the same cut."""
+    """Replay the archive into a scratch schema up to where the live tables stand, and
+    compare the two row by row. The live projector may keep running: the live rows and
+    their position in the log (the cells topic's offset, the last outbox id: ids are
+    drawn in commit order, adr/0014) are read in one REPEATABLE READ snapshot, so both
+    sides stand at the same cut."""
     with psycopg.connect(settings.libpq_url) as conn:
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         # LOCK takes no snapshot: when a rebuild is switching tables (projector/rebuild.py),
         # the snapshot is taken once the switch committed, never half before it.
         conn.execute("LOCK TABLE public.topology_version IN ACCESS SHARE MODE")
         live = table_rows(conn, LIVE_SCHEMA)
-        cells, decisions = read_archive(conn, settings, Cut())
-    projection = fold(cells, decisions, Progress(len(cells) + len(decisions), out))
-    create_schema(settings, scratch_schema, replace=True)
+        position = conn.execute(
+            "SELECT coalesce((SELECT next_offset FROM public.partition_offsets WHERE topic = %s AND partition = 0), "
+            "0), coalesce((SELECT max(id) FROM public.topology_outbox), 0)", (settings.cells_topic,)).fetchone()
+    assert position is not None
+
+    async def run() -> None:
+        async with building(settings, scratch_schema, "archive", cut=Cut(live=(position[0], position[1])),
+                            restart=True, version=0, command="verify", out=out) as build:
+            await build.catch_up(None)
+
     try:
-        write_projection(settings, scratch_schema, projection)
+        run_sync(run())
         with psycopg.connect(settings.libpq_url) as conn:
             replayed = table_rows(conn, scratch_schema)
     finally:

@@ -26,9 +26,10 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from topology_store.core.audit import audit_rows
-from topology_store.core.cells import BatchResult, Cell, Outcome, PositionedEvent, project_batch
+from topology_store.core.cells import Cell, Outcome
 from topology_store.core.claims import CLAIM_COMMANDS, Registry, needs
-from topology_store.projector.archive import ArchivedRecord, headers_json, write_archive, write_audit_keys
+from topology_store.core.fold import BatchResult, PositionedEvent, project_batch
+from topology_store.projector.archive import RawRecord, headers_json, write_archive, write_audit_keys
 from topology_store.projector.bulk import copy_rows, execute_binary
 from topology_store.projector.changelog import prune_routing_changes
 from topology_store.projector.registry_store import load_registry, write_registry
@@ -52,15 +53,9 @@ class FencedError(RuntimeError):
 
 
 @dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A record that could not be read as a valid event, kept byte for byte."""
+class DeadLetter(RawRecord):
+    """A record that could not be read as a valid event, or applied: kept byte for byte, with why."""
 
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: tuple[tuple[str, bytes], ...]
     error: str
 
 
@@ -116,7 +111,7 @@ class ProjectionStore:
         events: Sequence[PositionedEvent],
         dead_letters: Sequence[DeadLetter],
         advances: Mapping[TopicPartitionKey, PartitionAdvance],
-        archive: Sequence[ArchivedRecord] = (),
+        archive: Sequence[RawRecord] = (),
         *,
         then: Callable[[AsyncConnection, BatchResult], Awaitable[None]] | None = None,
     ) -> CommitResult:

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import httpx
 
 from tests.conftest import AUTH
-from topology_store.core.cells import PositionedEvent
+from topology_store.core.fold import PositionedEvent
 from topology_store.projector.store import PartitionAdvance, ProjectionStore
 from topology_store.runtime.database import create_engine
 from topology_store.runtime.settings import Settings

@@ -12,7 +12,8 @@ import pytest
 from tests.integration.processes import start, stop
 from tests.integration.test_projector import Member, publish, wait_for
 from topology_store.core.audit import audit_key
-from topology_store.projector.replay import LIVE_SCHEMA, Cut, compare, replay, table_rows, verify
+from topology_store.projector.replay import LIVE_SCHEMA, compare, replay, table_rows, verify
+from topology_store.projector.sources import Cut
 from topology_store.query_api.audit_api import key_history
 from topology_store.runtime.database import create_engine
 from topology_store.runtime.settings import Settings

@@ -1,6 +1,8 @@
 """Crashes: the projector is SIGKILLed at random moments, and members come and go
 while events flow; every event is still applied exactly once, and the tables equal
-both a replay of the log and a clean, uninterrupted run (README "Reliability").
+both a replay of the log and a clean, uninterrupted run (README "Reliability"). The
+replay (``topology replay``, the one pipeline of projector/replay.py) is itself
+stopped midway and resumed.
 
 Default run: 52,000 records, 12 SIGKILLs; two churning members over 20,000; one
 deterministic zombie. ``TOPOLOGY_SOAK=1`` adds a longer run: 250,000 records,
@@ -11,6 +13,7 @@ while all this happens. ``TOPOLOGY_SOAK_SEED`` replays a failing run's moments.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import random
 import signal
@@ -28,7 +31,7 @@ from tests.integration.test_projector import Member
 from tests.integration.workload import Workload, build_workload
 from topology_store.producer.publisher import EventPublisher, PublishFailed
 from topology_store.projector.consumer import Projector
-from topology_store.projector.replay import LIVE_SCHEMA, table_rows, verify
+from topology_store.projector.replay import LIVE_SCHEMA, compare, replay, table_rows, verify
 from topology_store.projector.store import FencedError, ProjectionStore
 from topology_store.runtime.database import create_engine
 from topology_store.runtime.settings import Settings
@@ -101,6 +104,36 @@ def same_tables(live: Settings, clean: Settings) -> None:
         assert {r[0] for r in a.execute(decisions)} == {r[0] for r in b.execute(decisions)}
 
 
+class _Stopped(Exception):
+    pass
+
+
+class _StopAfter(io.StringIO):
+    """A replay's progress output that stops the run once ``chunks`` chunks have committed."""
+
+    def __init__(self, chunks: int) -> None:
+        super().__init__()
+        self.chunks = chunks
+
+    def write(self, text: str) -> int:
+        if f"chunk {self.chunks} committed" in text:
+            raise _Stopped(text)
+        return super().write(text)
+
+
+def assert_a_resumed_replay_equals_the_live_tables(settings: Settings, chunk_events: int = 5_000) -> None:
+    """``topology replay`` of what the kills left behind, stopped after three chunks and
+    resumed, reaches the live tables exactly."""
+    with pytest.raises(_Stopped):
+        replay(settings, "soak_replay", chunk_events=chunk_events, out=_StopAfter(3))
+    out = io.StringIO()
+    replayed = replay(settings, "soak_replay", chunk_events=chunk_events, out=out)
+    assert f"resuming soak_replay from its checkpoint: {3 * chunk_events:,} events already applied" in out.getvalue()
+    assert replayed.cells and replayed.registry.claims
+    result = compare(settings, LIVE_SCHEMA, "soak_replay")
+    assert result.equal, (result.missing, result.unexpected)
+
+
 def in_transaction(settings: Settings) -> bool:
     """Whether a projector connection is inside a transaction right now."""
     return bool(scalar(settings, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
@@ -156,6 +189,7 @@ def run_soak(settings: Settings, work: Workload, kills: int, rng: random.Random,
           f"({distinct / (applied - published):.0f} events/s including restarts)")
 
     assert_exactly_once(settings, work)
+    assert_a_resumed_replay_equals_the_live_tables(settings)
     clean = asyncio.run(clean_run(settings, new_database(), work))
     same_tables(settings, clean)
     print(f"verified in {time.monotonic() - applied:.1f}s")

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import AUTH, CLAIMS_AUTH
 from tests.integration.processes import read_api, wait_until
-from topology_store.core.cells import PositionedEvent
+from topology_store.core.fold import PositionedEvent
 from topology_store.projector.store import PartitionAdvance, ProjectionStore
 from topology_store.runtime.database import create_engine
 from topology_store.runtime.settings import Settings

@@ -28,11 +28,12 @@ from tests.integration.routing import claim, release
 from tests.integration.scenario import build
 from tests.integration.test_projector import Member
 from tests.integration.workload import build_workload
-from topology_store.core.cells import PositionedEvent
+from topology_store.core.fold import PositionedEvent
 from topology_store.producer.publisher import EventPublisher, PublishFailed
-from topology_store.projector.archive import ArchivedRecord
+from topology_store.projector.archive import RawRecord
 from topology_store.projector.rebuild import RETIRED_SCHEMA, RebuildError, RebuildResult, rebuild
-from topology_store.projector.replay import LIVE_SCHEMA, Cut, DecisionDecoder, compare, decode_event, replay, verify
+from topology_store.projector.replay import LIVE_SCHEMA, compare, replay, verify
+from topology_store.projector.sources import Cut, DecisionDecoder, decode_event
 from topology_store.projector.store import CommitResult, PartitionAdvance, ProjectionStore
 from topology_store.query_api.snapshot import SnapshotCache
 from topology_store.router.client import Inconsistent, RoutingTable
@@ -86,7 +87,7 @@ class LiveLog:
     def commit_later(self, events: list[Event]) -> Any:
         """Start committing one batch; a future of its CommitResult."""
         positioned: list[PositionedEvent] = []
-        archive: list[ArchivedRecord] = []
+        archive: list[RawRecord] = []
         advances: dict[tuple[str, int], PartitionAdvance] = {}
         for event in events:
             tp = (self.settings.topic_for(event.EVENT_TYPE), 0)
@@ -94,8 +95,9 @@ class LiveLog:
             self.next[tp] = offset + 1
             advances[tp] = PartitionAdvance(advances[tp].expected if tp in advances else offset, offset + 1)
             positioned.append(PositionedEvent(event, tp[0], 0, offset, event.occurred_at))
-            archive.append(ArchivedRecord(tp[0], 0, offset, event.partition_key.encode(),
-                                          self.codec.encode(event.EVENT_TYPE, event.to_avro()), (), event.occurred_at))
+            archive.append(RawRecord(tp[0], 0, offset, event.partition_key.encode(),
+                                     self.codec.encode(event.EVENT_TYPE, event.to_avro()), (),
+                                     log_time=event.occurred_at))
 
         async def run() -> CommitResult:
             await self.store.stored_offsets(list(advances))

@@ -11,15 +11,10 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from topology_store.core.cells import PositionedEvent
-from topology_store.projector.store import (
-    NOTIFY_CHANNEL,
-    DeadLetter,
-    FencedError,
-    PartitionAdvance,
-    ProjectionStore,
-    create_engine,
-)
+from topology_store.core.fold import PositionedEvent
+from topology_store.projector.store import DeadLetter, FencedError, PartitionAdvance, ProjectionStore
+from topology_store.runtime.database import VERSION_CHANNEL as NOTIFY_CHANNEL
+from topology_store.runtime.database import create_engine
 from topology_store.runtime.settings import Settings
 from topology_store.schemas.models import CellRegistered, ClaimBucket, ClaimCreated, ClaimReleased, OwnerType
 

@@ -1,4 +1,4 @@
-"""The pure projection rules: cell life cycle, claims, and folding batches."""
+"""The pure projection rules: cell life cycle, claims, and folding batches and replays."""
 
 from __future__ import annotations
 
@@ -11,21 +11,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tests.unit import claims_support
 from tests.unit.claims_support import SECRET, T0
-from topology_store.core.cells import (
-    ALLOWED_TRANSITIONS,
-    BatchResult,
-    Cell,
-    Decision,
-    Outcome,
-    PositionedEvent,
-    apply_cell_event,
-    project_batch,
-)
+from topology_store.core.cells import ALLOWED_TRANSITIONS, Cell, Decision, Outcome, apply_cell_event
 from topology_store.core.claims import (
     CLAIM_COMMANDS,
     ClaimKey,
@@ -38,6 +29,7 @@ from topology_store.core.claims import (
     decide,
     needs,
 )
+from topology_store.core.fold import BatchResult, PositionedEvent, Projection, fold, project_batch, replayed
 from topology_store.schemas.models import (
     CellRegistered,
     CellState,
@@ -712,6 +704,30 @@ def test_project_batch_does_not_mutate_its_inputs() -> None:
     assert (cells, registry, seen, events) == before
 
 
+def test_a_fold_without_the_secret_follows_decisions_and_never_decides() -> None:
+    live = project_batch(positioned([register(), create("a"), create("b", cell_id="cell-2")]), {}, Registry(),
+                         set(), SECRET)
+    decisions = positioned(live.claim_decisions)
+    projection = Projection()
+
+    followed = fold(decisions, projection)
+
+    assert outcomes(followed.decisions) == [Outcome.APPLIED, Outcome.APPLIED]
+    assert followed.claim_decisions == []  # recorded once, by the decider; a replay records nothing
+    assert projection.registry.claims == live.registry.claims
+    assert outcomes(fold(decisions, projection).decisions) == [Outcome.DUPLICATE] * 2  # the relay repeats
+    with pytest.raises(TypeError, match="cannot decide ClaimCreated"):
+        fold(positioned([create("c")]), projection)
+
+
+def test_replayed_folds_whole_logs_in_memory() -> None:
+    cell = register()
+    projection = replayed([cell, cell], project_batch(positioned([create("a")]), {}, Registry(), set(),
+                                                      SECRET).claim_decisions)
+    assert list(projection.cells) == ["cell-1"] and list(projection.registry.claims) == [("NAMESPACE", "a")]
+    assert len(projection.seen) == 2  # the cell event once, and the one decision
+
+
 # --- batch-boundary independence (property) ------------------------------------------------
 
 CELL_IDS = ["cell-1", "cell-2", "cell-3"]
@@ -903,3 +919,26 @@ def test_batch_boundaries_do_not_change_the_outcome(
         if cell.state is CellState.DECOMMISSIONED:
             assert one.cells[cell_id] == cell
     assert claims_support.invariant_violations(Registry(one.claims, one.leases, one.sequences)) == []
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), events=event_logs(), cells=initial_cells())
+def test_a_replay_of_the_recorded_decisions_reaches_the_live_projection(
+    data: st.DataObject, events: list[PositionedEvent], cells: dict[str, Cell]
+) -> None:
+    """adr/0010: the live projector decides commands; a replay reads the cells topic and
+    the decision log (never the requests) and folds them, in chunks, with the same fold."""
+    cell_log = [p for p in events if p.topic == "cells"]
+    # A replay never reads the requests, so it cannot know a cell event whose id a claim
+    # request used before it was a duplicate live: ids are unique across topics.
+    assume(not {p.event.event_id for p in cell_log} & {p.event.event_id for p in events if p.topic != "cells"})
+    live, (_, recorded) = _fold(_split(events, data.draw(st.lists(st.integers(0, len(events)), max_size=4))), cells)
+    decision_log = positioned(recorded + recorded[: data.draw(st.integers(0, len(recorded)))])  # relay repeats
+    projection = Projection(cells=dict(cells))
+    for stream in (cell_log, decision_log):
+        for chunk in _split(stream, data.draw(st.lists(st.integers(0, len(stream)), max_size=4))):
+            fold(chunk, projection)  # no secret: it cannot decide
+
+    assert projection.cells == live.cells
+    assert (projection.registry.claims, projection.registry.leases) == (live.claims, live.leases)
+    assert projection.registry.sequences == live.sequences

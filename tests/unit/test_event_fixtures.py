@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures.make_event_fixtures import FIXTURE_DIR, fixture_paths
-from topology_store.projector.replay import fold
+from topology_store.core.fold import replayed as fold
 from topology_store.schemas.codec import EventCodec
 from topology_store.schemas.compatibility import load_versions
 from topology_store.schemas.models import DECISION_EVENT_TYPES, Event, parse_event

@@ -14,7 +14,8 @@ from psycopg import errors
 from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from topology_store.projector.poison import archive_log_time, describe, is_transient, record_log_time
+from topology_store.projector.archive import archive_log_time, record_log_time
+from topology_store.projector.poison import describe, is_transient
 from topology_store.runtime.retry import backoff
 
 
