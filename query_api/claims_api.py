@@ -17,17 +17,17 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from topology_store.producer.publisher import EventPublisher
-from topology_store.query_api.auth import Authorizer
+from topology_store.query_api.auth import Authorizer, denied, secured
 from topology_store.query_api.decisions import DecisionWaiter, lookup
+from topology_store.query_api.documents import ClaimView, ErrorDocument, any_case_pattern
 from topology_store.query_api.errors import DATABASE_DOWN, RETRY_AFTER_S, error, validation_message
-from topology_store.query_api.models import ErrorDocument, any_case_pattern
 from topology_store.runtime.settings import Settings
 from topology_store.schemas.models import (
     MAX_CLAIMS_PER_REQUEST,
@@ -113,21 +113,6 @@ CLAIMS_READ = "claims:read"
 CLAIMS_WRITE = "claims:write"
 
 
-def secured(scope: str) -> dict[str, Any]:
-    """The OpenAPI ``security`` of an operation that needs ``scope`` (scheme: query_api.sync)."""
-    return {"security": [{"bearerAuth": [scope]}]}
-
-
-def denied(request: Request, authorizer: Authorizer, scope: str) -> JSONResponse | None:
-    """The 401/403 answer when the request's bearer token lacks ``scope``; else None."""
-    header = request.headers.get("authorization")
-    refused = authorizer.check(header.encode("latin-1") if header else None, scope)
-    if refused is None:
-        return None
-    status, code, message = refused
-    challenge = 'Bearer realm="topology"' if status == 401 else (
-        f'Bearer realm="topology", error="insufficient_scope", scope="{scope}"')
-    return error(status, code, message, headers={"WWW-Authenticate": challenge})
 
 
 def _answer(decision: RequestDecision, created: bool = False) -> JSONResponse:
@@ -291,6 +276,48 @@ def claims_router() -> APIRouter:
         except ValidationError as exc:
             return invalid(exc)
         return await service(request).submit(command)
+
+    @router.get(
+        "/v1/claims/{bucket}/{value:path}",
+        response_model=ClaimView,
+        responses={400: {"model": ErrorDocument}, 404: {"model": ErrorDocument},
+                   503: {"model": ErrorDocument, "description": "PostgreSQL does not answer (Retry-After)"}},
+        summary="Who holds a claim (read from PostgreSQL, not the snapshot)",
+        openapi_extra=secured(CLAIMS_READ),
+    )
+    async def get_claim(
+        request: Request,
+        bucket: str = Path(min_length=1, max_length=32, description="A claim bucket (any case): "
+                           + ", ".join(b.value for b in ClaimBucket),
+                           # Documented, checked below: the message then lists the buckets.
+                           json_schema_extra={"pattern": any_case_pattern(ClaimBucket)}),
+        value: str = Path(min_length=1, max_length=1024, description="The value as the client spells it; canonicalized "
+                          "(e.g. lower-cased) before the lookup, e-mails hashed"),
+    ) -> JSONResponse | Response:
+        if refused := denied(request, service(request).authorizer, CLAIMS_READ):
+            return refused
+        try:
+            claim_bucket = ClaimBucket(bucket.upper())
+        except ValueError:
+            return error(400, "bad_bucket", f"bucket must be one of {', '.join(b.value for b in ClaimBucket)}")
+        try:
+            # E-mails are stored only as keyed hashes; look them up the same way.
+            canonical = stored_claim_value(claim_bucket, value, service(request).settings.claim_secret)
+        except ValueError as exc:
+            return error(400, "bad_value", f"{claim_bucket.value} value: {exc}")
+        async with service(request).engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        "SELECT bucket, value, cell_id, owner_type, owner_id, claimed_at, version, status FROM claims "
+                        "WHERE bucket = :bucket AND value = :value"
+                    ),
+                    {"bucket": claim_bucket.value, "value": canonical},
+                )
+            ).one_or_none()
+        if row is None:
+            return error(404, "claim_not_found", f"{claim_bucket.value} {canonical!r} is not claimed")
+        return Response(ClaimView.model_validate(row._asdict()).model_dump_json(), media_type="application/json")
 
     @router.get("/v1/requests/{request_id}", response_model=RequestAnswer,
                 responses={404: {"model": ErrorDocument}, 409: {"model": ErrorDocument},

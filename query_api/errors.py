@@ -24,6 +24,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from topology_store.schemas.router_sync import error_document
+
 log = logging.getLogger(__name__)
 
 # A client told to come back should not come back at once, nor wait long: the
@@ -58,7 +60,7 @@ _CODES = {
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
     """The error document; every error answer of the API is built from it (as a
     ``JSONResponse`` by :func:`error`, as bytes by ``snapshot_api.error_answer``)."""
-    return {"error": {"code": code, "message": message, **extra}}
+    return error_document(code, message, **extra)  # the one shape, shared with the router sidecar
 
 
 def error(status: int, code: str, message: str, headers: Mapping[str, str] | None = None,

@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from topology_store.router.client import RouterClient
 from topology_store.runtime.http_server import GracefulServer
 from topology_store.runtime.settings import Settings
+from topology_store.schemas.router_sync import error_document
 
 log = logging.getLogger(__name__)
 
@@ -61,20 +62,20 @@ def sidecar_app(client: RouterClient) -> ASGIApp:
             query = {k: v[0] for k, v in parse_qs(scope["query_string"].decode("latin-1")).items()}
             if "type" not in query or "value" not in query:
                 await respond(send, 400, orjson.dumps(
-                    {"error": {"code": "bad_parameter", "message": "type and value are required"}}))
+                    error_document("bad_parameter", "type and value are required")))
                 return
             if client.table is None:
                 await respond(send, 503, orjson.dumps(
-                    {"error": {"code": "not_loaded", "message": "no routing table yet"}}))
+                    error_document("not_loaded", "no routing table yet")))
                 return
             try:
                 answer = client.classify(query["type"], query["value"])
             except ValueError as exc:
-                await respond(send, 400, orjson.dumps({"error": {"code": "bad_type", "message": str(exc)}}))
+                await respond(send, 400, orjson.dumps(error_document("bad_type", str(exc))))
                 return
             if answer is None:
                 await respond(send, 404, orjson.dumps(
-                    {"error": {"code": "not_found", "message": f"nothing owns {query['value']!r}"}}))
+                    error_document("not_found", f"nothing owns {query['value']!r}")))
                 return
             await respond(send, 200, orjson.dumps(answer))
         elif path == "/metrics":
@@ -83,12 +84,12 @@ def sidecar_app(client: RouterClient) -> ASGIApp:
             await respond(send, 200, b'{"status":"ok"}')
         elif path == "/readyz":
             if client.table is None:
-                await respond(send, 503, orjson.dumps({"error": {"code": "not_loaded", "message": "no table yet"}}))
+                await respond(send, 503, orjson.dumps(error_document("not_loaded", "no table yet")))
             else:
                 await respond(send, 200, orjson.dumps(
                     {"status": "ready", "version": client.table.version, "lag_versions": client.lag_versions}))
         else:
-            await respond(send, 404, orjson.dumps({"error": {"code": "not_found", "message": "no such path"}}))
+            await respond(send, 404, orjson.dumps(error_document("not_found", "no such path")))
 
     return app
 

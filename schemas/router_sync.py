@@ -45,6 +45,12 @@ SNAPSHOT_READ = "snapshot:read"
 DIGEST_MODULUS = 1 << 64
 
 
+def error_document(code: str, message: str, **extra: object) -> dict[str, object]:
+    """The error document of every API and the router sidecar:
+    ``{"error": {"code": ..., "message": ..., **extra}}``."""
+    return {"error": {"code": code, "message": message, **extra}}
+
+
 def entry_digest(path: str, cell_id: str) -> int:
     return zlib.crc32(f"{path}\t{cell_id}".encode())
 
@@ -191,18 +197,18 @@ def classify_in(
         key = value.strip("/").split("/", 1)[0].lower()
         cell_id = namespaces.get(key) if key else None
         if cell_id is None:
-            return 404, {"error": {"code": "not_found", "message": f"no cell owns the namespace {key!r}"}}
+            return 404, error_document("not_found", f"no cell owns the namespace {key!r}")
     elif kind == "SESSION_PREFIX":
         owners = [c for c in cells_by_id.values() if c["session_prefix"] and value.startswith(c["session_prefix"])]
         if not owners:
-            return 404, {"error": {"code": "not_found", "message": "no cell's session prefix starts this value"}}
+            return 404, error_document("not_found", "no cell's session prefix starts this value")
         owner = max(owners, key=lambda c: len(c["session_prefix"]))
         key, cell_id = owner["session_prefix"], owner["cell_id"]
     elif kind == "CELL_ID":
         key, cell_id = value, value
     else:
-        return 400, {"error": {"code": "bad_type", "message": f"type must be one of {', '.join(CLASSIFY_TYPES)}"}}
+        return 400, error_document("bad_type", f"type must be one of {', '.join(CLASSIFY_TYPES)}")
     cell = cells_by_id.get(cell_id)
     if cell is None:
-        return 404, {"error": {"code": "cell_not_found", "message": f"{key!r} belongs to unknown cell {cell_id!r}"}}
+        return 404, error_document("cell_not_found", f"{key!r} belongs to unknown cell {cell_id!r}")
     return 200, {"version": version, "type": kind, "value": value, "key": key, "cell": dict(cell)}

@@ -72,7 +72,7 @@ def classify(url: str, value: str) -> httpx.Response:
 def test_the_sidecar_follows_by_long_poll_keeps_a_disk_copy_and_starts_from_it_with_the_api_down(
     settings: Settings, projection: Projection, tmp_path: Path
 ) -> None:
-    state_file = tmp_path / "state" / "topology_store.router.json"
+    state_file = tmp_path / "state" / "router.json"
     api_port = free_port()
     api_url = f"http://127.0.0.1:{api_port}"
     started: list[Any] = []  # every child, stopped whatever happens
@@ -100,7 +100,7 @@ def test_the_sidecar_follows_by_long_poll_keeps_a_disk_copy_and_starts_from_it_w
         # Stopping wrote the newest table; atomically, so no temporary file is left behind.
         on_disk = load_last_known_good(state_file)
         assert on_disk is not None and on_disk.version == 2 and "new-group" in on_disk.namespaces
-        assert [p.name for p in state_file.parent.iterdir()] == ["topology_store.router.json"]
+        assert [p.name for p in state_file.parent.iterdir()] == ["router.json"]
 
         stop(api)  # the API is down: the router starts from its disk copy and routes
         router, local = sidecar(settings, api_url, state_file, tmp_path / "router-2.log")
@@ -128,7 +128,7 @@ async def test_the_client_falls_back_to_a_full_snapshot_on_410_and_on_an_inconsi
     settings: Settings, projection: Projection, tmp_path: Path
 ) -> None:
     with read_api(settings, tmp_path / "api.log") as api:
-        client = RouterClient([api], TEST_TOKEN, state_file=tmp_path / "topology_store.router.json", wait_s=3)
+        client = RouterClient([api], TEST_TOKEN, state_file=tmp_path / "router.json", wait_s=3)
         try:
             assert await client.sync_once() == "full" and client.version == 1
             assert client.classify("ROUTE", "gitlab-com/www")["cell"]["cell_id"] == "cell-2"  # type: ignore[index]
@@ -210,7 +210,7 @@ def test_stopping_the_api_releases_its_long_polls_at_once(
 
 
 def test_a_damaged_disk_copy_is_ignored(tmp_path: Path) -> None:
-    path = tmp_path / "topology_store.router.json"
+    path = tmp_path / "router.json"
     document = {"version": 3, "committed_at": "2026-01-01T00:00:00+00:00", "namespace_count": 1,
                 "namespace_digest": 1, "cells": [], "namespaces": {"a": "cell-1"}}
     path.write_bytes(orjson.dumps(document))
