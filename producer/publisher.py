@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -17,8 +18,9 @@ from typing import Self
 from uuid import UUID
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.structs import RecordMetadata
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from topology_store.runtime.settings import Settings
@@ -76,6 +78,9 @@ class EventPublisher:
         # producer id it assigned then (InitProducerId); adr/0002, adr/0016.
         self.idempotent = False
         self.producer_id: int | None = None
+        # An acknowledgement wait of the idempotent producer ran out: replace the producer
+        # before the next publish (see _acknowledged).
+        self._stuck = False
 
     def _new_producer(self, idempotent: bool) -> AIOKafkaProducer:
         sizing = {} if self._max_batch_bytes is None else {"max_batch_size": self._max_batch_bytes}
@@ -89,15 +94,28 @@ class EventPublisher:
             **sizing,
         )
 
+    @property
+    def patience_s(self) -> float:
+        """How long an acknowledgement may take: what aiokafka grants a plain producer's
+        batch (``request_timeout_ms`` in the accumulator, then as much for the request)."""
+        return (2 * self._settings.producer_request_timeout_ms + self._settings.producer_linger_ms) / 1000
+
     async def start(self) -> None:
         mode = self._settings.producer_idempotence
+        self.idempotent, self.producer_id = False, None
         if mode == "off":
-            self._producer = self._new_producer(idempotent=False)
-            await self._producer.start()
+            producer = self._new_producer(idempotent=False)
+            await producer.start()
+            self._producer, self._stuck = producer, False
             return
         producer = self._new_producer(idempotent=True)
         try:
-            await producer.start()
+            # aiokafka asks for a producer id until it gets one: a broker that takes
+            # connections but does not answer (frozen, overloaded) would hold start() for ever.
+            await asyncio.wait_for(producer.start(), max(10.0, self.patience_s))
+        except TimeoutError:
+            await _abandon(producer, KafkaTimeoutError("no producer id"))
+            raise KafkaTimeoutError(f"the broker assigned no producer id within {max(10.0, self.patience_s):g}s") from None
         except KafkaConnectionError:
             await producer.stop()
             raise
@@ -118,12 +136,49 @@ class EventPublisher:
             manager = getattr(producer, "_txn_manager", None)
             self.producer_id = getattr(manager, "producer_id", None)
             log.debug("idempotent producer (producer id %s)", self.producer_id)
-        self._producer = producer
+        self._producer, self._stuck = producer, False
 
     async def stop(self) -> None:
-        if self._producer is not None:
-            await self._producer.stop()
-            self._producer = None
+        """Flush and close; records still unacknowledged after ``patience_s`` fail."""
+        producer, self._producer = self._producer, None
+        if producer is None:
+            return
+        if self._stuck:
+            await _abandon(producer, KafkaTimeoutError("publisher stopped"))
+            return
+        try:
+            # A plain producer's flush ends by itself; an idempotent one's waits for the broker.
+            await asyncio.wait_for(producer.stop(), self.patience_s + 1)
+        except TimeoutError:
+            log.warning("records still unacknowledged after %.1fs at stop; abandoning them", self.patience_s)
+            await _abandon(producer, KafkaTimeoutError("publisher stopped"))
+
+    async def _ready(self) -> AIOKafkaProducer:
+        """The producer to publish with: a new one after an idempotent producer got stuck
+        (until a replacement starts, every publish fails with the reason it did not)."""
+        if self._stuck:
+            if self._producer is not None:
+                stuck, self._producer = self._producer, None
+                await _abandon(stuck, KafkaTimeoutError("producer replaced"))
+                log.warning("replacing the idempotent producer: a batch went unacknowledged for %.1fs",
+                            self.patience_s)
+            await self.start()
+        return self._require_started()
+
+    async def _acknowledged(self, future: asyncio.Future[RecordMetadata], deadline: float) -> RecordMetadata:
+        """The acknowledgement of one send, or a KafkaError. A plain producer gives a batch
+        up after ``request_timeout_ms`` by itself. aiokafka's idempotent producer never
+        does (no delivery timeout: it retries until the broker answers, adr/0016), so its
+        wait is bounded here alike, and a producer that ran out is replaced before the
+        next publish: its stuck batches would hold every later one of their partition."""
+        if not self.idempotent:
+            return await future
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            self._stuck = True
+            future.add_done_callback(_retrieve)  # it fails once the producer is abandoned
+            raise KafkaTimeoutError(f"not acknowledged within {self.patience_s:g}s") from None
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -163,28 +218,33 @@ class EventPublisher:
         One producer span per call (a no-op without an OpenTelemetry SDK): its W3C
         context goes into every record's ``traceparent`` header and, unless the
         caller set one, the envelope's ``trace_id`` (runtime/tracing.py)."""
-        producer = self._require_started()
         # Not made current: this is an async generator, and the caller's context must not change.
         span = tracer().start_span("topology publish", kind=SpanKind.PRODUCER,
                                    attributes={"messaging.system": "kafka", "messaging.operation.type": "send"})
         trace_headers, trace_id = inject_headers(span), trace_id_of(span)
         sent = failed = 0
         try:
-            pending: list[tuple[Event, object]] = []
+            try:
+                producer: AIOKafkaProducer | KafkaError = await self._ready()
+            except KafkaError as exc:  # a replacement producer could not start: every event fails
+                producer = exc
+            pending: list[tuple[Event, object, float]] = []
             for event in events:
                 topic, key, value, headers = self._record(event, trace_headers, trace_id)
                 try:
+                    if isinstance(producer, KafkaError):
+                        raise producer
                     future = await producer.send(topic, value=value, key=key, headers=headers)
                 except KafkaError as exc:
                     future = exc
-                pending.append((event, future))
+                pending.append((event, future, time.monotonic() + self.patience_s))
                 sent += 1
                 if len(pending) >= self._window:
-                    for outcome in await _settle(pending):
+                    for outcome in await self._settle(pending):
                         failed += isinstance(outcome, PublishFailed)
                         yield outcome
                     pending = []
-            for outcome in await _settle(pending):
+            for outcome in await self._settle(pending):
                 failed += isinstance(outcome, PublishFailed)
                 yield outcome
         finally:
@@ -210,7 +270,10 @@ class EventPublisher:
         partition in this call was acknowledged (or was in its own, ambiguously
         failed, batch). Partitions proceed in parallel.
         """
-        producer = self._require_started()
+        try:
+            producer = await self._ready()
+        except KafkaError as exc:  # a replacement producer could not start: every record fails
+            return [exc] * len(records)
         outcomes: list[KafkaError | None] = [None] * len(records)
         partitions: dict[str, list[int] | KafkaError] = {}
         for topic in {record.topic for record in records}:
@@ -242,7 +305,7 @@ class EventPublisher:
                 batch.close()
                 try:
                     delivery = await producer.send_batch(batch, topic, partition=partition)
-                    await delivery
+                    await self._acknowledged(delivery, time.monotonic() + self.patience_s)
                 except KafkaError as exc:
                     for failed in indexes[position:]:
                         outcomes[failed] = exc
@@ -257,25 +320,46 @@ class EventPublisher:
             raise RuntimeError("EventPublisher.start() was not called")
         return self._producer
 
-
-async def _settle(pending: list[tuple[Event, object]]) -> list[Published | PublishFailed]:
-    outcomes: list[Published | PublishFailed] = []
-    for event, future in pending:
-        if isinstance(future, BaseException):
-            outcomes.append(PublishFailed(event, future))
-            continue
-        try:
-            metadata = await future  # type: ignore[misc]
-        except KafkaError as exc:
-            outcomes.append(PublishFailed(event, exc))
-            continue
-        outcomes.append(
-            Published(
-                event_id=event.event_id,
-                event_type=event.EVENT_TYPE,
-                topic=metadata.topic,
-                partition=metadata.partition,
-                offset=metadata.offset,
+    async def _settle(self, pending: list[tuple[Event, object, float]]) -> list[Published | PublishFailed]:
+        outcomes: list[Published | PublishFailed] = []
+        for event, future, deadline in pending:
+            if isinstance(future, BaseException):
+                outcomes.append(PublishFailed(event, future))
+                continue
+            try:
+                metadata = await self._acknowledged(future, deadline)  # type: ignore[arg-type]
+            except KafkaError as exc:
+                outcomes.append(PublishFailed(event, exc))
+                continue
+            outcomes.append(
+                Published(
+                    event_id=event.event_id,
+                    event_type=event.EVENT_TYPE,
+                    topic=metadata.topic,
+                    partition=metadata.partition,
+                    offset=metadata.offset,
+                )
             )
-        )
-    return outcomes
+        return outcomes
+
+
+def _retrieve(future: asyncio.Future[RecordMetadata]) -> None:
+    """Take a given-up future's outcome, so that asyncio does not log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()
+
+
+async def _abandon(producer: AIOKafkaProducer, reason: KafkaError) -> None:
+    """Close ``producer`` without waiting for its unacknowledged batches, which fail with
+    ``reason``. Reaches into aiokafka (0.14): its stop() waits for every batch, and an
+    idempotent producer retries a batch for as long as the broker does not answer."""
+    producer._closed = True  # a later stop() is then a no-op
+    sender = getattr(producer, "_sender", None)
+    task = getattr(sender, "sender_task", None)
+    if task is not None and not task.done():
+        task.cancel()
+        await asyncio.wait([task])
+    accumulator = getattr(producer, "_message_accumulator", None)
+    if accumulator is not None:
+        accumulator.fail_all(reason)
+    await producer.client.close()

@@ -49,7 +49,8 @@ class Settings(BaseSettings):
     # Reliability (README "Reliability"): how fast a dead member's partitions move, how
     # often the dependencies are probed for /readyz, how long a SIGTERM may take.
     consumer_session_timeout_ms: int = Field(
-        default=10_000, ge=1000, description="A member silent this long is dropped and its partitions reassigned"
+        default=10_000, ge=1000, description="A member silent this long is dropped and its partitions reassigned; "
+        "Apache Kafka refuses values outside group.min/max.session.timeout.ms (6 s to 30 min by default)"
     )
     consumer_heartbeat_interval_ms: int = Field(default=3_000, ge=100, description="Below a third of the session timeout")
     projector_probe_interval_s: float = Field(
