@@ -9,15 +9,20 @@ out (adr/0016). Every test runs once on each broker (``each_broker``: the sessio
 - the log end: the fetch high watermark (what the lag metric uses) is right on both;
   ``end_offsets()`` (ListOffsets) only on Apache Kafka;
 - Kafka-side group offsets: the admin API shows the projector's group commits nothing
-  (adr/0002) on Apache Kafka; Tansu's answer does not decode.
+  (adr/0002) on Apache Kafka; Tansu's answer does not decode;
+- a broker that stops answering: publishes fail within the producer's patience on both,
+  although aiokafka's idempotent producer would retry for ever (the publisher bounds it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -29,8 +34,8 @@ from aiokafka.record.memory_records import MemoryRecords
 
 import topology_store.runtime.topics as topics_module
 from tests.integration.test_projector import Member, wait_for
-from tests.servers import APACHE, Broker, detect_kind
-from topology_store.producer.publisher import EventPublisher, PublishFailed
+from tests.servers import APACHE, Broker, detect_kind, private_broker
+from topology_store.producer.publisher import EventPublisher, Published, PublishFailed
 from topology_store.runtime.settings import Settings
 from topology_store.runtime.topics import LOG_APPEND_TIME, TIMESTAMP_TYPE, _topic_config, ensure_topics
 from topology_store.schemas.models import ClaimBucket, ClaimCreated, OwnerType
@@ -108,7 +113,7 @@ async def test_auto_idempotence_is_on_exactly_where_the_broker_grants_a_producer
         assert {(pid, epoch) for pid, epoch, *_ in batches} == {(publisher.producer_id, 0)}
         sequences = [(sequence, count) for *_, sequence, count in batches]
         assert sequences[0][0] == 0
-        assert all(nxt == seq + count for (seq, count), (nxt, _) in zip(sequences, sequences[1:], strict=False))
+        assert all(nxt == seq + count for (seq, count), (nxt, _) in itertools.pairwise(sequences))
         await strict.start()  # "on" starts too
         assert strict.idempotent
         await strict.stop()
@@ -198,7 +203,7 @@ async def test_the_fetch_high_watermark_is_the_log_end_on_both_and_end_offsets_o
 async def test_the_projector_commits_no_offsets_to_kafka_as_the_admin_api_shows(
     each_broker: Broker, on_broker: Settings
 ) -> None:
-    _, ends = await publish(on_broker, 50)
+    await publish(on_broker, 50)
     async with Member(on_broker):
         await wait_for(on_broker, "SELECT count(*) FROM processed_events", 50)
     admin = AIOKafkaAdminClient(bootstrap_servers=on_broker.kafka_bootstrap)
@@ -214,3 +219,35 @@ async def test_the_projector_commits_no_offsets_to_kafka_as_the_admin_api_shows(
                 await asyncio.wait_for(admin.list_consumer_group_offsets(on_broker.consumer_group), 30)
     finally:
         await admin.close()
+
+
+async def test_a_broker_that_stops_answering_fails_publishes_within_the_patience_on_both(
+    each_broker: Broker, settings: Settings, tmp_path: Path
+) -> None:
+    frozen = private_broker(each_broker.kind, tmp_path / "frozen-broker.log")
+    try:
+        assert frozen.kind == each_broker.kind
+        own = settings.model_copy(update={"kafka_bootstrap": frozen.bootstrap, "producer_request_timeout_ms": 1000})
+        await ensure_topics(own)
+        async with EventPublisher(own) as publisher:
+            assert publisher.idempotent == (each_broker.kind == APACHE)
+            first_id = publisher.producer_id
+            assert isinstance(await publisher.publish(claim(0)), Published)
+            frozen.signal(signal.SIGSTOP)
+            try:
+                began = time.monotonic()
+                during = [o async for o in publisher.publish_many(claim(n) for n in range(1, 21))]
+                waited = time.monotonic() - began
+            finally:
+                frozen.signal(signal.SIGCONT)
+            # Not one success while frozen, and no wait for ever (aiokafka's idempotent
+            # producer has no delivery timeout; the publisher gives it one).
+            assert all(isinstance(o, PublishFailed) for o in during)
+            assert waited < publisher.patience_s + 5, waited
+            after = await publisher.publish(claim(21))  # the same publisher carries on
+            assert isinstance(after, Published)
+            if each_broker.kind == APACHE:
+                # The stuck producer was replaced: a new producer id from the broker.
+                assert publisher.idempotent and publisher.producer_id not in (None, first_id)
+    finally:
+        frozen.stop()

@@ -105,6 +105,7 @@ def test_begin_conflict_commit_rollback_and_idempotency(stack: tuple[str, Settin
     assert clear == (0,)
 
 
+@pytest.mark.both_brokers
 def test_an_uncommitted_lease_expires_by_log_time_and_frees_its_claims(stack: tuple[str, Settings]) -> None:
     url, _ = stack
     granted = begin(url, "cell-1", 1, [("NAMESPACE", "short-lived")], lease_ttl_ms=1000)

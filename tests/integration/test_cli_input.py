@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -25,7 +24,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from tests.conftest import settings_env
-from topology_store.cli.devstack import EmbeddedKafka, free_port
+from tests.servers import PrivateBroker
+from topology_store.cli.devstack import free_port
 from topology_store.cli.main import main
 from topology_store.producer.publisher import EventPublisher, Published, PublishFailed
 from topology_store.runtime.settings import Settings
@@ -198,23 +198,13 @@ def test_a_missing_broker_is_a_clear_failure_never_a_success(topics: Settings, t
     assert "not acknowledged by the broker" in done.stderr and f"--request-id {request}" in done.stderr
 
 
-@pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[EmbeddedKafka]:
-    """A broker of this test alone, so that it can be frozen with SIGSTOP."""
-    kafka = EmbeddedKafka(log_path=tmp_path / "own-broker.log").start()
-    yield kafka
-    _signal(kafka, signal.SIGCONT)
-    kafka.stop()
+# own_broker (tests/conftest.py): a broker of this test alone, of the session's kind, so
+# that it can be frozen with SIGSTOP.
 
 
-def _signal(kafka: EmbeddedKafka, sig: int) -> None:
-    process = kafka._process  # noqa: SLF001 - the child this fixture started
-    if process is not None and process.poll() is None:
-        os.kill(process.pid, sig)
-
-
+@pytest.mark.both_brokers
 async def test_the_library_reports_no_success_while_the_broker_does_not_acknowledge(
-    topics: Settings, own_broker: EmbeddedKafka
+    topics: Settings, own_broker: PrivateBroker
 ) -> None:
     from topology_store.runtime.topics import ensure_topics
 
@@ -228,11 +218,11 @@ async def test_the_library_reports_no_success_while_the_broker_does_not_acknowle
 
     async with EventPublisher(settings) as publisher:
         before = [o async for o in publisher.publish_many(claims("before", 50))]
-        _signal(own_broker, signal.SIGSTOP)
+        own_broker.signal(signal.SIGSTOP)
         try:
             during = [o async for o in publisher.publish_many(claims("during", 50))]
         finally:
-            _signal(own_broker, signal.SIGCONT)
+            own_broker.signal(signal.SIGCONT)
     assert all(isinstance(o, Published) for o in before)
     assert during and all(isinstance(o, PublishFailed) for o in during)  # not one success while frozen
 
@@ -244,18 +234,19 @@ async def test_the_library_reports_no_success_while_the_broker_does_not_acknowle
         assert (outcome.topic, outcome.partition, outcome.offset) in found
 
 
-def test_the_emit_cli_reports_no_success_against_a_frozen_broker(topics: Settings, own_broker: EmbeddedKafka,
+@pytest.mark.both_brokers
+def test_the_emit_cli_reports_no_success_against_a_frozen_broker(topics: Settings, own_broker: PrivateBroker,
                                                                  tmp_path: Path) -> None:
     settings = topics.model_copy(update={"kafka_bootstrap": own_broker.bootstrap,
                                          "producer_request_timeout_ms": 2000})
     events = tmp_path / "events.jsonl"
     events.write_text(json.dumps(CELL) + "\n")
-    _signal(own_broker, signal.SIGSTOP)
+    own_broker.signal(signal.SIGSTOP)
     try:
         done = subprocess.run([sys.executable, "-m", "topology_store.cli", "emit", "-f", str(events)],
                               env=settings_env(settings), capture_output=True, text=True, timeout=120)
     finally:
-        _signal(own_broker, signal.SIGCONT)
+        own_broker.signal(signal.SIGCONT)
     assert done.returncode == 1
     assert '"acknowledged"' not in done.stdout
     assert "nothing was sent" in done.stderr or "not acknowledged" in done.stderr, done.stderr[-2000:]

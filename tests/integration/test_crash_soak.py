@@ -38,7 +38,7 @@ from topology_store.runtime.settings import Settings
 from topology_store.runtime.topics import ensure_topics
 from topology_store.schemas.models import Event
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.both_brokers]  # SIGKILLs, rebalances: on Tansu too (conftest)
 
 # Short sessions, so a SIGKILLed member's partitions move in seconds, not in the
 # 10 s default (the settings exist for this; production keeps the default).

