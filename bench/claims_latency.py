@@ -161,33 +161,44 @@ def cpu_share(cpu_s: float, wall_s: float) -> float:
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
+#: Idle connections older than this are closed, not reused: uvicorn closes a keep-alive
+#: connection idle for 5 s (its timeout_keep_alive), and a request written just as it does
+#: would fail for the client's sake, not the server's.
+IDLE_LIMIT_S = 4.0
+
+
 class Pool:
-    """Keep-alive connections: an idle one when there is one, else a new one. Never a queue."""
+    """Keep-alive connections: the most recently used idle one when there is one, else a
+    new one. Never a queue."""
 
     def __init__(self, port: int, host: str = HOST) -> None:
         self.host, self.port = host, port
-        self.idle: list[Connection] = []
+        self.idle: list[tuple[Connection, float]] = []  # (connection, idle since), oldest first
         self.opened = 0
 
     async def get(self) -> Connection:
-        if self.idle:
-            return self.idle.pop()
+        now = clock()
+        while self.idle:
+            connection, since = self.idle.pop()
+            if now - since < IDLE_LIMIT_S and not connection[0].at_eof():
+                return connection
+            self.discard(connection)
         self.opened += 1
         return await asyncio.open_connection(self.host, self.port)
 
     def put(self, connection: Connection) -> None:
-        self.idle.append(connection)
+        self.idle.append((connection, clock()))
 
     async def fill(self, count: int) -> None:
-        connections = [await self.get() for _ in range(count)]
-        self.idle.extend(connections)
+        for connection in [await self.get() for _ in range(count)]:
+            self.put(connection)
 
     @staticmethod
     def discard(connection: Connection) -> None:
         connection[1].close()
 
     def close(self) -> None:
-        for connection in self.idle:
+        for connection, _ in self.idle:
             self.discard(connection)
         self.idle.clear()
 

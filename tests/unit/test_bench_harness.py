@@ -8,13 +8,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
 from bench import best_per_broker, broker_ratio, broker_table, brokers_for, interleaved
-from bench.claims_latency import Head, cpu_share, pair_requests, parse_head, request_bytes
+from bench.claims_latency import IDLE_LIMIT_S, Head, Pool, cpu_share, pair_requests, parse_head, request_bytes
 from bench.claims_latency import offer as offer_claims
 from bench.cost_growth import fill_plan, log_allowance, per_event_us
 from bench.producer_throughput import alternating, rate
@@ -370,6 +371,24 @@ class TestClaimClient:
         assert len(step.pair) == len(step.commit) == 10
         assert max(step.pair) >= max(step.begin)  # each pair ends after its own begin
         assert seen.count(b"/v1/claims") == 10 and len(seen) == 20
+
+
+    async def test_the_pool_reuses_fresh_connections_and_drops_stale_or_closed_ones(self) -> None:
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        pool = Pool(server.sockets[0].getsockname()[1])
+        try:
+            first = await pool.get()
+            pool.put(first)
+            assert await pool.get() is first and pool.opened == 1
+            pool.idle.append((first, time.perf_counter() - IDLE_LIMIT_S - 1))  # idle past the server's keep-alive
+            second = await pool.get()
+            assert second is not first and pool.opened == 2
+            second[0].feed_eof()  # the server closed it
+            pool.put(second)
+            assert await pool.get() is not second and pool.opened == 3
+        finally:
+            pool.close()
+            server.close()
 
 
 def test_cpu_share_is_percent_of_one_core() -> None:
