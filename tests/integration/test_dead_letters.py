@@ -29,7 +29,7 @@ from psycopg import sql
 
 from tests.conftest import _as_url, _database_url
 from tests.integration.test_projector import Member, count, wait_for
-from tests.servers import Servers
+from tests.servers import APACHE, Servers
 from topology_store.cli.main import main
 from topology_store.projector.dead_letters import redrive
 from topology_store.projector.migrate import upgrade_to_head
@@ -145,8 +145,9 @@ async def test_an_event_the_database_refuses_is_isolated_and_its_partitions_move
     assert count(settings, f"SELECT replay_attempts FROM dead_letters WHERE id = {letter_id}") == 1
 
 
+@pytest.mark.both_brokers  # Apache Kafka stamps claim requests itself (LogAppendTime); Tansu keeps these
 async def test_an_event_the_rules_cannot_decide_and_an_impossible_timestamp_become_dead_letters(
-    topics: Settings,
+    topics: Settings, servers: Servers,
 ) -> None:
     requests = topics.claim_requests_topic
 
@@ -162,6 +163,16 @@ async def test_an_event_the_rules_cannot_decide_and_an_impossible_timestamp_beco
         encoded(request("microseconds"), requests, timestamp_ms=in_microseconds),
         encoded(request("last"), requests),
     ])
+    if servers.broker.kind == APACHE:
+        # The claim-requests topic is LogAppendTime (adr/0010, adr/0016): the broker replaced
+        # the producer's impossible timestamps with its own clock, so all four are decided.
+        async with Member(topics):
+            await wait_for(topics, "SELECT count(*) FROM processed_events", 4)
+        with psycopg.connect(topics.libpq_url) as conn:
+            assert conn.execute("SELECT count(*) FROM dead_letters").fetchone() == (0,)
+            held = [row[0] for row in conn.execute("SELECT value FROM claims ORDER BY 1")]
+        assert held == ["far-future", "first", "last", "microseconds"]
+        return
     async with Member(topics.model_copy(update={"batch_wait_ms": 300})) as member:
         await wait_for(topics, "SELECT count(*) FROM dead_letters", 2)
         await wait_for(topics, "SELECT count(*) FROM processed_events", 2)
