@@ -62,7 +62,7 @@ RETIRED_SCHEMA = "topology_retired"
 # else in public is the log or its bookkeeping (archive, outbox, offsets, decisions
 # taken, dead letters, audit index) or the served history (version, change log).
 SWITCHED_TABLES = ("cells", "claims", "leases", "sequence_ranges")
-REBUILD_LOCK = 0x746F706F726562  # pg advisory lock key: one switching rebuild per database at a time
+REBUILD_LOCK = 0x746F706F726562  # pg advisory lock key: one rebuild per database at a time
 RebuildError = ReplayError  # a rebuild is a replay and a switch: one error
 
 
@@ -274,11 +274,11 @@ async def rebuild_async(
         raise RebuildError("--chunk-events and --switch-attempts must be positive, --max-tail not negative")
     started = time.monotonic()
     async with await psycopg.AsyncConnection.connect(settings.libpq_url, autocommit=True) as guard:
+        # Session-level: released when this process ends, however it ends.
+        locked = await fetch_one(guard, "SELECT pg_try_advisory_lock(%s)", (REBUILD_LOCK,))
+        if not locked or not locked[0]:
+            raise RebuildError("another rebuild is running on this database")
         if switch:
-            # Session-level: released when this process ends, however it ends.
-            locked = await fetch_one(guard, "SELECT pg_try_advisory_lock(%s)", (REBUILD_LOCK,))
-            if not locked or not locked[0]:
-                raise RebuildError("another rebuild is running on this database")
             await _check_live_revision(guard, head_revision(settings))
             if await schema_exists(guard, retired_schema):
                 raise RebuildError(f"schema {retired_schema} still holds the tables an earlier switch retired: "
