@@ -12,7 +12,8 @@ in a scratch database it drops afterwards (unless --keep).
    Avro-encoded with the real codec and COPYed straight into ``topology_outbox`` and
    ``event_archive`` (what ``topology rebuild --source archive`` reads).
 2. The rebuild: ``projector.rebuild`` from offset 0 into a shadow schema, every chunk
-   committed with its checkpoint, exactly as ``topology rebuild --no-switch`` runs it.
+   committed with its checkpoint, exactly as ``topology rebuild --no-switch`` runs it (the
+   one replay pipeline of projector/replay.py: ``topology replay`` and ``verify`` run it too).
 3. The baseline: the rows the rebuild produced (cells, claims, leases, sequence
    ranges), exported beforehand, COPYed into the scratch database's empty live tables
    (same migrations, same indexes). Only the COPYs in are timed.

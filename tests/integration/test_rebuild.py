@@ -446,6 +446,11 @@ async def test_kafka_source_switches_only_once_the_relay_published_every_decisio
                                             out=io.StringIO())
             assert built.chunks > 1 and not built.resumed
             assert (await asyncio.to_thread(compare, settings, LIVE_SCHEMA, "topology_shadow")).equal
+            # The same source stops at an offsets cut: nothing after it is read, nor counted.
+            cut = Cut(until_offsets={(settings.cells_topic, 0): 3, (settings.claim_decisions_topic, 0): 10})
+            await asyncio.to_thread(replay, settings, "kafka_cut", cut, "kafka", True, io.StringIO())
+            assert scalar(settings, "SELECT concat_ws(' ', cells_next_offset, decisions_position, events_read) "
+                                    "FROM kafka_cut.rebuild_checkpoint") == "3 10 13"
             # More decisions now, but no relay to put them on the decision topic.
             await publish(settings, more)
             await asyncio.to_thread(wait_until, lambda: consumed(settings) == len(work.events) + len(more), 90, 0.1,
