@@ -10,7 +10,9 @@ The live projector (the pure fold is ``core.fold``):
 - ``changelog``      retention of the routing change log.
 - ``poison``         records that cannot be applied: isolated and dead-lettered.
 - ``ticks``          the log's clock for lease expiry.
-- ``observe``, ``metrics``, ``health``  spans and log lines, Prometheus metrics, health.
+- ``observe``        a batch's apply span and log lines.
+- ``metrics``        the projector's Prometheus metrics.
+- ``health``         ``/readyz`` and ``/healthz``: the broker and PostgreSQL as last seen.
 - ``main``           ``topology project``.
 
 The one replay pipeline (adr/0013):
@@ -19,5 +21,10 @@ The one replay pipeline (adr/0013):
 - ``replay``         the pipeline into a schema of its own: ``topology replay``, ``topology verify``.
 - ``rebuild``        the pipeline into a shadow schema, then the switch: ``topology rebuild``.
 
-Operations: ``dead_letters`` (``topology dlq``), ``migrate`` and ``migrations``, ``tables``.
+Operations:
+
+- ``dead_letters``   ``topology dlq``: inspect, re-drive, discard.
+- ``tables``         the projection's tables (SQLAlchemy Core).
+- ``migrations``     their Alembic migrations; ``migrate`` runs them (``topology migrate``).
+- ``migrate``        brings a database to the newest migration.
 """

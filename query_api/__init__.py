@@ -9,8 +9,9 @@ Resources, one module each:
 - ``cells_api``         ``GET /v1/cells`` and ``GET /v1/cells/{cell_id}``.
 - ``audit_api``         ``GET /v1/audit/history``, and reading a key's history.
 - ``health_api``        ``/healthz``, ``/readyz``, ``/metrics``.
-- ``claims_api``        claim requests with a synchronous answer; ``decisions`` waits for
-                        the projector's decisions.
+- ``claims_api``        the claims door: claim requests with a synchronous answer over the
+                        claims service, claim and owner lookups.
+- ``decisions``         waits for the projector's decisions (the claims service's source).
 
 In front of them, cheaper doors to the same snapshot endpoint:
 
@@ -26,8 +27,10 @@ Underneath:
 - ``documents``         the response documents (pydantic, for validation and OpenAPI).
 - ``errors``            the one error document; exception handlers, request limits, and the
                         errors the OpenAPI document declares.
-- ``metrics``           Prometheus metrics; ``state`` what the lifespan opens for the routes.
-- ``app``               the app: resources, middleware, lifespan; ``server`` runs it on uvicorn.
+- ``metrics``           Prometheus metrics.
+- ``state``             what the lifespan opens for the routes.
+- ``app``               the app: resources, middleware, lifespan.
+- ``server``            ``topology serve``: the app on uvicorn.
 
 The router sync wire details shared with the router client are ``schemas/router_sync.py``.
 """
