@@ -1,10 +1,12 @@
 """On the real stack: random claim requests from several cells, decided by two
 projector members while partitions move, keep every invariant, and replaying the
-recorded decisions reproduces the live registry exactly."""
+recorded decisions (the live projector's fold, and the replay pipeline) reproduces
+the live registry exactly."""
 
 from __future__ import annotations
 
 import asyncio
+import io
 import random
 import uuid
 
@@ -12,8 +14,9 @@ import psycopg
 import pytest
 
 from tests.integration.test_projector import Member, wait_for
-from topology_store.core.claims import Registry, evolve
+from topology_store.core.fold import replayed
 from topology_store.producer.publisher import EventPublisher, PublishFailed
+from topology_store.projector.replay import LIVE_SCHEMA, compare, replay
 from topology_store.runtime.settings import Settings
 from topology_store.schemas.codec import EventCodec
 from topology_store.schemas.models import (
@@ -130,14 +133,14 @@ async def test_random_requests_keep_invariants_and_replaying_the_decisions_repro
 
     # Replay: the recorded decisions alone rebuild the same registry.
     codec = EventCodec()
-    replayed = Registry()
-    for payload in outbox:
-        decoded = codec.decode(payload)
-        evolve(replayed, parse_event(decoded.payload, decoded.event_type))
+    registry = replayed([parse_event(d.payload, d.event_type) for d in map(codec.decode, outbox)]).registry
     assert {
-        k: (h.cell_id, h.owner_type.value, h.owner_id, h.status.value, h.lease_id) for k, h in replayed.claims.items()
+        k: (h.cell_id, h.owner_type.value, h.owner_id, h.status.value, h.lease_id) for k, h in registry.claims.items()
     } == claims
     assert {
-        i: (l.status.value, l.cause.value if l.cause else None, l.claims) for i, l in replayed.leases.items()
+        i: (l.status.value, l.cause.value if l.cause else None, l.claims) for i, l in registry.leases.items()
     } == leases
-    assert [(r.start, r.end) for r in replayed.granted_ranges] == [tuple(r) for r in ranges]
+    assert [(r.start, r.end) for r in registry.granted_ranges] == [tuple(r) for r in ranges]
+    # And so does the replay pipeline, from the outbox, into a schema of its own.
+    await asyncio.to_thread(replay, settings, "claims_replay", out=io.StringIO())
+    assert (await asyncio.to_thread(compare, settings, LIVE_SCHEMA, "claims_replay")).equal
