@@ -46,7 +46,7 @@ class OutboxUsageError(RuntimeError):
 
 def outbox_ddl() -> str:
     """The contract as SQL (``producer/outbox.sql``), shipped inside the package."""
-    return resources.files("producer").joinpath("outbox.sql").read_text(encoding="utf-8")
+    return resources.files("topology_store.producer").joinpath("outbox.sql").read_text(encoding="utf-8")
 
 
 def create_outbox(conn: psycopg.Connection[Any]) -> None:

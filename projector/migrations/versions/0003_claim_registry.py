@@ -20,7 +20,7 @@ depends_on = None
 
 # The outbox contract ships as plain SQL so any language's migrations can apply
 # it; the topology store's own decisions go through the same outbox.
-OUTBOX_SQL = files("producer").joinpath("outbox.sql")
+OUTBOX_SQL = files("topology_store.producer").joinpath("outbox.sql")
 
 
 def upgrade() -> None:

@@ -22,7 +22,7 @@ down_revision = "0006"
 branch_labels = None
 depends_on = None
 
-OUTBOX_SQL = files("producer").joinpath("outbox.sql")
+OUTBOX_SQL = files("topology_store.producer").joinpath("outbox.sql")
 
 
 def upgrade() -> None:
