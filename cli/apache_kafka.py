@@ -201,7 +201,12 @@ def _cds_archive(jars: str, heap_mb: int) -> Path | None:
 def new_cluster_id() -> str:
     """A random Kafka cluster id: 16 random bytes, URL-safe base64 without padding
     (what ``kafka-storage.sh random-uuid`` prints), without starting a JVM for it."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    # A leading "-" would read as an option to the storage tool (one id in 64 has one);
+    # Kafka's own Uuid.randomUuid() draws again for the same reason.
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def _cds_refused(cds_log: Path) -> bool:
@@ -390,7 +395,7 @@ class ApacheKafka:
     def _format(self, java: list[str], properties_path: Path, log: IO[bytes], deadline: float) -> None:
         # A static quorum is formatted as it is; a lone node as a dynamic quorum of itself.
         standalone = [] if self.quorum_voters else ["--standalone"]
-        command = [*java, "kafka.tools.StorageTool", "format", "--cluster-id", self.cluster_id,
+        command = [*java, "kafka.tools.StorageTool", "format", f"--cluster-id={self.cluster_id}",
                    "--config", str(properties_path), *standalone, "--ignore-formatted"]
         try:
             done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
