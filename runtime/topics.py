@@ -25,9 +25,6 @@ ALTER_CONFIGS_API = 33
 #: DescribeConfigs' config_source of a value set on the topic itself.
 DYNAMIC_TOPIC_CONFIG = 1
 
-# Bootstrap addresses already told that their broker keeps producer timestamps (once each).
-_told_no_topic_configs: set[str] = set()
-
 
 class TopicLayoutError(RuntimeError):
     """An existing topic is laid out (partitions, timestamp type) in a way the system cannot run on."""
@@ -107,8 +104,7 @@ async def ensure_topics(settings: Settings) -> BrokerCapabilities:
         capabilities = await broker_capabilities(admin)
         if capabilities.topic_configs:
             await _ensure_log_append_time(admin, settings.claim_requests_topic)
-        elif settings.kafka_bootstrap not in _told_no_topic_configs:
-            _told_no_topic_configs.add(settings.kafka_bootstrap)
+        else:  # once per process start: each process calls this once, before it runs
             log.warning(
                 "the broker at %s does not apply topic configs (no AlterConfigs; the embedded Tansu broker): "
                 "%s keeps the producers' timestamps instead of %s, so lease times follow the producers' "
