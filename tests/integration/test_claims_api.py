@@ -146,7 +146,7 @@ def test_cells_racing_for_the_same_values_get_exactly_one_winner_each(stack: tup
 
     started = time.monotonic()
     responses = asyncio.run(race())
-    assert time.monotonic() - started < 120
+    assert time.monotonic() - started < 300  # a hang guard, not a benchmark: about 40-80 s on two cores
     by_value: dict[str, list[httpx.Response]] = {}
     for response in responses:
         assert response.status_code in (201, 409), response.text
