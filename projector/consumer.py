@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import BrokerResponseError, KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from topology_store.core.fold import PositionedEvent
@@ -32,6 +32,10 @@ from topology_store.schemas.codec import EVENT_TYPE_HEADER, DecodeError, EventCo
 from topology_store.schemas.models import EventInputError, parse_event
 
 log = logging.getLogger(__name__)
+
+
+class KafkaStartRefused(RuntimeError):
+    """The broker answered the group join with an error that retrying cannot fix."""
 
 
 def read_record(codec: EventCodec, settings: Settings, record: ConsumerRecord) -> PositionedEvent | DeadLetter:
@@ -168,6 +172,12 @@ class Projector:
             try:
                 await self._consumer.start()
             except KafkaError as exc:
+                if isinstance(exc, BrokerResponseError) and not exc.retriable:
+                    # The broker answered, with an error retrying cannot fix (a session timeout
+                    # out of its bounds, say): say so rather than retry for ever (a second
+                    # start() on a half-started consumer hides the cause). Timeouts and lost
+                    # connections are not answers: those are retried.
+                    raise KafkaStartRefused(f"the broker refused the consumer group join: {exc!r}") from exc
                 attempt += 1
                 self.health.broker_failed(exc)
                 delay = backoff(attempt)

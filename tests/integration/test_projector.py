@@ -12,8 +12,9 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from tests.integration.scenario import build
+from tests.servers import APACHE, Servers
 from topology_store.producer.publisher import EventPublisher, PublishFailed
-from topology_store.projector.consumer import Projector
+from topology_store.projector.consumer import KafkaStartRefused, Projector
 from topology_store.projector.store import ProjectionStore
 from topology_store.runtime.database import create_engine
 from topology_store.runtime.settings import Settings
@@ -130,3 +131,20 @@ async def test_two_members_with_partitions_moving_apply_every_event_exactly_once
     assert outcomes == {"applied": scenario.applied, "rejected": scenario.rejected}
     assert namespaces == scenario.namespaces
     assert states == {cell_id: cell["state"] for cell_id, cell in scenario.cells.items()}
+
+
+async def test_a_group_join_the_broker_refuses_is_a_clear_error_not_an_endless_retry(
+    topics: Settings, servers: Servers
+) -> None:
+    """A session timeout past the broker's ``group.max.session.timeout.ms`` (30 minutes by
+    default) is answered with InvalidSessionTimeout every time: the projector says so at once."""
+    if servers.broker_kind != APACHE:
+        pytest.skip("Tansu accepts any session timeout")
+    settings = topics.model_copy(update={"consumer_session_timeout_ms": 3_600_000})
+    engine = create_engine(settings.sqlalchemy_url)
+    try:
+        projector = Projector(settings, ProjectionStore(engine, settings.claim_secret))
+        with pytest.raises(KafkaStartRefused, match="InvalidSessionTimeout"):
+            await asyncio.wait_for(projector.run(asyncio.Event()), 60)
+    finally:
+        await engine.dispose()
