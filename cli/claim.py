@@ -5,7 +5,8 @@ Each subcommand builds one command event, publishes it (the broker's
 acknowledgement is printed), and with ``--wait`` prints the projector's decision,
 read from the projection database. Exit status: 0 granted or unchanged,
 1 rejected, 2 invalid input, 3 no decision within the wait, 4 not acknowledged
-by the broker (it may or may not be in the log: retry with the same --request-id).
+by the broker (it may or may not be in the log: retry with the same --request-id),
+5 refused by admission control before anything was published (adr/0018: retry later).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from topology_store.runtime.database import create_engine
 from topology_store.runtime.settings import Settings
 from topology_store.schemas.models import Event
 from topology_store.service import commands
+from topology_store.service.admission import Admission, Budget, Overloaded
 from topology_store.service.claims import (
     Acknowledgement,
     ClaimsService,
@@ -33,6 +35,7 @@ from topology_store.service.claims import (
     DecisionUnreadable,
     NotPublished,
     Pending,
+    Submission,
 )
 
 
@@ -115,7 +118,9 @@ async def run_request(settings: Settings, args: argparse.Namespace, out: TextIO 
     try:
         async with EventPublisher(settings) as publisher:
             # The CLI always publishes (and prints the broker's acknowledgement), then waits.
-            service = ClaimsService(lambda: publisher, waiter or _NoDecisions(), wait_s=args.wait or 0)
+            admission = Admission(Budget(settings.claims_max_in_flight, settings.claims_max_wait_age_ms / 1000))
+            service = ClaimsService(lambda: publisher, waiter or _NoDecisions(), wait_s=args.wait or 0,
+                                    admission=admission)
             result = await service.submit(command, reuse_decided=False, on_published=acknowledged)
     except KafkaError as exc:  # the producer could not even start
         result = NotPublished(command.event_id, exc)
@@ -124,7 +129,17 @@ async def run_request(settings: Settings, args: argparse.Namespace, out: TextIO 
             listening.cancel()
         if engine is not None:
             await engine.dispose()
+    return report(result, command, settings, args, out, err)
+
+
+def report(result: Submission, command: Event, settings: Settings, args: argparse.Namespace, out: TextIO,
+           err: TextIO) -> int:
+    """Print what the submission came to; the exit status (module docstring)."""
     match result:
+        case Overloaded(retry_after_s=retry_after_s, reason=reason):
+            print(f"request {command.event_id} refused, not published: too many claim requests wait for a decision "
+                  f"({reason}); retry in {retry_after_s}s (with --request-id {command.event_id})", file=err)
+            return 5
         case NotPublished(cause=cause):
             # Never a success line for an unacknowledged request; the same request id
             # makes the retry safe (a duplicate is absorbed by event_id).
@@ -132,7 +147,7 @@ async def run_request(settings: Settings, args: argparse.Namespace, out: TextIO 
             print(f"request {command.event_id} not acknowledged by the broker at {settings.kafka_bootstrap} "
                   f"({type(cause).__name__}); retry with --request-id {command.event_id}", file=err)
             return 4
-        case Pending() if waiter is None:
+        case Pending() if not args.wait:
             return 0
         case Pending() | DecisionUnreadable():
             print(f"no decision within {args.wait}s; it may still come", file=err)

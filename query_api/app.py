@@ -36,6 +36,7 @@ def create_app(settings: Settings, metrics: ApiMetrics | None = None) -> FastAPI
         cache = sync.start(engine)
         app.state.api = ApiState(settings=settings, engine=engine, cache=cache, metrics=api_metrics)
         app.state.claims = ClaimsDoor(settings, engine)
+        api_metrics.watch_admission(app.state.claims.admission)
         await app.state.claims.start()
         refresher = asyncio.create_task(cache.run(), name="snapshot-refresh")
         try:

@@ -39,6 +39,7 @@ from topology_store.schemas.models import (
     stored_claim_value,
 )
 from topology_store.service import commands
+from topology_store.service.admission import Admission, Budget, Overloaded
 from topology_store.service.claims import (
     ClaimsService,
     Decided,
@@ -158,6 +159,11 @@ def _respond(result: Submission, wait_s: float, created: bool = False) -> JSONRe
                 ).model_dump(mode="json"),
                 status_code=504,
             )
+        case Overloaded(retry_after_s=retry_after_s, reason=reason):
+            # Refused before anything was published: the same request, later, is safe (adr/0018).
+            return error(429, "overloaded", f"too many claim requests waiting for a decision ({reason}); retry "
+                         f"after {retry_after_s}s", headers={"Retry-After": str(retry_after_s)},
+                         retry_after_s=retry_after_s)
     raise AssertionError(result)
 
 
@@ -171,8 +177,9 @@ class ClaimsDoor:
         self.engine = engine
         self.authorizer = Authorizer.from_settings(settings)
         self.waiter = DecisionWaiter(engine, settings.libpq_url)
+        self.admission = Admission(Budget(settings.claims_max_in_flight, settings.claims_max_wait_age_ms / 1000))
         self.service = ClaimsService(self._started_publisher, self.waiter, settings.decision_wait_s,
-                                     unreadable=DATABASE_DOWN)
+                                     unreadable=DATABASE_DOWN, admission=self.admission)
         self._publisher: EventPublisher | None = None
         self._publisher_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -210,6 +217,12 @@ def claims_router() -> APIRouter:
         409: {"model": ErrorDocument}, 503: {"model": ErrorDocument},
         504: {"model": PendingAnswer},
     }
+    # Commits and rollbacks are never shed (adr/0018): only the other requests document 429.
+    sheddable: dict[int | str, dict[str, Any]] = {**errors, 429: {
+        "model": ErrorDocument,
+        "description": "Overloaded (code `overloaded`): too many claim requests wait for a decision; refused at once, "
+                       "nothing published; the same request may be sent again after `Retry-After` seconds",
+        "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait"}}}}
 
     def service(request: Request) -> ClaimsDoor:
         return request.app.state.claims  # type: ignore[no-any-return]
@@ -218,7 +231,7 @@ def claims_router() -> APIRouter:
         message = validation_message(exc.errors()) if isinstance(exc, ValidationError) else str(exc)
         return error(400, "invalid_request", message)
 
-    @router.post("/v1/claims", status_code=201, response_model=RequestAnswer, responses=errors,
+    @router.post("/v1/claims", status_code=201, response_model=RequestAnswer, responses=sheddable,
                  summary="Begin: reserve claims under a lease, all or none", openapi_extra=secured(CLAIMS_WRITE))
     async def begin(request: Request, body: BeginRequest) -> JSONResponse:
         if refused := denied(request, service(request).authorizer, CLAIMS_WRITE):
@@ -254,7 +267,7 @@ def claims_router() -> APIRouter:
     async def rollback(request: Request, lease_id: uuid.UUID, body: LeaseAction) -> JSONResponse:
         return await lease_action(request, lease_id, body, commit=False)
 
-    @router.delete("/v1/claims/{bucket}/{value:path}", response_model=RequestAnswer, responses=errors,
+    @router.delete("/v1/claims/{bucket}/{value:path}", response_model=RequestAnswer, responses=sheddable,
                    summary="Destroy: free a committed claim of its owner", openapi_extra=secured(CLAIMS_WRITE))
     async def destroy(
         request: Request,

@@ -6,9 +6,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from topology_store.query_api.snapshot import Snapshot
+    from topology_store.service.admission import Admission
 
 
 @dataclass
@@ -75,6 +80,12 @@ class ApiMetrics:
             registry=self.registry,
         )
         self.snapshot_age.set_function(lambda: self._served.age_seconds() if self._served is not None else float("nan"))
+        # Admission control of the claims door (adr/0018), read from its bookkeeping at scrape time.
+        self.admission: Admission | None = None
+        self.registry.register(_AdmissionCollector(self))
+
+    def watch_admission(self, admission: Admission) -> None:
+        self.admission = admission
 
     def observe_snapshot(self, snapshot: Snapshot) -> None:
         self._served = snapshot
@@ -90,3 +101,32 @@ class ApiMetrics:
             self.snapshot_encoded_bytes.labels(short, encoding).set(size)
             if short == "json" and encoding == "identity":
                 self.snapshot_bytes.set(size)
+
+
+class _AdmissionCollector(Collector):
+    """The claims door's admission bookkeeping as metrics: zeros until a door is watched."""
+
+    def __init__(self, metrics: ApiMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        admission = self._metrics.admission
+        admitted = CounterMetricFamily(
+            "topology_api_claim_requests_admitted", "Claim requests admitted by admission control (commits and "
+            "rollbacks always are)")
+        admitted.add_metric([], admission.admitted if admission is not None else 0)
+        yield admitted
+        shed = CounterMetricFamily(
+            "topology_api_claim_requests_shed", "Claim requests refused with 429 before anything was published, by "
+            "the budget that was spent (in_flight, wait_age)", labels=["reason"])
+        for reason, count in (admission.shed if admission is not None else {"in_flight": 0, "wait_age": 0}).items():
+            shed.add_metric([reason], count)
+        yield shed
+        in_flight = GaugeMetricFamily("topology_api_claim_requests_in_flight",
+                                      "Claim requests admitted and not yet answered")
+        in_flight.add_metric([], admission.in_flight if admission is not None else 0)
+        yield in_flight
+        oldest = GaugeMetricFamily("topology_api_claim_oldest_wait_seconds",
+                                   "How long the oldest claim request in flight has waited; 0 when none is")
+        oldest.add_metric([], admission.oldest_wait_s() if admission is not None else 0.0)
+        yield oldest

@@ -69,6 +69,14 @@ class Settings(BaseSettings):
         default=5.0, gt=0, description="How often a projector publishes a LeaseExpiryTick (log-time clock)"
     )
     decision_wait_s: float = Field(default=5.0, gt=0, le=60, description="How long HTTP claim calls wait")
+    # Admission control (adr/0018): past either budget a new begin, destroy, transfer or sequence
+    # request is refused at once (HTTP 429, Retry-After); commits and rollbacks are never refused.
+    claims_max_in_flight: int = Field(
+        default=256, ge=1, description="Claim requests one API process (or CLI) waits on at once before it sheds new ones"
+    )
+    claims_max_wait_age_ms: int = Field(
+        default=500, ge=1, description="Shed new claim requests while the oldest one waiting has waited longer than this"
+    )
 
     # Read API
     api_host: str = "127.0.0.1"

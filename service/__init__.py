@@ -3,5 +3,7 @@ later gRPC server) calls alike. No I/O of its own: the adapters it needs come in
 
 - ``claims``    :class:`ClaimsService`: ``submit(command)`` publishes a claim command and
                 answers with the projector's decision.
+- ``admission`` admission control: how many decisions are awaited and how old the oldest
+                is; past the budget new requests are refused at once (adr/0018).
 - ``commands``  the claim commands, built in one place for every door.
 """

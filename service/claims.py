@@ -20,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from topology_store.schemas.models import Event
+from topology_store.schemas.models import Event, LeaseCommitRequested, LeaseRollbackRequested
+from topology_store.service.admission import Admission, Overloaded
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +99,10 @@ class DecisionUnreadable:
     cause: BaseException
 
 
-Submission = Decided | Pending | NotPublished | DecisionUnreadable
+Submission = Decided | Pending | NotPublished | DecisionUnreadable | Overloaded
+
+#: Never shed by admission control: they finish granted work and free values (adr/0018).
+NEVER_SHED = (LeaseCommitRequested, LeaseRollbackRequested)
 
 
 class ClaimsService:
@@ -108,17 +112,40 @@ class ClaimsService:
         decisions: DecisionSource,
         wait_s: float,
         unreadable: tuple[type[BaseException], ...] = (Exception,),
+        admission: Admission | None = None,
     ) -> None:
         """``publisher``: returns (or awaits to) a :class:`CommandPublisher`, so a door can
         start its Kafka producer on first use and keep serving reads while the broker is
         away. ``wait_s``: the default wait for a decision. ``unreadable``: the errors
-        of ``decisions`` that mean "cannot read now" rather than a bug."""
+        of ``decisions`` that mean "cannot read now" rather than a bug. ``admission``: the
+        budget of waiting submissions past which new ones are refused (adr/0018)."""
+        self.admission = admission
         self._publisher = publisher
         self._decisions = decisions
         self.wait_s = wait_s
         self._unreadable = unreadable
 
     async def submit(
+        self,
+        command: Event,
+        wait_s: float | None = None,
+        reuse_decided: bool = True,
+        on_published: Callable[[Acknowledgement], None] | None = None,
+    ) -> Submission:
+        """:meth:`_submit` under admission control: past the budget a command that may be
+        shed is answered :class:`Overloaded` at once, before anything is looked up or
+        published (adr/0018)."""
+        if self.admission is None:
+            return await self._submit(command, wait_s, reuse_decided, on_published)
+        ticket = self.admission.admit(sheddable=not isinstance(command, NEVER_SHED))
+        if isinstance(ticket, Overloaded):
+            return ticket
+        try:
+            return await self._submit(command, wait_s, reuse_decided, on_published)
+        finally:
+            self.admission.release(ticket)
+
+    async def _submit(
         self,
         command: Event,
         wait_s: float | None = None,
