@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from topology_store.schemas.models import CELL_EVENT_TYPES, DECISION_EVENT_TYPES, REQUEST_EVENT_TYPES
@@ -124,6 +124,29 @@ class Settings(BaseSettings):
     relay_delete_published: bool = Field(default=False, description="Delete rows once published instead of marking")
     relay_metrics_port: int = Field(default=9465, ge=0, description="0 disables the relay's /metrics")
 
+    # Retention (adr/0020): what `topology compact` removes, and when. 0 keeps a kind forever.
+    idempotency_window_s: float = Field(
+        default=604_800.0, ge=60, description="The idempotency window promised to producers: an event id delivered "
+        "again within this long of its first processing is absorbed (applied once); compaction never removes an "
+        "idempotency record younger than this"
+    )
+    retain_ended_leases_s: float = Field(
+        default=2_592_000.0, ge=0, description="Committed or released leases whose expiry is older than this are "
+        "compacted; 0 keeps them; else at least the idempotency window"
+    )
+    retain_resolved_dead_letters_s: float = Field(
+        default=2_592_000.0, ge=0, description="Re-driven (resolved) dead letters older than this are compacted; "
+        "0 keeps them; discarded ones are always kept"
+    )
+    retain_published_outbox_s: float = Field(
+        default=604_800.0, ge=0, description="`topology compact --outbox`: published rows of a producer's outbox "
+        "(the relay's source) older than this; 0 keeps them. The projection's decision outbox is never compacted"
+    )
+    compact_interval_s: float = Field(
+        default=0.0, ge=0, description="A projector runs the compaction this often (one member at a time); "
+        "0: never (run `topology compact` from a scheduler)"
+    )
+
     # Observability (adr/0011; tracing exporters use the standard OTEL_* variables, runtime/tracing.py)
     log_format: Literal["auto", "json", "text"] = Field(
         default="auto", description="auto: JSON for project/serve/relay/router, text for interactive commands"
@@ -146,6 +169,13 @@ class Settings(BaseSettings):
         if not value.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
             raise ValueError("must be a postgresql:// URL")
         return value
+
+    @model_validator(mode="after")
+    def _leases_outlive_the_window(self) -> Settings:
+        # A commit or rollback sent again inside the window must still find its lease.
+        if 0 < self.retain_ended_leases_s < self.idempotency_window_s:
+            raise ValueError("TOPOLOGY_RETAIN_ENDED_LEASES_S must be 0 or at least TOPOLOGY_IDEMPOTENCY_WINDOW_S")
+        return self
 
     @property
     def libpq_url(self) -> str:
