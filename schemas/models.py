@@ -364,14 +364,23 @@ class SequenceRangeRequested(Event):
         return self.sequence_name
 
 
+MAX_LEASES_PER_TICK = 1000
+
+
 class LeaseExpiryTick(Event):
-    """The log's clock reached this record's time: leases that ended before it expire."""
+    """Expire the named leases whose end this record's log time reached (adr/0017).
+
+    Keyed by the first lease it names, so it lands on that lease's partition; the
+    publisher names only leases of one partition in one tick. A tick naming none
+    (schema version 1) expires nothing."""
 
     EVENT_TYPE: ClassVar[str] = "LeaseExpiryTick"
 
+    lease_ids: tuple[LeaseId, ...] = Field(default=(), max_length=MAX_LEASES_PER_TICK)
+
     @property
     def partition_key(self) -> str:
-        return "tick"
+        return str(self.lease_ids[0]) if self.lease_ids else "tick"
 
 
 # --- Decisions: on the claim-decisions topic, written once by the decider. ---

@@ -143,8 +143,8 @@ def test_an_enum_symbol_unknown_to_an_old_reader_needs_its_default(schemas: Path
 
 
 def test_deleting_an_event_type_fails(schemas: Path) -> None:
-    (schemas / "LeaseExpiryTick.avsc").unlink()
-    assert "LeaseExpiryTick v1 (LeaseExpiryTick.avsc" in messages(check(schemas).problems)
+    (schemas / "SequenceRangeRequested.avsc").unlink()
+    assert "SequenceRangeRequested v1 (SequenceRangeRequested.avsc" in messages(check(schemas).problems)
 
 
 def test_the_cli_fails_on_a_broken_copy(schemas: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -185,7 +185,8 @@ history_params = pytest.mark.parametrize(("name", "raw"), _history(), ids=[p.nam
 
 def test_there_are_schema_files() -> None:
     assert len(SCHEMA_FILES) == 20
-    assert {path.name for path in HISTORY_FILES} == {"ClaimCreated.v1.avsc", "ClaimReleased.v1.avsc"}
+    assert {path.name for path in HISTORY_FILES} == {"ClaimCreated.v1.avsc", "ClaimReleased.v1.avsc",
+                                                     "LeaseExpiryTick.v1.avsc"}
 
 
 def test_schema_files_and_models_name_the_same_event_types() -> None:
