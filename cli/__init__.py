@@ -6,6 +6,7 @@ stack. Nothing imports this package.
 - ``claim``         ``topology claim ...``: a door of the claims service.
 - ``audit``         ``topology audit history``, ``replay``, ``rebuild``, ``verify``, ``export``.
 - ``dlq``           ``topology dlq list | show | replay | discard``.
+- ``compact``       ``topology compact``: retention (adr/0020).
 - ``schemas``       ``topology schemas check``.
 - ``up``            ``topology up``: the whole stack in one command.
 - ``demo``          the demo topology of ``topology up --demo``.

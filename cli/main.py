@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     from topology_store.cli.schemas import add_schemas_parsers
 
     add_dlq_parsers(commands)  # topology dlq list | show | replay | discard
+    from topology_store.cli.compact import add_compact_parser
+
+    add_compact_parser(commands)  # topology compact (adr/0020)
     add_schemas_parsers(commands)  # topology schemas check
 
     serve = commands.add_parser("serve", help="run the read API")

@@ -24,6 +24,7 @@ The one replay pipeline (adr/0013):
 Operations:
 
 - ``dead_letters``   ``topology dlq``: inspect, re-drive, discard.
+- ``compaction``     retention: ``topology compact`` and the projector's scheduled run, table sizes.
 - ``tables``         the projection's tables (SQLAlchemy Core).
 - ``migrations``     their Alembic migrations; ``migrate`` runs them (``topology migrate``).
 - ``migrate``        brings a database to the newest migration.

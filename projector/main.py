@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 
 from aiokafka.errors import KafkaError
 
+from topology_store.projector.compaction import compact_periodically, report_table_sizes
 from topology_store.projector.consumer import Projector
 from topology_store.projector.health import Health, probe_forever, start_status_server
 from topology_store.projector.metrics import ProjectorMetrics
@@ -72,11 +73,14 @@ async def run_projector(settings: Settings) -> None:
         log.info("projector consuming %s as group %s", ", ".join(settings.topics), settings.consumer_group)
         ticks = asyncio.create_task(publish_ticks(settings, engine, stop), name="lease-ticks")
         probes = asyncio.create_task(probe_forever(settings, engine, health, stop), name="health-probes")
+        helpers = [ticks, probes, asyncio.create_task(report_table_sizes(settings, metrics, stop), name="table-sizes")]
+        if settings.compact_interval_s > 0:  # retention (adr/0020): one member at a time compacts
+            helpers.append(asyncio.create_task(compact_periodically(settings, metrics, stop), name="compaction"))
         try:
             await _bounded(projector.run(stop), stop, settings.shutdown_timeout_s)
         finally:
             stop.set()
-            for task in (ticks, probes):
+            for task in helpers:
                 await _finish(task, settings.shutdown_timeout_s)
     finally:
         await engine.dispose()

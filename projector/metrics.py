@@ -67,6 +67,31 @@ class ProjectorMetrics:
             "also counted as dead_lettered in topology_projector_events",
             registry=self.registry,
         )
+        # Retention (adr/0020, projector/compaction.py): the tables' sizes, refreshed
+        # every minute from the catalog; label `table` is one of the projection's tables.
+        self.table_rows = Gauge(
+            "topology_database_table_rows",
+            "Rows per projection table, PostgreSQL's estimate (pg_class.reltuples; 0 before the first ANALYZE)",
+            ["table"],
+            registry=self.registry,
+        )
+        self.table_bytes = Gauge(
+            "topology_database_table_bytes",
+            "Size of each projection table with its indexes and TOAST (pg_total_relation_size)",
+            ["table"],
+            registry=self.registry,
+        )
+        self.compacted_rows = Counter(
+            "topology_compaction_deleted_rows",
+            "Rows this member's scheduled compaction deleted, by table (TOPOLOGY_COMPACT_INTERVAL_S)",
+            ["table"],
+            registry=self.registry,
+        )
+        self.compaction_last_success = Gauge(
+            "topology_compaction_last_success_timestamp_seconds",
+            "Unix time this member last finished a scheduled compaction (absent until it does)",
+            registry=self.registry,
+        )
         # Computed at scrape time (adr/0011): alerts need the age of the last commit
         # even while the event loop is blocked or the database is away.
         self._started_at = time.time()
