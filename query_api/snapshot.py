@@ -39,16 +39,18 @@ from topology_store.query_api.encodings import Compression, Observer, Representa
 from topology_store.query_api.metrics import ApiMetrics
 from topology_store.runtime.database import VERSION_CHANNEL
 from topology_store.runtime.retry import backoff
-from topology_store.schemas.router_sync import JSON, MSGPACK, digest_after, namespace_digest
+from topology_store.schemas.router_sync import JSON, MSGPACK, digest_after, namespace_digest, representation_etag
 
 log = logging.getLogger(__name__)
 
 CELLS_QUERY = (
     "SELECT cell_id, address, session_prefix, region, weight, state, state_reason FROM cells ORDER BY cell_id"
 )
-# Only committed NAMESPACE claims route (a leased claim does not, yet).
+# Only committed NAMESPACE claims route (a leased claim does not, yet). Byte order ("C")
+# is code point order for UTF-8, Python's string order: the table comes back sorted.
 NAMESPACES_QUERY = (
-    "SELECT value, cell_id FROM claims WHERE bucket = 'NAMESPACE' AND status = 'COMMITTED' ORDER BY value"
+    "SELECT value, cell_id FROM claims WHERE bucket = 'NAMESPACE' AND status = 'COMMITTED' "
+    'ORDER BY value COLLATE "C"'
 )
 HEAD_QUERY = text(
     "SELECT v.version, v.committed_at, greatest(v.committed_at, (SELECT max(updated_at) FROM partition_offsets)) "
@@ -76,11 +78,27 @@ def _epoch(moment: datetime) -> float:
     return moment.timestamp()
 
 
+def sorted_by_key(table: dict[str, str]) -> dict[str, str]:
+    """``table`` with its keys in code point order (itself when they already are: a
+    sorted list sorts in one pass, and the common case, a sorted base with a few keys
+    appended, in little more)."""
+    keys = sorted(table)
+    if keys == list(table):
+        return table
+    return dict(zip(keys, map(table.__getitem__, keys), strict=True))
+
+
+def sorted_fields(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A cell's fields in name order: the change log's JSONB and a table row name them
+    in different orders."""
+    return {name: row[name] for name in sorted(row)}
+
+
 @dataclass(frozen=True, slots=True)
 class NamespaceTable:
     """namespace path -> cell id at one version: ``base`` (shared between
-    versions, never changed) overlaid by ``overlay`` (this version's changes since
-    the base; ``None`` means deleted)."""
+    versions, never changed, its keys in code point order) overlaid by ``overlay``
+    (this version's changes since the base; ``None`` means deleted)."""
 
     base: dict[str, str]
     overlay: dict[str, str | None]
@@ -89,7 +107,7 @@ class NamespaceTable:
 
     @classmethod
     def full(cls, namespaces: dict[str, str]) -> NamespaceTable:
-        return cls(namespaces, {}, len(namespaces), namespace_digest(namespaces))
+        return cls(sorted_by_key(namespaces), {}, len(namespaces), namespace_digest(namespaces))
 
     def get(self, path: str, default: str | None = None) -> str | None:
         if path in self.overlay:
@@ -98,15 +116,19 @@ class NamespaceTable:
         return self.base.get(path, default)
 
     def materialize(self) -> dict[str, str]:
+        """The whole table, keys in code point order, however it was built: a table
+        derived by deltas serializes to the same bytes as a full load of its version."""
         if not self.overlay:
             return self.base
         merged = dict(self.base)
+        appended = False
         for path, cell_id in self.overlay.items():
             if cell_id is None:
                 merged.pop(path, None)
             else:
+                appended = appended or path not in merged
                 merged[path] = cell_id
-        return merged
+        return sorted_by_key(merged) if appended else merged
 
     def apply(self, upserts: Mapping[str, str], deletions: list[str]) -> NamespaceTable:
         digest, count = digest_after(self, self.digest, self.count, upserts, deletions)
@@ -126,7 +148,7 @@ class Snapshot:
     format and content coding."""
 
     __slots__ = (
-        "build_seconds", "cells", "cells_by_id", "committed_at", "committed_ts", "confirmed_ts", "etag", "namespaces",
+        "build_seconds", "cells", "cells_by_id", "committed_at", "committed_ts", "confirmed_ts", "namespaces",
         "representations", "version",
     )
 
@@ -146,16 +168,19 @@ class Snapshot:
         # The projector's latest commit seen while this was the stored version
         # (freshness metadata, not data: a refresh that finds no newer version moves it).
         self.confirmed_ts = self.committed_ts
-        self.cells = sorted(cells, key=lambda c: c["cell_id"])
+        self.cells = sorted(map(sorted_fields, cells), key=lambda c: c["cell_id"])
         self.cells_by_id = {c["cell_id"]: c for c in self.cells}
         self.namespaces = namespaces
         self.build_seconds = build_seconds
-        self.etag = f'"{version}"'
         self.representations = Representations("snapshot", self._serialize, compression, observe)
 
     @property
     def namespace_count(self) -> int:
         return self.namespaces.count
+
+    def etag(self, fmt: str, encoding: str) -> str:
+        """The entity tag of this version's full snapshot in ``fmt`` and ``encoding``."""
+        return representation_etag(self.version, fmt, encoding)
 
     @property
     def cell_views(self) -> list[CellView]:
@@ -194,7 +219,9 @@ class Snapshot:
 
 @dataclass(frozen=True, slots=True)
 class Changes:
-    """Net routing changes between two versions, from the change log."""
+    """Net routing changes between two versions, from the change log, in the one
+    serialization order (cells by id with their fields by name, namespaces by path,
+    deletions sorted)."""
 
     cells: list[dict[str, Any]]
     deleted_cells: list[str]
@@ -222,6 +249,10 @@ class Delta:
         self.namespace_digest = target.namespaces.digest
         self.changes = changes
         self.representations = Representations("delta", self._serialize, compression, observe)
+
+    def etag(self, fmt: str, encoding: str) -> str:
+        """Never the full snapshot's tag: a delta is another representation."""
+        return representation_etag(self.version, fmt, encoding, self.since)
 
     def document(self) -> dict[str, Any]:
         return {
@@ -264,8 +295,10 @@ async def read_changes(conn: AsyncConnection, since: int, target: int) -> Change
             if value is None:
                 deleted_cells.append(key)
             else:
-                cells.append(value)
-    return Changes(cells, deleted_cells, namespaces, deleted_namespaces)
+                cells.append(sorted_fields(value))
+    # The change log comes back in the database's collation; sort in Python's (code point) order.
+    cells.sort(key=lambda c: c["cell_id"])
+    return Changes(cells, sorted(deleted_cells), sorted_by_key(namespaces), sorted(deleted_namespaces))
 
 
 async def read_floor(conn: AsyncConnection) -> int:

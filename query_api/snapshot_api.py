@@ -9,6 +9,9 @@ and differ only in cost: uvicorn's protocol for the plain 304 revalidation
 (OpenAPI) and serves it when the app runs without that middleware.
 :meth:`SnapshotEndpoint.revalidate` alone decides between a 304 and a
 representation, and :func:`version_headers` alone states an answer's version.
+Entity tags name a representation, not only a version (``"7-json"``,
+``W/"7-msgpack+zstd"``, a delta's ``"7-since-5-json"``: ``schemas/router_sync.py``);
+a 304 carries the tag of the representation the request negotiated.
 """
 
 from __future__ import annotations
@@ -88,9 +91,9 @@ def starlette_response(answer: Answer) -> Response:
     return response
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=64)
 def _fixed_headers(version: int, etag: str | None, vary: bool) -> tuple[tuple[bytes, bytes], ...]:
-    """All but the age, which changes with every answer: built once per version."""
+    """All but the age, which changes with every answer: built once per version and tag."""
     return (
         (_VERSION, str(version).encode()),
         _NO_CACHE,
@@ -99,11 +102,12 @@ def _fixed_headers(version: int, etag: str | None, vary: bool) -> tuple[tuple[by
     )
 
 
-def version_headers(snapshot: Snapshot, *, etag: bool = True, vary: bool = False) -> Headers:
-    """The version an answer comes from (X-Topology-Version, and the ETag unless told
-    otherwise), its age (X-Topology-Age-Seconds), Cache-Control: no-cache, and with
-    ``vary`` the request headers the representation was negotiated on."""
-    fixed = _fixed_headers(snapshot.version, snapshot.etag if etag else None, vary)
+def version_headers(snapshot: Snapshot, *, etag: str | None = None, vary: bool = False) -> Headers:
+    """The version an answer comes from (X-Topology-Version), its age
+    (X-Topology-Age-Seconds), Cache-Control: no-cache, the entity tag of the
+    representation sent when there is one, and with ``vary`` the request headers the
+    representation was negotiated on."""
+    fixed = _fixed_headers(snapshot.version, etag, vary)
     return [(_AGE, b"%.3f" % snapshot.age_seconds()), *fixed]  # bytes formatting: half an f-string's cost
 
 
@@ -117,23 +121,33 @@ class SnapshotEndpoint:
         self.max_wait_s = max_wait_s
         self.metrics = metrics
 
-    def revalidate(self, snapshot: Snapshot, known: int | None, held: int | None) -> Answer | None:
+    def revalidate(self, snapshot: Snapshot, known: int | None, held: int | None, fmt: str = JSON,
+                   encoding: str = "identity") -> Answer | None:
         """The 304 when the client already has ``snapshot``'s version or a newer one
         (``known``); None when it needs a representation. A process behind the client
         (a lagging replica) never hands out the older version: it answers 304 with its
-        own version, and the ETag only when that is the version the client holds (``held``)."""
+        own version, and the ETag only when that is the version the client holds
+        (``held``): the tag of the full snapshot in the negotiated ``fmt`` and ``encoding``
+        (RFC 9110 §15.4.5: the ETag a 200 would have carried)."""
         if known is None or snapshot.version > known:
             return None
-        return Answer(304, version_headers(snapshot, etag=snapshot.version == held, vary=True))
+        etag = snapshot.etag(fmt, encoding) if snapshot.version == held else None
+        return Answer(304, version_headers(snapshot, etag=etag, vary=True))
 
-    def revalidate_current(self, if_none_match: bytes) -> Answer | None:
-        """:meth:`revalidate` for the request a fleet repeats, ``If-None-Match: "V"`` and
+    def revalidate_current(self, if_none_match: bytes, accept: bytes = b"",
+                           accept_encoding: bytes = b"") -> Answer | None:
+        """:meth:`revalidate` for the request a fleet repeats, ``If-None-Match: "V..."`` and
         no query, against the current snapshot; None when it needs :meth:`handle`."""
         snapshot = self.cache.current
         if snapshot is None:
             return None
+        fmt = choose_format(accept.decode("latin-1"))
+        if fmt is None:
+            return None  # 406: the full path says so
         match_all, held = etag_versions(if_none_match.decode("latin-1"))
-        return None if match_all else self.revalidate(snapshot, held, held)
+        if match_all:
+            return None
+        return self.revalidate(snapshot, held, held, fmt, choose_encoding(accept_encoding.decode("latin-1")))
 
     async def handle(self, query: bytes, if_none_match: str, accept: str, accept_encoding: str) -> Answer:
         since: int | None = None
@@ -185,7 +199,7 @@ class SnapshotEndpoint:
                 self.metrics.long_polls_waiting.dec()
         if snapshot is None:
             return error_answer(503, "not_loaded", "no snapshot loaded yet", headers=[(b"retry-after", b"1")])
-        not_modified = self.revalidate(snapshot, known, held)
+        not_modified = self.revalidate(snapshot, known, held, fmt, encoding)
         if not_modified is not None:
             return not_modified
         return await self.represent(snapshot, since, fmt, encoding)
@@ -202,16 +216,18 @@ class SnapshotEndpoint:
                     "delta_unavailable",
                     f"the change log no longer holds the changes from version {since} to {snapshot.version} "
                     f"(deltas start at version {floor} or later): fetch the full snapshot without since",
-                    headers=version_headers(snapshot, vary=True),
+                    headers=version_headers(snapshot, vary=True),  # an error: no entity tag
                     oldest_since=floor,
                     version=snapshot.version,
                 )
             representations = delta.representations
+            etag = delta.etag(fmt, encoding)
         else:
             representations = snapshot.representations
+            etag = snapshot.etag(fmt, encoding)
         cached = representations.cached(fmt, encoding)
         body, used = cached if cached is not None else await representations.get(fmt, encoding)
-        headers = version_headers(snapshot, vary=True)
+        headers = version_headers(snapshot, etag=etag, vary=True)
         headers.append((b"content-type", fmt.encode()))
         headers.append((b"content-length", str(len(body)).encode()))
         if used != "identity":
@@ -273,9 +289,12 @@ def snapshot_router(sync: RouterSync) -> APIRouter:
         responses={
             200: {
                 "description": "The full snapshot (no since), or the delta from since (DeltaDocument). "
-                "Headers: ETag and X-Topology-Version (the version), X-Topology-Age-Seconds (since the "
-                "projector last committed, as this process knows it). Content-Encoding zstd or gzip when "
-                "Accept-Encoding allows it; application/msgpack when Accept prefers it.",
+                "Headers: X-Topology-Version (the version), ETag (the representation: \"7-json\", "
+                "W/\"7-msgpack+zstd\" (weak when compressed), a delta's \"7-since-5-json\"; "
+                "If-None-Match reads any tag by its leading version), Vary: Accept, Accept-Encoding, "
+                "X-Topology-Age-Seconds (since the projector last committed, as this process knows it). "
+                "Content-Encoding zstd or gzip when Accept-Encoding allows it; application/msgpack when "
+                "Accept prefers it.",
                 "content": {"application/msgpack": {}},
             },
             304: {"description": "Nothing newer than the client's version (since, If-None-Match or "

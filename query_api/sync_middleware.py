@@ -85,7 +85,7 @@ class RouterSyncMiddleware:
         endpoint = self.sync.endpoint
         if endpoint is not None and not query and if_none_match:
             # The revalidation a fleet repeats: "I hold V", and V is current (or newer).
-            not_modified = endpoint.revalidate_current(if_none_match)
+            not_modified = endpoint.revalidate_current(if_none_match, accept, accept_encoding)
             if not_modified is not None:
                 await self._send(send, not_modified)
                 self._count("/v1/snapshot", 304, None)

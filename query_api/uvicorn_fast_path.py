@@ -33,11 +33,14 @@ _EXPECTED = ("on_headers_complete", "on_message_complete", "on_body", "on_respon
 
 
 def not_modified_bytes(sync: RouterSync, counted: Counter, authorization: bytes, if_none_match: bytes,
-                       default_headers: list[tuple[bytes, bytes]]) -> bytes | None:
+                       default_headers: list[tuple[bytes, bytes]], accept: bytes = b"",
+                       accept_encoding: bytes = b"") -> bytes | None:
     """The raw HTTP/1.1 304 for a revalidation that needs nothing else; None when the
-    request must take the ASGI path (not current, not authorized, not started, ...)."""
+    request must take the ASGI path (not current, not authorized, not started, ...).
+    Accept and Accept-Encoding pick the representation whose ETag the 304 carries."""
     endpoint = sync.endpoint
-    answer = endpoint.revalidate_current(if_none_match) if endpoint is not None else None
+    answer = (endpoint.revalidate_current(if_none_match, accept, accept_encoding)
+              if endpoint is not None else None)
     # The token after the version: a stale version needs no hash.
     if answer is None or sync.authorizer.check(authorization, SNAPSHOT_READ) is not None:
         return None
@@ -66,14 +69,19 @@ def protocol_for(sync: RouterSync) -> type[Any] | None:
                 if (parser.get_method() == b"GET" and parser.get_http_version() == "1.1"
                         and parser.should_keep_alive() and not parser.should_upgrade()):
                     authorization = if_none_match = None
+                    accept = accept_encoding = b""
                     for name, value in self.headers:
                         if name == b"authorization":
                             authorization = value
                         elif name == b"if-none-match":
                             if_none_match = value
+                        elif name == b"accept":
+                            accept = value
+                        elif name == b"accept-encoding":
+                            accept_encoding = value
                     if authorization is not None and if_none_match is not None:
                         raw = not_modified_bytes(sync, counted, authorization, if_none_match,
-                                                 self.server_state.default_headers)
+                                                 self.server_state.default_headers, accept, accept_encoding)
                         if raw is not None:
                             self._fast = True
                             self.transport.write(raw)

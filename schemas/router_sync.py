@@ -23,6 +23,21 @@ The MessagePack full snapshot stores namespaces as two columns, which is what
 makes it smaller: ``cell_ids`` (the distinct owning cell ids), ``namespace_paths``
 and ``namespace_cells`` (an index into ``cell_ids`` per path). Deltas in MessagePack
 have exactly the JSON fields.
+
+Every document is serialized in one order, whatever built it: namespaces by path and
+cells by id (code point order), each cell's fields by name, the delta's lists sorted.
+So the bytes of a version's snapshot do not depend on whether the API process loaded
+it whole or derived it from deltas, and two processes send the same bytes.
+
+Entity tags name a representation (RFC 9110 §8.8.3), :func:`representation_etag`:
+``"7-json"`` and ``"7-msgpack"`` are strong (the uncompressed bytes are fixed by the
+version and the format); ``W/"7-json+zstd"``, ``W/"7-msgpack+gzip"`` are weak (the
+compressed bytes depend on the compressor's level and library, not on the data); a
+delta adds where it starts, ``"7-since-5-json"``, so it never carries the full
+snapshot's tag. The coding in a tag is the one negotiated (a body under 512 bytes goes
+out uncompressed under the same weak tag). In If-None-Match the server reads any tag
+by its leading version (:func:`etag_versions`): ``"7"`` (what servers before these
+tags sent), ``"7-json"``, ``W/"7-msgpack+zstd"`` all say "I hold version 7".
 """
 
 from __future__ import annotations
@@ -71,18 +86,36 @@ def parse_wait(value: str) -> float:
     return number / 1000 if match.group(2) == "ms" else number * 60 if match.group(2) == "m" else number
 
 
+_FORMAT_NAMES = {JSON: "json", MSGPACK: "msgpack"}
+_TAGGED = re.compile(r"(\d+)(?:-[!#-~]*)?")  # the version, then anything a tag may hold
+
+
+@lru_cache(maxsize=256)
+def representation_etag(version: int, fmt: str, encoding: str = "identity", since: int | None = None) -> str:
+    """The entity tag of one representation: the full snapshot at ``version`` (or the
+    delta from ``since``) in ``fmt`` under the negotiated content coding ``encoding``.
+    Strong uncompressed, weak compressed (see the module docstring)."""
+    name = _FORMAT_NAMES[fmt]
+    start = "" if since is None else f"-since-{since}"
+    if encoding == "identity":
+        return f'"{version}{start}-{name}"'
+    return f'W/"{version}{start}-{name}+{encoding}"'
+
+
 @lru_cache(maxsize=1024)
 def etag_versions(if_none_match: str) -> tuple[bool, int | None]:
     """(matches anything, the highest version named) of an If-None-Match value.
-    Entity tags here are versions, and versions only grow, so a client naming
-    version V already holds everything up to V."""
+    Every entity tag here starts with a version (``"7"``, ``"7-json"``,
+    ``W/"7-since-5-msgpack+zstd"``), and versions only grow, so a client naming
+    version V already holds everything up to V, in whatever representation."""
     if if_none_match.strip() == "*":
         return True, None
     highest: int | None = None
     for tag in if_none_match.split(","):
-        tag = tag.strip().removeprefix("W/").strip('"')
-        if tag.isdigit():
-            highest = int(tag) if highest is None else max(highest, int(tag))
+        match = _TAGGED.fullmatch(tag.strip().removeprefix("W/").strip('"'))
+        if match is not None:
+            version = int(match.group(1))
+            highest = version if highest is None else max(highest, version)
     return False, highest
 
 

@@ -58,22 +58,29 @@ def api(settings: Settings, tmp_path: Path) -> Iterator[str]:
 
 
 def test_snapshot_carries_one_version_with_etag_and_freshness(api: str) -> None:
-    response = get(f"{api}/v1/snapshot")
+    response = get(f"{api}/v1/snapshot", headers={"Accept-Encoding": "identity"})
     assert response.status_code == 200
     body = response.json()
     assert body["version"] == 1
-    assert response.headers["ETag"] == '"1"' and response.headers["X-Topology-Version"] == "1"
+    # The tag names the representation (uncompressed JSON at version 1), strong.
+    assert response.headers["ETag"] == '"1-json"' and response.headers["X-Topology-Version"] == "1"
+    assert response.headers["Vary"] == "Accept, Accept-Encoding"
     assert float(response.headers["X-Topology-Age-Seconds"]) >= 0
     assert body["namespaces"] == {"gitlab-org": "cell-1"}  # only NAMESPACE claims route
     assert [c["cell_id"] for c in body["cells"]] == ["cell-1"]
     assert body["cells"][0]["state"] == "PROVISIONING"
 
 
-@pytest.mark.parametrize("header", ['"1"', 'W/"1"', '"0", "1"', "*"])
+@pytest.mark.parametrize("header", ['"1"', 'W/"1"', '"0", "1"', "*", '"1-json"', 'W/"1-msgpack+zstd"',
+                                    '"0-json", W/"1-json+gzip"'])
 def test_if_none_match_with_the_current_version_answers_304(api: str, header: str) -> None:
-    response = get(f"{api}/v1/snapshot", headers={"If-None-Match": header})
+    # Any tag naming version 1 (the bare version of older servers, any representation's tag).
+    response = get(f"{api}/v1/snapshot", headers={"If-None-Match": header, "Accept-Encoding": "identity"})
     assert response.status_code == 304 and response.content == b""
-    assert response.headers["ETag"] == '"1"'
+    assert response.headers["ETag"] == '"1-json"'
+    compressed = get(f"{api}/v1/snapshot", headers={"If-None-Match": header, "Accept": "application/msgpack",
+                                                      "Accept-Encoding": "zstd"})
+    assert compressed.status_code == 304 and compressed.headers["ETag"] == 'W/"1-msgpack+zstd"'
 
 
 def test_an_older_etag_gets_the_full_snapshot(api: str) -> None:

@@ -30,7 +30,15 @@ from tests.integration.routing import Projection, cell, claim, get, metric, rele
 from topology_store.projector.changelog import Retention, configure_retention
 from topology_store.runtime.settings import Settings
 from topology_store.schemas.models import CellState, CellStateChanged, CellUpdated, Event
-from topology_store.schemas.router_sync import apply_delta, decode_msgpack_snapshot, namespace_digest
+from topology_store.schemas.router_sync import (
+    JSON,
+    MSGPACK,
+    apply_delta,
+    choose_encoding,
+    decode_msgpack_snapshot,
+    namespace_digest,
+    representation_etag,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -104,7 +112,10 @@ def test_deltas_from_any_version_rebuild_exactly_the_full_snapshot(api: str, pro
             assert response.status_code == 200, response.text
             delta = msgpack.unpackb(response.content) if binary else response.json()
             assert (delta["since"], delta["version"]) == (since, current)
-            assert response.headers["ETag"] == f'"{current}"'
+            # The delta's own tag, never the full snapshot's (another representation of version V).
+            coding = choose_encoding(response.request.headers.get("Accept-Encoding", ""))
+            assert response.headers["ETag"] == representation_etag(current, MSGPACK if binary else JSON, coding, since)
+            assert response.headers["ETag"] != representation_etag(current, MSGPACK if binary else JSON, coding)
             cells, namespaces = tables(copy.deepcopy(start))
             apply_delta(cells, namespaces, delta)
             assert (cells, namespaces) == tables(expected), f"delta {since} -> {current}"
@@ -113,6 +124,81 @@ def test_deltas_from_any_version_rebuild_exactly_the_full_snapshot(api: str, pro
 
     check()
     assert len(history) > 5  # the examples did move the version
+
+
+def representations(api: str, version: int) -> dict[tuple[str, str], httpx.Response]:
+    """Every (format, coding) of the full snapshot at ``version``."""
+    answers = {}
+    for fmt in ("application/json", "application/msgpack"):
+        for coding in ("identity", "gzip", "zstd"):
+            response = get(f"{api}/v1/snapshot", headers={"Accept": fmt, "Accept-Encoding": coding},
+                           min_version=version, wait="3s")
+            assert response.status_code == 200 and response.headers["X-Topology-Version"] == str(version)
+            answers[(fmt, coding)] = response
+    return answers
+
+
+def test_a_snapshot_built_from_deltas_serializes_byte_identically_to_a_full_load(
+    api: str, projection: Projection, settings: Settings, tmp_path: Path
+) -> None:
+    # Paths whose database collation order differs from code point order ('-' and '_' are
+    # ignored at the first level of most collations), moved, released and re-claimed
+    # between versions, and cells changed: the running API derives each version from the
+    # previous one by the change log; a process started afterwards loads it whole.
+    paths = ["a-b", "ab", "a_c", "ac", "a-a", "b10", "b9", "z", "0", "a"]
+    projection.commit([claim(p, "cell-2" if n % 2 else "cell-1", n) for n, p in enumerate(paths[:5])])
+    projection.commit([claim(p, "cell-1", 9) for p in paths[5:]] + [release("a_c", "cell-1", 2)])
+    projection.commit([cell(3), CellUpdated(source="ops", cell_id="cell-1", weight=3),
+                       CellStateChanged(source="ops", cell_id="cell-2", state=CellState.DRAINING, reason="test")])
+    version = projection.commit([release("ab", "cell-2", 1), claim("ab", "cell-3", 1), claim("a_c", "cell-3", 2),
+                                 release("gitlab-org", "cell-1", 42)])
+    derived = representations(api, version)
+    log = (tmp_path / "api.log").read_text()
+    assert f"snapshot version {version} (delta of" in log, log[-2000:]  # derived from deltas, not a full load
+
+    with read_api(settings, tmp_path / "fresh.log") as fresh:
+        loaded = representations(fresh, version)
+    assert f"snapshot version {version} (full load" in (tmp_path / "fresh.log").read_text()
+
+    for key, response in derived.items():
+        other = loaded[key]
+        assert response.headers.get("Content-Encoding") == other.headers.get("Content-Encoding")
+        assert response.content == other.content, key  # decoded bytes: the serialization itself
+        assert response.headers["ETag"] == other.headers["ETag"]
+    # Sorted: namespaces in code point order, cells by id, each cell's fields by name.
+    document = derived[("application/json", "identity")].json()
+    assert list(document["namespaces"]) == sorted(document["namespaces"])
+    assert [list(c) for c in document["cells"]] == [sorted(c) for c in document["cells"]]
+    columns = decode_msgpack_snapshot(msgpack.unpackb(derived[("application/msgpack", "identity")].content))
+    assert columns["namespaces"] == document["namespaces"] and columns["version"] == version
+
+
+def test_each_representation_has_its_own_entity_tag_and_any_of_them_revalidates(
+    api: str, projection: Projection
+) -> None:
+    version = projection.commit([claim(f"group-{n}") for n in range(40)])  # a body worth compressing
+    answers = representations(api, version)
+    tags = {key: response.headers["ETag"] for key, response in answers.items()}
+    assert tags[("application/json", "identity")] == f'"{version}-json"'
+    assert tags[("application/msgpack", "identity")] == f'"{version}-msgpack"'
+    assert tags[("application/json", "gzip")] == f'W/"{version}-json+gzip"'  # weak: compressor-dependent bytes
+    assert tags[("application/msgpack", "zstd")] == f'W/"{version}-msgpack+zstd"'
+    assert len(set(tags.values())) == len(tags)
+    for (fmt, coding), response in answers.items():
+        assert response.headers["Vary"] == "Accept, Accept-Encoding"
+        assert response.headers.get("Content-Encoding", "identity") == coding
+        # A router sending back what it got: 304, with the tag of what it negotiated now.
+        for sent in (tags[(fmt, coding)], f'"{version}"'):  # and the bare version older servers sent
+            again = get(f"{api}/v1/snapshot", headers={"If-None-Match": sent, "Accept": fmt,
+                                                     "Accept-Encoding": coding})
+            assert again.status_code == 304 and again.content == b""
+            assert again.headers["ETag"] == tags[(fmt, coding)] and again.headers["Vary"] == "Accept, Accept-Encoding"
+    delta = get(f"{api}/v1/snapshot", since=version - 1, headers={"Accept-Encoding": "gzip"})
+    assert delta.status_code == 200 and delta.headers["ETag"] == f'W/"{version}-since-{version - 1}-json+gzip"'
+    assert delta.headers["ETag"] not in tags.values()
+    assert get(f"{api}/v1/snapshot", headers={"If-None-Match": delta.headers["ETag"]}).status_code == 304
+    # An older representation's tag gets the newer version.
+    assert get(f"{api}/v1/snapshot", headers={"If-None-Match": f'"{version - 1}-json"'}).status_code == 200
 
 
 def test_a_since_older_than_the_change_log_answers_410_with_a_clear_body(

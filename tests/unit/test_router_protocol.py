@@ -20,6 +20,7 @@ from topology_store.schemas.router_sync import (
     etag_versions,
     namespace_digest,
     parse_wait,
+    representation_etag,
 )
 
 
@@ -37,10 +38,22 @@ def test_bad_wait_values(value: str) -> None:
 @pytest.mark.parametrize(
     ("header", "expected"),
     [('"7"', (False, 7)), ('W/"7"', (False, 7)), ('"3", "9", W/"5"', (False, 9)), ("*", (True, None)),
-     ('"abc"', (False, None)), ("", (False, None))],
+     ('"abc"', (False, None)), ("", (False, None)), ('"7-json"', (False, 7)), ('W/"8-msgpack+zstd"', (False, 8)),
+     ('"9-since-4-json", "7-json"', (False, 9)), ('"7json"', (False, None)), ('"-7-json"', (False, None))],
 )
 def test_entity_tags_are_versions(header: str, expected: tuple[bool, int | None]) -> None:
     assert etag_versions(header) == expected
+
+
+def test_each_representation_has_its_own_tag_strong_uncompressed_weak_compressed() -> None:
+    tags = {(fmt, coding, since): representation_etag(7, fmt, coding, since)
+            for fmt in (JSON, MSGPACK) for coding in ("identity", "gzip", "zstd") for since in (None, 5)}
+    assert len(set(tags.values())) == len(tags)  # one tag per representation
+    assert tags[(JSON, "identity", None)] == '"7-json"' and tags[(MSGPACK, "zstd", None)] == 'W/"7-msgpack+zstd"'
+    assert tags[(JSON, "gzip", 5)] == 'W/"7-since-5-json+gzip"'
+    for (_, coding, _), tag in tags.items():
+        assert tag.startswith("W/") == (coding != "identity")
+        assert etag_versions(tag) == (False, 7)  # a router sending back what it got says "I hold 7"
 
 
 @pytest.mark.parametrize(
