@@ -5,6 +5,7 @@ bottom, and imports point only down (the import-linter contracts in pyproject.to
 
 - ``cli``        the ``topology`` command: every subcommand, the dev stack.
 - ``query_api``  the HTTP door: snapshots, deltas, lookups, audit, health, claims.
+- ``grpc_api``   the gRPC door: GitLab's Topology Service contract (cells, classify, health).
 - ``router``     the router client and the ``topology router`` sidecar.
 - ``projector``  consumes the log into PostgreSQL; archive, dead letters, replay, rebuild.
 - ``producer``   publishes events; the transactional outbox and its relay.
