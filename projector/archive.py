@@ -2,7 +2,10 @@
 
 ``event_archive`` keeps every consumed record byte for byte, as a :class:`RawRecord`
 (a replay can read it instead of Kafka, whose retention may end; a dead letter is the
-same record with its error, ``projector.store.DeadLetter``). ``event_keys`` names the keys each
+same record with its error, ``projector.store.DeadLetter``). The archive is also the record of
+which positions were applied: when stored offsets move backwards, the consumer compares what
+it reads again with :func:`archived_records` and skips identical records (adr/0019).
+``event_keys`` names the keys each
 processed event touched — the cell, each stored claim key, the lease, the owner,
 and the keys its decisions touched (an expiry, a transfer) — so an auditor can
 list a key's whole history in log order without decoding the log.
@@ -19,7 +22,8 @@ from typing import Any, Self
 from uuid import UUID
 
 from aiokafka.structs import ConsumerRecord
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from topology_store.projector.bulk import copy_rows
 
@@ -98,3 +102,44 @@ async def write_audit_keys(conn: AsyncConnection, rows: Sequence[tuple[str, str,
     if not rows:
         return
     await copy_rows(conn, "event_keys", ("kind", "key", "event_id"), rows)
+
+
+# A record as the archive holds it, for comparison with one read again: key, value, headers.
+ArchivedBytes = tuple[bytes | None, bytes | None, tuple[tuple[str, bytes], ...]]
+
+
+def archived_bytes(record: RawRecord) -> ArchivedBytes:
+    return record.key, record.value, record.headers
+
+
+async def archive_ends(engine: AsyncEngine, partitions: Sequence[tuple[str, int]]) -> dict[tuple[str, int], int]:
+    """One past the highest archived offset of each partition (0: nothing archived).
+    A stored next offset below it means the offsets moved backwards (adr/0019)."""
+    if not partitions:
+        return {}
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            text(
+                'SELECT u.t, u.p, (SELECT coalesce(max(a."offset"), -1) + 1 FROM event_archive a '
+                "                  WHERE a.topic = u.t AND a.partition = u.p) "
+                "FROM unnest(CAST(:topics AS text[]), CAST(:numbers AS int[])) AS u(t, p)"
+            ),
+            {"topics": [t for t, _ in partitions], "numbers": [p for _, p in partitions]},
+        )
+        return {(topic, partition): int(end) for topic, partition, end in rows}
+
+
+async def archived_records(engine: AsyncEngine, topic: str, partition: int, start: int,
+                           end: int) -> dict[int, ArchivedBytes]:
+    """The archived records of one partition at offsets ``start`` to ``end - 1``, by offset."""
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            text('SELECT "offset", key, value, headers FROM event_archive '
+                 'WHERE topic = :topic AND partition = :partition AND "offset" >= :start AND "offset" < :end'),
+            {"topic": topic, "partition": partition, "start": start, "end": end},
+        )
+        return {
+            int(offset): (None if key is None else bytes(key), None if value is None else bytes(value),
+                          tuple((name, bytes.fromhex(value_hex)) for name, value_hex in headers))
+            for offset, key, value, headers in rows
+        }

@@ -5,6 +5,17 @@ assignment the member seeks to the stored offsets, and each batch advances them
 in the same transaction as the rows it produced. Auto-commit is off and nothing
 is ever committed to Kafka, so a crash at any instant replays from the last
 committed batch and the event_id record absorbs the redelivery.
+
+Stored offsets and the log can disagree (adr/0019). Offsets moved backwards (an
+operator reset) make the member read records again: the archive holds every record
+ever applied, so those identical to their archived copy are skipped, and those that
+differ (a topic recreated, another cluster) are never applied. A partition whose log
+does not continue where its stored offset says (records deleted, a different record
+at an archived offset) is *refused*: paused, named on ``/readyz`` with what fixes it,
+and tried again with backoff, while the member's other partitions go on.
+
+Rebalances run while the member awaits the database: a seek only ever touches a
+partition still assigned in the same generation it was read for.
 """
 
 from __future__ import annotations
@@ -14,13 +25,14 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import BrokerResponseError, KafkaError
+from aiokafka.errors import BrokerResponseError, IllegalStateError, KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from topology_store.core.fold import PositionedEvent
-from topology_store.projector.archive import RawRecord, record_log_time
+from topology_store.projector.archive import RawRecord, archive_ends, archived_bytes, archived_records, record_log_time
 from topology_store.projector.health import Health
 from topology_store.projector.metrics import PartitionProgress, ProjectorMetrics
 from topology_store.projector.observe import apply_span, batch_committed, batch_failed, bounded_event_type
@@ -32,6 +44,11 @@ from topology_store.schemas.codec import EVENT_TYPE_HEADER, DecodeError, EventCo
 from topology_store.schemas.models import EventInputError, parse_event
 
 log = logging.getLogger(__name__)
+
+
+# A refused partition is looked at again after a jittered backoff of at most this long,
+# so an operator's fix (offsets set, the right cluster) is picked up without a restart.
+LOOK_AGAIN_CAP_S = 30.0
 
 
 class KafkaStartRefused(RuntimeError):
@@ -73,8 +90,30 @@ def _event_type_of(record: ConsumerRecord) -> str:
     return "unknown"
 
 
-class LogGapError(RuntimeError):
-    """The log no longer holds the records at the stored offsets."""
+class LogRefused(RuntimeError):
+    """A partition's log does not continue as its stored offset and the archive say it
+    must; the message names the partition, the offsets and what fixes it."""
+
+
+class LogGapError(LogRefused):
+    """The log no longer holds the records at the stored offset: deleted, or the topic
+    was recreated shorter."""
+
+
+class LogRewrittenError(LogRefused):
+    """The log holds a different record than the archive kept at the same offset."""
+
+
+@dataclass
+class Refusal:
+    error: LogRefused
+    attempts: int
+    retry_at: float  # time.monotonic() of the next look
+    looking: bool = False  # resumed for a look: its next records are checked again
+
+
+def _name(tp: TopicPartition) -> str:
+    return f"{tp.topic}[{tp.partition}]"
 
 
 class _SeekToStoredOffsets(ConsumerRebalanceListener):
@@ -84,11 +123,13 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         self._projector.rebalances += 1
         for tp in revoked:
-            self._projector.positions.pop(tp, None)
+            self._projector.forget(tp)
         self._projector.metrics.assigned_partitions.set(len(self._projector.positions))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self._projector.rebalances += 1
+        for tp in assigned:
+            self._projector.generations[tp] = self._projector.rebalances
         await self._projector.seek_to_stored(assigned)
 
 
@@ -105,6 +146,8 @@ class Projector:
     ) -> None:
         self.settings = settings
         self.store = store
+        # The archive is read outside a batch's transaction (adr/0019), on the store's pool.
+        self._engine = store._engine
         self.metrics = metrics or ProjectorMetrics()
         self.codec = codec or EventCodec()
         self.health = health or Health(self.metrics)
@@ -113,6 +156,13 @@ class Projector:
         self.rebalances = 0  # bumped by every revoke/assign, to spot one during a commit
         # Next offset to read per owned partition, as committed in PostgreSQL.
         self.positions: dict[TopicPartition, int] = {}
+        # The rebalance that assigned each owned partition: a seek prepared before a
+        # revoke must not land after it (the partition may be another member's now).
+        self.generations: dict[TopicPartition, int] = {}
+        # Partitions whose stored offset is below the archive's end: records before it
+        # were applied already and are compared with the archive, not applied again.
+        self.archived_until: dict[TopicPartition, int] = {}
+        self.refused: dict[TopicPartition, Refusal] = {}
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.kafka_bootstrap,
             group_id=settings.consumer_group,
@@ -145,24 +195,105 @@ class Projector:
             progress.append(PartitionProgress(tp.topic, tp.partition, next_offset, end))
         return progress
 
-    async def seek_to_stored(self, partitions: Sequence[TopicPartition]) -> None:
-        stored = await _retry_database(
-            lambda: self.store.stored_offsets([(tp.topic, tp.partition) for tp in partitions]),
-            self.metrics,
-            self.health,
-            self.stop_event,
-        )
-        for tp in partitions:
-            offset = stored[(tp.topic, tp.partition)]
+    def forget(self, tp: TopicPartition) -> None:
+        """``tp`` is no longer this member's."""
+        self.positions.pop(tp, None)
+        self.generations.pop(tp, None)
+        self.archived_until.pop(tp, None)
+        if self.refused.pop(tp, None) is not None:
+            self.health.partition_resumed(_name(tp))  # its new owner looks again
+
+    def _seek(self, tp: TopicPartition, offset: int) -> bool:
+        """Seek ``tp``, or forget it when a rebalance took it meanwhile (False)."""
+        try:
             self._consumer.seek(tp, offset)
-            self.positions[tp] = offset
+        except IllegalStateError:
+            self.forget(tp)
+            return False
+        return True
+
+    async def seek_to_stored(self, partitions: Sequence[TopicPartition]) -> None:
+        """Seek ``partitions`` to their stored offsets. A rebalance may run while the
+        database answers: a partition revoked meanwhile (or revoked and assigned again,
+        whose listener seeks it itself) is left alone."""
+        generations = {tp: self.generations.get(tp) for tp in partitions}
+        keys = [(tp.topic, tp.partition) for tp in partitions]
+
+        async def read() -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], int]]:
+            stored = await self.store.stored_offsets(keys)
+            return stored, await archive_ends(self._engine, keys)
+
+        stored, archived = await _retry_database(read, self.metrics, self.health, self.stop_event)
+        sought = {}
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            if generations[tp] is None or self.generations.get(tp) != generations[tp]:
+                continue
+            offset = stored[key]
+            if not self._seek(tp, offset):
+                continue
+            self.positions[tp] = sought[_name(tp)] = offset
+            if archived[key] > offset:
+                self.archived_until[tp] = archived[key]
+                log.warning("%s: the stored offset %d is behind the archive, which holds records up to %d: the "
+                            "offsets moved backwards; records read again are compared with the archive and skipped "
+                            "when identical", _name(tp), offset, archived[key] - 1)
+            else:
+                self.archived_until.pop(tp, None)
         self.metrics.assigned_partitions.set(len(self.positions))
-        log.info("assigned %s", {f"{tp.topic}[{tp.partition}]": self.positions[tp] for tp in partitions})
+        log.info("assigned %s", sought)
 
     def rewind(self) -> None:
         """Seek every owned partition back to its committed position: the batch is read again."""
-        for tp, position in self.positions.items():
-            self._consumer.seek(tp, position)
+        for tp, position in list(self.positions.items()):
+            self._seek(tp, position)
+
+    def refuse(self, tp: TopicPartition, error: LogRefused) -> None:
+        """Stop projecting ``tp`` until a later look finds its log as expected."""
+        previous = self.refused.get(tp)
+        attempts = previous.attempts + 1 if previous else 1
+        delay = max(1.0, backoff(attempts, base=1.0, cap=LOOK_AGAIN_CAP_S))
+        self.refused[tp] = Refusal(error, attempts, time.monotonic() + delay)
+        self.health.partition_refused(_name(tp), str(error))
+        try:
+            self._consumer.pause(tp)
+        except IllegalStateError:
+            self.forget(tp)  # revoked meanwhile: its new owner looks for itself
+            return
+        log.error("partition refused: %s (looking again in %.0fs)", error, delay,
+                  extra={"topic": tp.topic, "partition": tp.partition})
+
+    async def _look_again(self) -> None:
+        """Refused partitions whose time came: seek to what is stored now and read again."""
+        now = time.monotonic()
+        due = [tp for tp, refusal in self.refused.items() if refusal.retry_at <= now]
+        if not due:
+            return
+        await self.seek_to_stored(due)
+        for tp in due:
+            if tp in self.positions and tp in self.refused:
+                try:
+                    self._consumer.resume(tp)
+                except IllegalStateError:
+                    self.forget(tp)
+                    continue
+                self.refused[tp].looking = True
+
+    def _resume_caught_up(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        """A partition looked at again with nothing left to read (its stored offset was
+        set to the log's end) is no longer refused: there is nothing to disagree with."""
+        for tp, refusal in list(self.refused.items()):
+            if refusal.looking and not batch.get(tp) and tp in self.positions:
+                try:
+                    end = self._consumer.highwater(tp)
+                except IllegalStateError:
+                    continue
+                if end is not None and end <= self.positions[tp]:
+                    self._resumed(tp)
+
+    def _resumed(self, tp: TopicPartition) -> None:
+        if self.refused.pop(tp, None) is not None:
+            self.health.partition_resumed(_name(tp))
 
     async def _start_consumer(self, stop: asyncio.Event) -> bool:
         """Join the group; an unreachable broker is retried with capped exponential
@@ -194,6 +325,8 @@ class Projector:
         try:
             started = await self._start_consumer(stop)
             while started and not stop.is_set():
+                if self.refused:
+                    await self._look_again()
                 try:
                     batch = await self._consumer.getmany(
                         timeout_ms=self.settings.batch_wait_ms, max_records=self.settings.batch_max_events
@@ -203,6 +336,8 @@ class Projector:
                     self.failures += 1
                     await sleep_unless(stop, backoff(self.failures))
                     continue
+                if self.refused:
+                    self._resume_caught_up(batch)
                 if batch:
                     with apply_span(self.settings, batch):  # W3C trace context from the headers (adr/0011)
                         await self._commit(batch)
@@ -229,20 +364,16 @@ class Projector:
         dead: list[DeadLetter] = []
         archive: list[RawRecord] = []
         advances: dict[tuple[str, int], PartitionAdvance] = {}
-        for tp, records in batch.items():
+        for tp, fetched in batch.items():
             position = self.positions.get(tp)
-            if position is None:
-                continue  # revoked while the fetch was in flight
-            if records and records[0].offset != position:
-                # Our topics are neither compacted nor transactional, so the log is
-                # contiguous: a different first offset means records were deleted
-                # (retention) or the topic was recreated and the broker reset us.
-                # Projecting on would silently build a different history.
-                raise LogGapError(
-                    f"{tp.topic}[{tp.partition}]: stored offset is {position} but the log continues at "
-                    f"{records[0].offset}; events were deleted or the topic was recreated. Rebuild from the "
-                    "archive, or reset the stored offsets deliberately."
-                )
+            refusal = self.refused.get(tp)
+            if position is None or (refusal is not None and not refusal.looking) or not fetched:
+                continue  # revoked while the fetch was in flight, or refused
+            try:
+                records = await self._unapplied(tp, position, fetched)
+            except LogRefused as exc:
+                self.refuse(tp, exc)
+                continue
             for record in records:
                 archive.append(RawRecord.of(record))  # every record, byte for byte, whatever it holds
                 item = read_record(self.codec, self.settings, record)
@@ -259,7 +390,7 @@ class Projector:
                 else:
                     events.append(item)
             advances[(tp.topic, tp.partition)] = PartitionAdvance(
-                expected=position, next_offset=records[-1].offset + 1
+                expected=position, next_offset=fetched[-1].offset + 1
             )
         if not advances:
             return "committed"
@@ -287,7 +418,11 @@ class Projector:
         # before this commit landed): keep those; a stale one is fenced next batch.
         if self.rebalances == rebalances:
             for (topic, partition), advance in advances.items():
-                self.positions[TopicPartition(topic, partition)] = advance.next_offset
+                tp = TopicPartition(topic, partition)
+                self.positions[tp] = advance.next_offset
+                if self.archived_until.get(tp, 0) <= advance.next_offset:
+                    self.archived_until.pop(tp, None)
+                self._resumed(tp)
         self.metrics.commit_seconds.observe(elapsed)
         self.metrics.batch_size.observe(len(events) + len(dead))
         self.metrics.version.set(committed.version)
@@ -297,6 +432,53 @@ class Projector:
             self.metrics.events.labels(event_type, outcome).inc(count)
         batch_committed(committed.version, committed.result.decisions, len(dead), advances)
         return "committed"
+
+
+    async def _unapplied(self, tp: TopicPartition, position: int,
+                         records: list[ConsumerRecord]) -> list[ConsumerRecord]:
+        """The records of a batch still to apply: all of them, unless the stored offset
+        moved backwards, when those the archive already holds byte for byte are skipped.
+        Raises :class:`LogRefused` when the log does not continue as it must."""
+        first = records[0].offset
+        archived_until = self.archived_until.get(tp, 0)
+        # Our topics are neither compacted nor transactional, so the log is contiguous:
+        # a different first offset means records were deleted (retention) or the topic
+        # was recreated and the broker reset us. Projecting on would silently build a
+        # different history. A gap the archive covers was applied already: no loss.
+        if first < position:
+            raise LogGapError(
+                f"{_name(tp)}: the stored offset is {position} but the log restarts at {first}: the topic was "
+                "recreated (or this is another cluster); the archive keeps the history this projection was built "
+                "from. Point TOPOLOGY_KAFKA_BOOTSTRAP at the cluster that wrote it, or give the new topic a new "
+                "name (TOPOLOGY_*_TOPIC) and restart (docs/reliability.md)"
+            )
+        if first > position and first > archived_until:
+            raise LogGapError(
+                f"{_name(tp)}: the stored offset is {position} but the log continues at {first}: the records "
+                f"between were deleted (retention) before this projection read them. To skip them deliberately: "
+                f"UPDATE partition_offsets SET next_offset = {first} WHERE topic = '{tp.topic}' AND partition = "
+                f"{tp.partition}; then the projector goes on by itself (docs/reliability.md)"
+            )
+        if first >= archived_until:
+            return records
+        again = [r for r in records if r.offset < archived_until]
+        archived = await _retry_database(
+            lambda: archived_records(self._engine, tp.topic, tp.partition, first, again[-1].offset + 1),
+            self.metrics, self.health, self.stop_event,
+        )
+        for record in again:
+            if archived.get(record.offset) != archived_bytes(RawRecord.of(record)):
+                raise LogRewrittenError(
+                    f"{_name(tp)}: offset {record.offset} holds a different record than the archive kept there: "
+                    "the topic was recreated (or this is another cluster) behind offsets moved backwards. Nothing "
+                    "of it was applied and the archive keeps the first record. Point TOPOLOGY_KAFKA_BOOTSTRAP at "
+                    "the cluster that wrote the archive, or give the new topic a new name (TOPOLOGY_*_TOPIC) and "
+                    "restart (docs/reliability.md)"
+                )
+        self.metrics.reread.inc(len(again))
+        log.warning("%s: %d records at offsets %d to %d read again are identical to the archive: skipped",
+                    _name(tp), len(again), first, again[-1].offset)
+        return records[len(again):]
 
 
 async def _retry_database(  # type: ignore[no-untyped-def]

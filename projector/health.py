@@ -1,7 +1,8 @@
 """The projector's view of its two dependencies, and the HTTP server that reports it.
 
 Readiness means "this member can make progress": the broker answers a metadata
-request and PostgreSQL answers a query. Both are probed every
+request, PostgreSQL answers a query, and no partition is refused because its log does
+not continue as the stored offset and the archive say it must (adr/0019). Both are probed every
 ``projector_probe_interval_s``, and the consumer reports what it meets in between
 (a failed commit, a failed fetch), so an outage shows within one batch.
 
@@ -69,6 +70,8 @@ class Health:
         self.metrics = metrics
         self.broker = Dependency("broker")
         self.database = Dependency("database")
+        # "topic[partition]" -> why this member does not project it, and what fixes it.
+        self.refused: dict[str, str] = {}
 
     def _set(self, dependency: Dependency, up: bool, error: BaseException | str | None = None) -> None:
         if dependency.up is not up:
@@ -95,15 +98,25 @@ class Health:
     def database_failed(self, error: BaseException | str) -> None:
         self._set(self.database, False, error)
 
+    def partition_refused(self, partition: str, reason: str) -> None:
+        self.refused[partition] = reason
+        self.metrics.refused_partitions.set(len(self.refused))
+
+    def partition_resumed(self, partition: str) -> None:
+        if self.refused.pop(partition, None) is not None:
+            log.info("%s projected again", partition)
+        self.metrics.refused_partitions.set(len(self.refused))
+
     @property
     def ready(self) -> bool:
-        return bool(self.broker.up and self.database.up)
+        return bool(self.broker.up and self.database.up and not self.refused)
 
     def document(self) -> dict[str, Any]:
         return {
             "status": "ready" if self.ready else "unready",
             "broker": self.broker.document(),
             "database": self.database.document(),
+            "log": {"state": "refused" if self.refused else "ok", "refused": dict(self.refused)},
             "assigned_partitions": self.metrics.assigned_partitions._value.get(),  # noqa: SLF001 - a gauge's value
         }
 

@@ -92,6 +92,20 @@ class ProjectorMetrics:
             "Unix time this member last finished a scheduled compaction (absent until it does)",
             registry=self.registry,
         )
+        # Stored offsets and the log disagree (adr/0019).
+        self.reread = Counter(
+            "topology_projector_reread_records",
+            "Records read again after the stored offsets moved backwards, identical to the archived ones: "
+            "skipped, since they were applied already",
+            registry=self.registry,
+        )
+        self.refused_partitions = Gauge(
+            "topology_projector_refused_partitions",
+            "Partitions this member does not project because the log does not continue as the stored offset and "
+            "the archive say it must (records deleted, or a different record at an archived offset); /readyz "
+            "names them and the fix",
+            registry=self.registry,
+        )
         # Computed at scrape time (adr/0011): alerts need the age of the last commit
         # even while the event loop is blocked or the database is away.
         self._started_at = time.time()

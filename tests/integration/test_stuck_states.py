@@ -1,0 +1,171 @@
+"""States the projector once could not leave by itself (adr/0019), each created on the
+real broker and PostgreSQL: stored offsets moved backwards (read again and skipped
+against the archive), a topic recreated behind the stored offsets (refused, named on
+/readyz, nothing overwritten), and a revoke that lands while a seek waits on the
+database (no crash)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import psycopg
+import pytest
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from tests.integration.routing import cell
+from tests.integration.test_projector import Member, claim, count, publish, wait_for
+from topology_store.projector.consumer import LogRewrittenError
+from topology_store.runtime.settings import Settings
+from topology_store.runtime.topics import ensure_topics
+
+pytestmark = pytest.mark.integration
+
+
+def rows(settings: Settings, query: str, params: Any = None) -> list[tuple[Any, ...]]:
+    with psycopg.connect(settings.libpq_url) as conn:
+        return conn.execute(query, params).fetchall()
+
+
+def execute(settings: Settings, statement: str, params: Any = None) -> None:
+    with psycopg.connect(settings.libpq_url, autocommit=True) as conn:
+        conn.execute(statement, params)
+
+
+async def until(condition: Any, what: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def state(settings: Settings) -> dict[str, Any]:
+    """What the projection holds, beside the offsets."""
+    return {
+        "claims": rows(settings, "SELECT bucket, value, cell_id, version FROM claims ORDER BY 1, 2"),
+        "cells": rows(settings, "SELECT cell_id, address, version FROM cells ORDER BY 1"),
+        "processed": rows(settings, 'SELECT event_id, topic, partition, "offset", outcome FROM processed_events '
+                                    "ORDER BY 2, 3, 4"),
+        "archive": rows(settings, 'SELECT topic, partition, "offset", key, value, headers::text, archived_at '
+                                  "FROM event_archive ORDER BY 1, 2, 3"),
+        "dead_letters": rows(settings, 'SELECT topic, partition, "offset", error FROM dead_letters ORDER BY 1, 2, 3'),
+        "event_keys": rows(settings, "SELECT kind, key, event_id FROM event_keys ORDER BY 1, 2, 3"),
+        "version": rows(settings, "SELECT version FROM topology_version"),
+    }
+
+
+async def test_stored_offsets_moved_backwards_are_read_again_and_skipped_against_the_archive(
+    topics: Settings,
+) -> None:
+    """An operator resets every stored offset to 0. Before, the archive's COPY collided on
+    its primary key, the bisection could blame no record and the member re-read for ever;
+    now the records read again are compared with the archive, skipped, and the member
+    goes on with what is new."""
+    settings = topics.model_copy(update={"batch_max_events": 7})  # many batches, some half old, half new
+    first = [claim(f"before-{n}") for n in range(40)] + [cell(1)]
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(settings.claims_topic, b"not avro at all", key=b"x", partition=1)
+    finally:
+        await producer.stop()
+    await publish(settings, first)
+    async with Member(settings):
+        await wait_for(settings, "SELECT count(*) FROM processed_events", 41)
+        await wait_for(settings, "SELECT count(*) FROM dead_letters", 1)
+    before = state(settings)
+    archived = len(before["archive"])
+    assert archived == 42
+    execute(settings, "UPDATE partition_offsets SET next_offset = 0")  # the operator's reset
+
+    later = [claim(f"after-{n}") for n in range(10)]
+    async with Member(settings) as member:
+        await publish(settings, later)
+        await wait_for(settings, "SELECT count(*) FROM processed_events", 51)
+        await wait_for(settings, "SELECT sum(next_offset) FROM partition_offsets", 52)
+        metrics, health = member.projector.metrics, member.projector.health
+        assert metrics.reread._value.get() == archived  # every old record read again, and skipped
+        assert health.ready and health.document()["log"] == {"state": "ok", "refused": {}}
+        assert metrics.isolated._value.get() == 0 and metrics.database_errors._value.get() == 0
+    after = state(settings)
+    # What was there is untouched, byte for byte and row for row (the archive's first copy kept,
+    # no dead letter twice, no decision recorded again); only the new events were added.
+    for table in ("archive", "processed", "dead_letters", "event_keys"):
+        assert set(before[table]) <= set(after[table]), table
+    assert len(after["archive"]) == archived + 10
+    assert after["dead_letters"] == before["dead_letters"]
+    assert {row[4] for row in after["processed"]} == {"applied"}
+    assert [value for _, value, _, _ in after["claims"]] == sorted(
+        [f"after-{n}" for n in range(10)] + [f"before-{n}" for n in range(40)])
+    assert set(before["claims"]) <= set(after["claims"])  # the old claims keep the version that made them
+
+
+async def _recreate(settings: Settings, topic: str) -> None:
+    """Delete ``topic`` on the broker and create it again, empty, with the same layout."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics([topic])
+        deadline = time.monotonic() + 60
+        while topic in await admin.list_topics():
+            assert time.monotonic() < deadline, f"{topic} was not deleted"
+            await asyncio.sleep(0.2)
+    finally:
+        await admin.close()
+    deadline = time.monotonic() + 60
+    while True:  # the broker may still be finishing the deletion
+        try:
+            await ensure_topics(settings)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
+async def test_a_topic_recreated_behind_the_stored_offsets_is_refused_named_and_never_overwrites_the_archive(
+    topics: Settings,
+) -> None:
+    settings = topics
+    cells = TopicPartition(settings.cells_topic, 0)
+    await publish(settings, [cell(1), cell(2), cell(3)])
+    async with Member(settings):
+        await wait_for(settings, "SELECT count(*) FROM cells", 3)
+    before = state(settings)
+
+    await _recreate(settings, settings.cells_topic)
+    await publish(settings, [cell(7), cell(8)])  # a new history at offsets 0 and 1
+    async with Member(settings) as member:
+        projector, health = member.projector, member.projector.health
+        # Stored offset 3, the log ends at 2: the broker resets the fetch to 0, which is refused.
+        await until(lambda: cells in projector.refused, "the cells partition refused")
+        reason = health.document()["log"]["refused"][f"{cells.topic}[0]"]
+        assert "stored offset is 3 but the log restarts at 0" in reason and "TOPOLOGY_*_TOPIC" in reason
+        assert not health.ready and health.document()["status"] == "unready"
+        assert projector.metrics.refused_partitions._value.get() == 1
+        # The member's other partitions go on.
+        await publish(settings, [claim("still-served")])
+        await wait_for(settings, "SELECT count(*) FROM claims", 1)
+
+        # The tempting fix, offsets back to 0, meets a different record at an archived offset.
+        execute(settings, "UPDATE partition_offsets SET next_offset = 0 WHERE topic = %s", (cells.topic,))
+        await until(lambda: isinstance(getattr(projector.refused.get(cells), "error", None), LogRewrittenError),
+                    "the rewritten record refused")
+        reason = health.document()["log"]["refused"][f"{cells.topic}[0]"]
+        assert f"{cells.topic}[0]: offset 0 holds a different record than the archive kept there" in reason
+        assert not health.ready
+    after = state(settings)
+    assert after["archive"][:3] == before["archive"]  # the audit record is not overwritten
+    assert after["cells"] == before["cells"]  # nothing of the new history applied
+    assert count(settings, f"SELECT count(*) FROM processed_events WHERE topic = '{cells.topic}'") == 3
+
+    # The documented way on: the new history under a new name, projected with its own offsets.
+    renamed = settings.model_copy(update={"cells_topic": f"{settings.cells_topic}.v2"})
+    await ensure_topics(renamed)
+    await publish(renamed, [cell(7), cell(8)])
+    async with Member(renamed) as member:
+        await wait_for(renamed, "SELECT count(*) FROM cells", 5)
+        assert member.projector.health.document()["log"] == {"state": "ok", "refused": {}}
