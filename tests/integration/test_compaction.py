@@ -31,8 +31,19 @@ from topology_store.projector.compaction import (
     table_sizes,
 )
 from topology_store.projector.metrics import ProjectorMetrics
+from topology_store.projector.replay import verify
 from topology_store.runtime.settings import Settings
-from topology_store.schemas.models import ClaimBucket, ClaimCreated, ClaimReleased, LeaseExpiryTick, OwnerType
+from topology_store.schemas.models import (
+    ClaimBucket,
+    ClaimCreated,
+    ClaimRef,
+    ClaimReleased,
+    ClaimsRequested,
+    LeaseCommitRequested,
+    LeaseExpiryTick,
+    LeaseRollbackRequested,
+    OwnerType,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -329,5 +340,38 @@ async def test_outside_the_window_decisions_are_kept_and_a_no_op_tick_is_decided
                                    "AND processed_at > now() - interval '1 hour' AND detail IS NULL") == 1
             assert count(settings, "SELECT version FROM topology_version") == version
             assert count(settings, "SELECT count(*) FROM claims") == claims == 0
+    finally:
+        await publisher.stop()
+
+
+async def test_verify_still_agrees_after_ended_leases_are_compacted(topics: Settings) -> None:
+    """The replay brings back every lease; verify leaves out, on both sides, the ended
+    ones compaction may have removed (adr/0020). Without that, it would differ."""
+    settings = topics.model_copy(update={"idempotency_window_s": 60.0, "retain_ended_leases_s": 60.0})
+    committed, rolled_back, still_open = (
+        ClaimsRequested(source="cell-1", cell_id="cell-1", owner_type=OwnerType.USER, owner_id=n, lease_ttl_ms=ttl,
+                        claims=[ClaimRef(bucket=ClaimBucket.USERNAME, value=f"user-{n}")])
+        for n, ttl in ((1, 5_000), (2, 5_000), (3, 3_600_000)))
+    events = [committed, rolled_back, still_open,
+              LeaseCommitRequested(source="cell-1", lease_id=committed.lease_id, cell_id="cell-1"),
+              LeaseRollbackRequested(source="cell-1", lease_id=rolled_back.lease_id, cell_id="cell-1")]
+    publisher = EventPublisher(settings)
+    await publisher.start()
+    try:
+        async with Member(settings):
+            for event in events:
+                await publish_and_wait(settings, publisher, event)
+            assert ids(settings, "SELECT status FROM leases") == {"OPEN", "COMMITTED", "RELEASED"}
+            # The two ended leases' expiry must be a retention (60 s) in the past.
+            await wait_for(settings, "SELECT count(*) FROM leases WHERE status <> 'OPEN' "
+                                     "AND expires_at < now() - interval '61 seconds'", 2, timeout_s=120)
+            outcomes = await asyncio.to_thread(compact, settings.libpq_url, projection_rules(settings))
+            assert {o.table: o.rows for o in outcomes}["leases"] == 2
+            assert ids(settings, "SELECT status FROM leases") == {"OPEN"}
+            result = await asyncio.to_thread(verify, settings)
+            assert result.equal, (result.missing, result.unexpected)
+            keeping = settings.model_copy(update={"retain_ended_leases_s": 0.0})
+            differs = await asyncio.to_thread(verify, keeping)
+            assert not differs.equal and len(differs.missing["leases"]) == 2
     finally:
         await publisher.stop()
