@@ -20,6 +20,7 @@ from tests.integration.test_projector import Member, claim, count, publish, wait
 from topology_store.projector.consumer import LogRewrittenError
 from topology_store.runtime.settings import Settings
 from topology_store.runtime.topics import ensure_topics
+from topology_store.schemas.codec import EventCodec
 
 pytestmark = pytest.mark.integration
 
@@ -169,3 +170,70 @@ async def test_a_topic_recreated_behind_the_stored_offsets_is_refused_named_and_
     async with Member(renamed) as member:
         await wait_for(renamed, "SELECT count(*) FROM cells", 5)
         assert member.projector.health.document()["log"] == {"state": "ok", "refused": {}}
+
+
+def waiting(settings: Settings, statement: str) -> int:
+    """Backends of this test's database waiting for a lock in a statement starting with ``statement``."""
+    found = rows(settings, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                           "AND wait_event_type = 'Lock' AND query LIKE %s", (statement + "%",))
+    return int(found[0][0])
+
+
+async def test_a_revoke_while_a_seek_waits_on_the_database_cannot_crash_the_member(topics: Settings) -> None:
+    """The interleaving, forced with real locks on a real group: member A is fenced on a
+    partition and seeks to its stored offsets, which waits on a lock this test holds; B
+    joins, and the rebalance revokes partitions from A under that wait. Before, the seek
+    then landed on partitions no longer A's: aiokafka's IllegalStateError, out of run()."""
+    settings = topics
+    codec = EventCodec()
+    await publish(settings, [claim(f"first-{n}") for n in range(8)])
+    async with Member(settings) as a:
+        await wait_for(settings, "SELECT count(*) FROM processed_events", 8)
+        projector = a.projector
+        owned = set(projector.positions)
+        assert TopicPartition(settings.claims_topic, 0) in owned and len(owned) > 2  # A alone owns every partition
+        reset = await psycopg.AsyncConnection.connect(settings.libpq_url)
+        holder = await psycopg.AsyncConnection.connect(settings.libpq_url)
+        try:
+            # An operator's reset of claims[0], not committed yet: A's next commit on it waits for it.
+            await reset.execute("UPDATE partition_offsets SET next_offset = 0 WHERE topic = %s AND partition = 0",
+                                (settings.claims_topic,))
+            event = claim("fenced")
+            producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+            await producer.start()
+            try:
+                await producer.send_and_wait(settings.claims_topic, codec.encode("ClaimCreated", event.to_avro()),
+                                             key=event.partition_key.encode(), partition=0)
+            finally:
+                await producer.stop()
+            await until(lambda: waiting(settings, "UPDATE partition_offsets") == 1, "A's commit to wait")
+            # Queued behind A's commit: once the reset commits, A is fenced, rolls back, and the
+            # INSERT of its seek_to_stored waits behind this lock.
+            held = asyncio.create_task(holder.execute("LOCK TABLE partition_offsets IN SHARE MODE"))
+            await until(lambda: waiting(settings, "LOCK TABLE partition_offsets") == 1, "the lock to queue")
+            await reset.commit()
+            await held
+            await until(lambda: waiting(settings, "INSERT INTO partition_offsets") == 1, "A's seek to wait")
+            assert projector.metrics.fenced._value.get() == 1
+            rebalances = projector.rebalances
+            async with Member(settings) as b:
+                # The group rebalances while A's seek waits: A's partitions are revoked and
+                # split between A and B (their own seeks wait on the same lock).
+                await until(lambda: projector.rebalances >= rebalances + 2 and b.projector.rebalances >= 1,
+                            "the rebalance")
+                taken = owned - projector._consumer.assignment()
+                assert taken, "B was assigned none of A's partitions"
+                await holder.commit()  # A's seek goes on, after the revoke
+                await until(lambda: waiting(settings, "INSERT INTO partition_offsets") == 0, "the seeks to end")
+                await asyncio.sleep(0.5)
+                assert not a.task.done(), a.task.exception()
+                await publish(settings, [claim(f"later-{n}") for n in range(12)])
+                await wait_for(settings, "SELECT count(*) FROM processed_events", 8 + 1 + 12)
+                assert not a.task.done(), a.task
+                assert set(projector.positions) <= projector._consumer.assignment()
+                assert not set(projector.positions) & set(b.projector.positions)
+        finally:
+            await reset.close()
+            await holder.close()
+    outcomes = rows(settings, "SELECT outcome, count(*) FROM processed_events GROUP BY 1")
+    assert outcomes == [("applied", 21)]
