@@ -12,8 +12,14 @@ with the read API (adr/0009).
   rename, fsync of the directory) and starts from it, so a restart while the
   API is unreachable still routes.
 - Rotates over several API base URLs, as a load balancer would.
-- Reports its version, the server's, the lag between the two and the data's age
-  as Prometheus metrics.
+- Reports its version, the server's, the lag between the two, the data's age and
+  how long since the API last answered as Prometheus metrics; its readiness turns
+  ``stale`` when the API has been silent longer than a bound (:meth:`RouterClient.readiness`):
+  a frozen API, or one that accepts connections and never answers, cannot hide behind
+  a lag of 0 versions.
+- Reads no entity tag: it syncs by version (``since``, ``min_version``,
+  ``X-Topology-Version``), so the representation tags of the read API (``"7-json"``,
+  ``W/"7-msgpack+zstd"``) changed nothing here.
 """
 
 from __future__ import annotations
@@ -190,6 +196,10 @@ class RouterMetrics:
         self.errors = Counter("topology_router_errors", "Failed syncs by kind", ["kind"], registry=r)
         self.source = Gauge("topology_router_started_from_disk", "1 when the table came from the disk copy",
                             registry=r)
+        self.silent = Gauge(
+            "topology_router_api_silent_seconds",
+            "Since the API last gave a usable answer (200, 304, 410); since start when it never has", registry=r,
+        )
 
 
 @dataclass
@@ -212,9 +222,13 @@ class RouterClient:
         metrics: RouterMetrics | None = None,
         binary: bool = True,
         http: httpx.AsyncClient | None = None,
+        stale_after_s: float = 60.0,
     ) -> None:
         if not api_urls:
             raise ValueError("at least one API URL")
+        if stale_after_s <= wait_s:
+            # An up-to-date router hears nothing for a whole long-poll: that is not stale.
+            raise ValueError(f"stale_after_s ({stale_after_s}) must exceed the long-poll wait ({wait_s})")
         self.api_urls = [u.rstrip("/") for u in api_urls]
         self._token = token
         self.state_file = state_file
@@ -231,8 +245,12 @@ class RouterClient:
         self._persisted_version: int | None = None
         self._persisted_at = 0.0
         self._age_at: tuple[float, float] | None = None  # (server-reported age, when)
+        self.stale_after_s = stale_after_s
+        self._started_at = time.monotonic()
+        self._heard_at: float | None = None  # the API's last usable answer (monotonic)
         self.ready = asyncio.Event()
         self.metrics.data_age.set_function(lambda: self.data_age_seconds or 0.0)
+        self.metrics.silent.set_function(self.silent_seconds)
 
     def __repr__(self) -> str:  # never show the token
         return f"RouterClient(api_urls={self.api_urls!r}, version={self.version})"
@@ -279,6 +297,37 @@ class RouterClient:
         self.metrics.lag.set(self.lag_versions)
 
     @property
+    def last_heard_s(self) -> float | None:
+        """Seconds since the API last gave a usable answer; None when it never has."""
+        return None if self._heard_at is None else time.monotonic() - self._heard_at
+
+    def silent_seconds(self) -> float:
+        """Seconds without a usable answer: since the last one, or since start."""
+        return time.monotonic() - (self._heard_at if self._heard_at is not None else self._started_at)
+
+    def readiness(self) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, document) of the sidecar's ``/readyz``: 503 ``not_loaded``
+        without a table; 503 ``stale`` when the API has been silent for longer than
+        ``stale_after_s`` (the table still answers /classify, but nothing says it is
+        current); else 200 ``ready``."""
+        if self.table is None:
+            return 503, {"error": {"code": "not_loaded", "message": "no table yet"}}
+        heard = self.last_heard_s
+        silent = self.silent_seconds()
+        stale = silent > self.stale_after_s
+        document = {
+            "status": "stale" if stale else "ready",
+            "version": self.table.version,
+            "lag_versions": self.lag_versions,
+            "last_heard_s": None if heard is None else round(heard, 3),
+            "stale_after_s": self.stale_after_s,
+        }
+        if stale:
+            document["message"] = (f"no answer from the read API for {silent:.1f}s "
+                                   f"(bound {self.stale_after_s:g}s): the table may be behind")
+        return (503 if stale else 200), document
+
+    @property
     def data_age_seconds(self) -> float | None:
         """The API's X-Topology-Age-Seconds at its last answer, plus the time since."""
         if self._age_at is None:
@@ -308,6 +357,7 @@ class RouterClient:
             self.metrics.server_version.set(self.server_version)
         if AGE_HEADER in response.headers:
             self._age_at = (float(response.headers[AGE_HEADER]), time.monotonic())
+        self._heard_at = time.monotonic()
         self.metrics.last_sync.set(time.time())
         return _Answer(response.status_code, response.headers, response.content)
 

@@ -6,8 +6,11 @@ answers, on ``127.0.0.1:TOPOLOGY_ROUTER_PORT``:
 - ``GET /classify?type=ROUTE&value=gitlab-org/gitlab`` from memory (the read
   API's ``/v1/classify`` document; 404 unknown; 503 before any table is held);
 - ``GET /metrics`` (its version, the server's, the lag, the data's age);
-- ``GET /healthz`` and ``GET /readyz`` (ready once a table is held, from the API
-  or from the last-known-good file).
+- ``GET /healthz`` and ``GET /readyz``: ready once a table is held, from the API
+  or from the last-known-good file, with ``last_heard_s`` (since the API last
+  answered); 503 ``stale`` when the API has been silent longer than
+  ``TOPOLOGY_ROUTER_STALE_AFTER_S`` (frozen, or unreachable), ``/classify`` still
+  answering from the table held (``RouterClient.readiness``).
 """
 
 from __future__ import annotations
@@ -83,11 +86,8 @@ def sidecar_app(client: RouterClient) -> ASGIApp:
         elif path == "/healthz":
             await respond(send, 200, b'{"status":"ok"}')
         elif path == "/readyz":
-            if client.table is None:
-                await respond(send, 503, orjson.dumps(error_document("not_loaded", "no table yet")))
-            else:
-                await respond(send, 200, orjson.dumps(
-                    {"status": "ready", "version": client.table.version, "lag_versions": client.lag_versions}))
+            status, document = client.readiness()
+            await respond(send, status, orjson.dumps(document))
         else:
             await respond(send, 404, orjson.dumps(error_document("not_found", "no such path")))
 
@@ -95,7 +95,8 @@ def sidecar_app(client: RouterClient) -> ASGIApp:
 
 
 def run_router(settings: Settings, api_urls: list[str], token: str, state_file: Path, port: int) -> None:
-    client = RouterClient(api_urls, token, state_file=state_file, wait_s=settings.router_wait_s)
+    client = RouterClient(api_urls, token, state_file=state_file, wait_s=settings.router_wait_s,
+                          stale_after_s=settings.router_stale_after_s)
     log.info("router sidecar: API %s, state file %s, local port %d", ", ".join(api_urls), state_file, port)
     config = uvicorn.Config(sidecar_app(client), host="127.0.0.1", port=port, log_level="warning",
                             log_config=None, access_log=False, lifespan="on")  # runtime/logs.py handles records

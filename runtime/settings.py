@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     router_state_file: str = Field(default=".topology/router-state.json", description="Last-known-good table")
     router_port: int = Field(default=9466, ge=0, description="`topology router`: port of local /classify, /metrics")
     router_wait_s: float = Field(default=30.0, gt=0, description="Long-poll wait the router asks for")
+    router_stale_after_s: float = Field(
+        default=60.0, gt=0, description="`topology router`: /readyz turns 503 `stale` when the read API has not "
+        "answered for this long; must exceed TOPOLOGY_ROUTER_WAIT_S (an up-to-date long-poll is that long silent)",
+    )
 
     # Outbox relay
     relay_source_url: str = Field(
@@ -175,6 +179,12 @@ class Settings(BaseSettings):
         # A commit or rollback sent again inside the window must still find its lease.
         if 0 < self.retain_ended_leases_s < self.idempotency_window_s:
             raise ValueError("TOPOLOGY_RETAIN_ENDED_LEASES_S must be 0 or at least TOPOLOGY_IDEMPOTENCY_WINDOW_S")
+        return self
+
+    @model_validator(mode="after")
+    def _stale_bound_above_the_wait(self) -> Settings:
+        if self.router_stale_after_s <= self.router_wait_s:
+            raise ValueError("TOPOLOGY_ROUTER_STALE_AFTER_S must exceed TOPOLOGY_ROUTER_WAIT_S")
         return self
 
     @property

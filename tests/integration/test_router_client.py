@@ -3,6 +3,7 @@ child processes) on a real PostgreSQL (adr/0009)."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -48,10 +49,10 @@ def serve_on(settings: Settings, port: int, log: Path) -> Any:
     return process
 
 
-def sidecar(settings: Settings, api_url: str, state_file: Path, log: Path) -> tuple[Any, str]:
+def sidecar(settings: Settings, api_url: str, state_file: Path, log: Path, **extra_env: str) -> tuple[Any, str]:
     port = free_port()
     process = start(["router", "--api", api_url, "--state-file", str(state_file), "--port", str(port)],
-                    settings, log, TOPOLOGY_ROUTER_TOKEN=TEST_TOKEN, TOPOLOGY_ROUTER_WAIT_S="5")
+                    settings, log, **{"TOPOLOGY_ROUTER_TOKEN": TEST_TOKEN, "TOPOLOGY_ROUTER_WAIT_S": "5", **extra_env})
     url = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
@@ -207,6 +208,50 @@ def test_stopping_the_api_releases_its_long_polls_at_once(
     poll.join(10)
     assert time.monotonic() - started < 5
     assert answers and answers[0].status_code == 304 and answers[0].headers["X-Topology-Version"] == "1"
+
+
+def test_the_sidecar_turns_stale_while_the_api_it_follows_is_frozen_and_ready_once_it_answers_again(
+    settings: Settings, projection: Projection, tmp_path: Path
+) -> None:
+    api_port = free_port()
+    started: list[Any] = []
+    try:
+        api = serve_on(settings, api_port, tmp_path / "api.log")
+        started.append(api)
+        router, local = sidecar(settings, f"http://127.0.0.1:{api_port}", tmp_path / "router.json",
+                                tmp_path / "router.log", TOPOLOGY_ROUTER_WAIT_S="1", TOPOLOGY_ROUTER_STALE_AFTER_S="4")
+        started.append(router)
+        ready = httpx.get(f"{local}/readyz")
+        assert ready.status_code == 200 and ready.json()["status"] == "ready"
+        assert ready.json()["last_heard_s"] < 4 and ready.json()["stale_after_s"] == 4
+
+        api.send_signal(signal.SIGSTOP)  # frozen: connections are accepted by the kernel, nothing answers
+        try:
+            frozen_at = time.monotonic()
+            stale = wait_until(lambda: (r := httpx.get(f"{local}/readyz")).status_code == 503 and r, timeout_s=20,
+                               interval_s=0.2, what="readiness to turn stale")
+            assert time.monotonic() - frozen_at >= 4 - 1  # not before the bound (1 s: the last long-poll)
+            document = stale.json()
+            assert document["status"] == "stale" and document["last_heard_s"] > 4
+            assert document["lag_versions"] == 0 and document["version"] == 1  # what fooled the old readiness
+            assert "no answer from the read API" in document["message"]
+            assert classify(local, "gitlab-org/x").status_code == 200  # still routes from the table held
+            assert metric(local, "topology_router_api_silent_seconds") > 4
+        finally:
+            api.send_signal(signal.SIGCONT)
+        wait_until(lambda: httpx.get(f"{local}/readyz").status_code == 200, timeout_s=30, interval_s=0.2,
+                   what="ready again once the API answers")
+        assert httpx.get(f"{local}/readyz").json()["last_heard_s"] < 4
+    finally:
+        for process in started:
+            stop(process)
+
+
+def test_a_stale_bound_within_the_long_poll_wait_is_refused() -> None:
+    with pytest.raises(ValueError, match="TOPOLOGY_ROUTER_STALE_AFTER_S must exceed TOPOLOGY_ROUTER_WAIT_S"):
+        Settings(router_wait_s=30, router_stale_after_s=30)
+    with pytest.raises(ValueError, match="must exceed the long-poll wait"):
+        RouterClient(["http://127.0.0.1:9"], TEST_TOKEN, wait_s=5, stale_after_s=2)
 
 
 def test_a_damaged_disk_copy_is_ignored(tmp_path: Path) -> None:
