@@ -10,15 +10,24 @@ Two functions, in the decider pattern:
   applies the recorded ones. Both use this one function, so the live tables and a
   replay of the decision log cannot disagree (adr/0010).
 
-Time is log time: a request's time is the timestamp of its record in the log,
-never the clock of the machine deciding or replaying it. Leases expire when a
-request (or a ``LeaseExpiryTick``) at or past their end is decided.
+Time is log time: a request's time is the timestamp of its record in the log. One
+order decides a lease's fate (adr/0017): every command about a lease is keyed by its
+lease id, so its begin, commit, rollback and the ``LeaseExpiryTick`` that names it
+share one partition and are decided in that partition's order. Only such a tick
+expires a lease, and only once its log time reached the lease's end; nothing decided
+on another partition (a request running into the lease's values, a tick for other
+leases) ends it. A grant's end counts from the later of the request's log time and
+the decider's clock (``decided_at``), so a lease decided after lag is never born
+expired; that end is recorded in the decision, which replays follow.
 
 No I/O here; the shell loads what :func:`needs` asks for and writes what changed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -166,7 +175,6 @@ class Needs:
     keys: frozenset[ClaimKey]
     lease_ids: frozenset[uuid.UUID]
     owners: frozenset[Owner]
-    expire_until: datetime | None  # load every open lease ending at or before this
     sequences: frozenset[str]
 
 
@@ -190,18 +198,48 @@ def needs(commands: Iterable[tuple[Event, datetime]], secret: bytes) -> Needs:
     lease_ids: set[uuid.UUID] = set()
     owners: set[Owner] = set()
     sequences: set[str] = set()
-    latest: datetime | None = None
-    for command, at in commands:
+    for command, _ in commands:
         keys.update(command_keys(command, secret))
         if isinstance(command, ClaimsRequested | LeaseCommitRequested | LeaseRollbackRequested):
             lease_ids.add(command.lease_id)
-        if isinstance(command, OwnerTransferRequested):
+        elif isinstance(command, LeaseExpiryTick):
+            lease_ids.update(command.lease_ids)  # a tick ends only the leases it names
+        elif isinstance(command, OwnerTransferRequested):
             owners.add((command.from_cell_id, command.owner_type.value, command.owner_id))
-        if isinstance(command, SequenceRangeRequested):
+        elif isinstance(command, SequenceRangeRequested):
             sequences.add(command.sequence_name)
-        # Any request may expire leases it runs into, so every request's time counts.
-        latest = at if latest is None or at > latest else latest
-    return Needs(frozenset(keys), frozenset(lease_ids), frozenset(owners), latest, frozenset(sequences))
+    return Needs(frozenset(keys), frozenset(lease_ids), frozenset(owners), frozenset(sequences))
+
+
+#: The requests the doors submit and answer (service/claims.py): their digests are recorded.
+DOOR_REQUESTS = (
+    ClaimsRequested,
+    LeaseCommitRequested,
+    LeaseRollbackRequested,
+    ClaimsDestroyRequested,
+    OwnerTransferRequested,
+    SequenceRangeRequested,
+)
+
+#: The envelope: where and when a command was sent, not what it asks.
+_ENVELOPE = frozenset({"event_id", "occurred_at", "source", "trace_id"})
+
+
+def request_digest(command: Event, secret: bytes) -> bytes:
+    """What a request asks, as a keyed hash: its type and every field but the envelope,
+    claims as stored (canonical, sensitive values protected) and in a fixed order.
+
+    Two commands under one request id are the same request exactly when their digests
+    are equal, so a retry (new ``occurred_at``, same content) matches and a request id
+    reused for another command does not (adr/0017). Keyed by the claim secret, so the
+    stored digest of a request naming a clear e-mail cannot be guessed from the e-mail."""
+    content = command.model_dump(mode="json", exclude=set(_ENVELOPE))
+    if isinstance(command, ClaimsRequested | ClaimsDestroyRequested):
+        content["claims"] = sorted(stored_claims(command.claims, secret))
+    elif isinstance(command, ClaimCreated | ClaimReleased):
+        content["value"] = command_keys(command, secret)[0][1]
+    text = json.dumps([command.EVENT_TYPE, content], sort_keys=True, separators=(",", ":"))
+    return hmac.new(secret, text.encode("utf-8"), hashlib.sha256).digest()
 
 
 # --- decide ---------------------------------------------------------------------------------
@@ -259,16 +297,6 @@ def _expire(registry: Registry, out: _Decisions, lease: Lease) -> None:
     evolve(registry, released)
 
 
-def _expire_leases_holding(registry: Registry, out: _Decisions, keys: Iterable[ClaimKey]) -> None:
-    for key in keys:
-        held = registry.claims.get(key)
-        if held is None or held.status is not ClaimStatus.LEASED or held.lease_id is None:
-            continue
-        lease = registry.leases.get(held.lease_id)
-        if lease is not None and lease.status is LeaseStatus.OPEN and lease.expires_at <= out.at:
-            _expire(registry, out, lease)
-
-
 def _reject(out: _Decisions, reason: RejectionReason, message: str, conflicts: Iterable[Conflict] = ()) -> Verdict:
     out.items.append(
         RequestRejected(
@@ -300,26 +328,34 @@ def _conflict_message(conflicts: list[Conflict], total: int) -> str:
     return f"{len(conflicts)} of {total} claims are held by another owner: {held}"
 
 
-def decide(registry: Registry, command: Event, at: datetime, secret: bytes) -> Verdict:
+def decide(
+    registry: Registry, command: Event, at: datetime, secret: bytes, decided_at: datetime | None = None
+) -> Verdict:
     """Decide one command at log time ``at`` and evolve ``registry`` by the result.
 
-    ``registry`` must hold what :func:`needs` named for this command. Returns every
-    decision made — including expiries the command ran into — in order.
+    ``registry`` must hold what :func:`needs` named for this command. ``decided_at`` is
+    the decider's clock (None: ``at``); only a grant's end depends on it. Returns every
+    decision made, in order.
     """
     out = _Decisions(command, at)
 
     if isinstance(command, LeaseExpiryTick):
-        due = sorted(
-            (l for l in registry.leases.values() if l.status is LeaseStatus.OPEN and l.expires_at <= at),
-            key=lambda l: (l.expires_at, str(l.lease_id)),
-        )
-        for lease in due:
-            _expire(registry, out, lease)
-        return Verdict(tuple(out.items), "applied" if due else "unchanged", None if due else "no lease due")
+        # Only the leases the tick names, and only once the tick's log time reached their
+        # end: the tick sits on their partition, behind every command about them that
+        # reached the log first (adr/0017). A tick naming none (written before lease_ids
+        # existed) expires nothing; the next tick names the leases that are due.
+        for lease_id in dict.fromkeys(command.lease_ids):
+            lease = registry.leases.get(lease_id)
+            if lease is not None and lease.status is LeaseStatus.OPEN and lease.expires_at <= at:
+                _expire(registry, out, lease)
+        if out.items:
+            return Verdict(tuple(out.items), "applied")
+        return _unchanged(out, "no named lease due" if command.lease_ids else "the tick names no lease")
 
     if isinstance(command, ClaimCreated | ClaimsRequested):
+        # A value held under a lease conflicts until that lease's own tick ends it, even
+        # past its end: only the lease's partition may decide that it expired (adr/0017).
         keys = command_keys(command, secret)
-        _expire_leases_holding(registry, out, keys)
         owner = (command.cell_id, command.owner_type.value, command.owner_id)
         conflicts: list[Conflict] = []
         new: list[ClaimKey] = []
@@ -361,7 +397,8 @@ def decide(registry: Registry, command: Event, at: datetime, secret: bytes) -> V
                 owner_type=command.owner_type,
                 owner_id=command.owner_id,
                 claims=_refs(new),
-                expires_at=at + timedelta(milliseconds=command.lease_ttl_ms),
+                # A full TTL from the grant, however long the request waited (adr/0017).
+                expires_at=(at if decided_at is None else max(at, decided_at)) + timedelta(milliseconds=command.lease_ttl_ms),
             ),
         )
 
@@ -371,9 +408,9 @@ def decide(registry: Registry, command: Event, at: datetime, secret: bytes) -> V
             return _reject(out, RejectionReason.UNKNOWN_LEASE, "no such lease")
         if lease.cell_id != command.cell_id:
             return _reject(out, RejectionReason.WRONG_CELL, f"the lease belongs to cell {lease.cell_id}")
-        if lease.status is LeaseStatus.OPEN and lease.expires_at <= at:
-            _expire(registry, out, lease)
-            lease = registry.leases[command.lease_id]
+        # No expiry by the command's own time: a lease is expired only by a tick decided
+        # before this command on the same partition, so a commit that reached the log
+        # before the tick (and so before the lease's end) commits (adr/0017).
         committing = isinstance(command, LeaseCommitRequested)
         if lease.status is LeaseStatus.RELEASED:
             if lease.cause is ReleaseCause.EXPIRED:

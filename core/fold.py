@@ -95,11 +95,17 @@ _STEPS: dict[type, str] = {
 }
 
 
-def fold(events: Iterable[PositionedEvent], projection: Projection, secret: bytes | None = None) -> BatchResult:
+def fold(
+    events: Iterable[PositionedEvent],
+    projection: Projection,
+    secret: bytes | None = None,
+    decided_at: datetime | None = None,
+) -> BatchResult:
     """Apply ``events``, in log order, to ``projection`` in place.
 
     ``secret`` keys the hashes of sensitive claim values and is what deciding needs;
     without it claim commands raise (a replay follows recorded decisions, adr/0010).
+    ``decided_at``: the decider's clock, from which a grant's end counts (adr/0017).
     """
     cells, registry, seen = projection.cells, projection.registry, projection.seen
     result = BatchResult(registry=registry)
@@ -114,7 +120,7 @@ def fold(events: Iterable[PositionedEvent], projection: Projection, secret: byte
             evolve(registry, event)
             decision = APPLIED
         elif step == _DECIDE and secret is not None:
-            verdict = decide(registry, event, positioned.at, secret)
+            verdict = decide(registry, event, positioned.at, secret, decided_at)
             result.claim_decisions.extend(verdict.decisions)
             decision = Decision(Outcome(verdict.outcome), verdict.reason, verdict.decisions)
         elif step == _CELL:
@@ -139,6 +145,7 @@ def project_batch(
     registry: Registry,
     seen_event_ids: AbstractSet[UUID],
     secret: bytes,
+    decided_at: datetime | None = None,
 ) -> BatchResult:
     """The live projector's batch: :func:`fold` over copies of the rows it touches,
     plus the namespace routes that changed.
@@ -148,7 +155,7 @@ def project_batch(
     already processed in earlier batches. Inputs are not modified.
     """
     working = registry.copy()
-    result = fold(events, Projection(dict(cells), working, set(seen_event_ids)), secret)
+    result = fold(events, Projection(dict(cells), working, set(seen_event_ids)), secret, decided_at)
     result.namespaces = routed_namespaces(registry.claims, working.claims, working.changed_claims)
     return result
 

@@ -1,7 +1,10 @@
-"""Loads and writes the claim registry (claims, leases, sequence ranges) for the decider.
+"""Loads and writes the claim registry (claims, leases, sequence ranges) for the decider
+(adr/0010).
 
 Called inside the batch transaction of :mod:`projector.store`, while the registry
-lock is held, so what is loaded cannot change before it is written back.
+lock is held, so what is loaded cannot change before it is written back. Leases are
+loaded only when a command names them (its own begin, commit, rollback, or a tick
+naming it): no lease ends because another request ran into its values (adr/0017).
 """
 
 from __future__ import annotations
@@ -85,17 +88,18 @@ async def load_registry(conn: AsyncConnection, wanted: Needs) -> Registry:
         )
         for row in rows:
             registry.claims[(row.bucket, row.value)] = _held(*row)
-    lease_ids = set(wanted.lease_ids) | {h.lease_id for h in registry.claims.values() if h.lease_id is not None}
-    rows = await conn.execute(
-        text(
-            "SELECT lease_id, request_id, cell_id, owner_type, owner_id, claims, expires_at, status, cause "
-            "FROM leases WHERE lease_id = ANY(CAST(:ids AS uuid[])) "
-            "   OR (status = 'OPEN' AND expires_at <= CAST(:until AS timestamptz))"
-        ),
-        {"ids": list(lease_ids), "until": wanted.expire_until},
-    )
-    for row in rows:
-        registry.leases[row.lease_id] = _lease(row)
+    # Only the leases commands name: a lease ends by its own commands and ticks, never
+    # because another request ran into its values (adr/0017).
+    if wanted.lease_ids:
+        rows = await conn.execute(
+            text(
+                "SELECT lease_id, request_id, cell_id, owner_type, owner_id, claims, expires_at, status, cause "
+                "FROM leases WHERE lease_id = ANY(CAST(:ids AS uuid[]))"
+            ),
+            {"ids": list(wanted.lease_ids)},
+        )
+        for row in rows:
+            registry.leases[row.lease_id] = _lease(row)
     # Releasing a lease frees all its claims, so all of them must be in view.
     open_keys = {key for lease in registry.leases.values() if lease.status is LeaseStatus.OPEN for key in lease.claims}
     for held in await _claims_by_keys(conn, open_keys - registry.claims.keys()):

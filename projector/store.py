@@ -6,8 +6,10 @@ Each commit, atomically (adr/0002):
    member that lost a partition in a rebalance fails here and writes nothing
    (fencing);
 2. loads the rows the batch touches (under the claim registry lock when it holds
-   claim requests, adr/0010) and folds the events over them with the pure
-   :func:`topology_store.core.cells.project_batch`;
+   claim requests, adr/0010; the event ids already processed are read under that
+   lock too, so two copies of one request on two partitions are decided once,
+   adr/0017) and folds the events over them with the pure
+   :func:`topology_store.core.fold.project_batch`;
 3. when routing rows changed, bumps the topology version, writes the cells and the
    change log, and NOTIFYs the version (PostgreSQL delivers it only on commit);
 4. writes the claim registry, the decision events into the outbox, one row per
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from uuid import UUID
 
 from sqlalchemy import select, text
@@ -27,16 +30,23 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from topology_store.core.audit import audit_rows
 from topology_store.core.cells import Cell, Outcome
-from topology_store.core.claims import CLAIM_COMMANDS, Registry, needs
+from topology_store.core.claims import CLAIM_COMMANDS, DOOR_REQUESTS, Registry, needs, request_digest
 from topology_store.core.fold import BatchResult, PositionedEvent, project_batch
 from topology_store.projector.archive import RawRecord, headers_json, write_archive, write_audit_keys
 from topology_store.projector.bulk import copy_rows, execute_binary
 from topology_store.projector.changelog import prune_routing_changes
 from topology_store.projector.registry_store import load_registry, write_registry
 from topology_store.projector.tables import partition_offsets, topology_version
-from topology_store.runtime.database import DECISIONS_CHANNEL, VERSION_CHANNEL
+from topology_store.runtime.database import DECISIONS_CHANNEL, VERSION_CHANNEL, encode_decision_notices
 from topology_store.schemas.codec import EventCodec
-from topology_store.schemas.models import CellRegistered, CellState, CellStateChanged, CellUpdated, Event
+from topology_store.schemas.models import (
+    REQUEST_EVENT_TYPES,
+    CellRegistered,
+    CellState,
+    CellStateChanged,
+    CellUpdated,
+    Event,
+)
 
 CLAIM_REGISTRY_LOCK = 0x746F706F636C6D  # pg advisory lock key held while deciding claims
 
@@ -118,20 +128,25 @@ class ProjectionStore:
         """Commit one batch; ``archive`` holds the batch's records as received.
         ``then`` runs last inside the transaction (a dead letter's re-drive marks it
         resolved there, so the event and its resolution commit together)."""
+        commands = [(p.event, p.at) for p in events if isinstance(p.event, CLAIM_COMMANDS)]
+        # Computed before the lock: nothing under it that does not need it.
+        digests = {p.event.event_id: request_digest(p.event, self._secret)
+                   for p in events if isinstance(p.event, DOOR_REQUESTS)}
         async with self._engine.begin() as conn:
             await _advance_offsets(conn, advances)
-            seen = await _seen_event_ids(conn, [p.event.event_id for p in events])
             cells = await _load_cells(conn) if any(_is_cell_event(p) for p in events) else {}
-            commands = [(p.event, p.at) for p in events if isinstance(p.event, CLAIM_COMMANDS)]
+            decided_at = None
             if commands:
                 # One decider at a time across all members: a multi-claim request
                 # spans partitions, and uniqueness needs every decision to see the
                 # one before it (adr/0010). Claims are rare next to reads.
                 await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_REGISTRY_LOCK})
-                registry = await load_registry(conn, needs(commands, self._secret))
-            else:
-                registry = Registry()
-            result = project_batch(events, cells, registry, seen, self._secret)
+                decided_at = datetime.now(UTC)  # a grant's end counts from here (adr/0017)
+            # Under the lock: a copy of a request on another partition decided by another
+            # member a moment ago is a duplicate here, not a second decision (adr/0017).
+            seen = await _seen_event_ids(conn, [p.event.event_id for p in events])
+            registry = await load_registry(conn, needs(commands, self._secret)) if commands else Registry()
+            result = project_batch(events, cells, registry, seen, self._secret, decided_at)
             # The version moves only when routers would see a difference, so an
             # unchanged ETag really means an unchanged routing table.
             if result.routing_changed:
@@ -155,12 +170,12 @@ class ProjectionStore:
                 version = int((await conn.execute(select(topology_version.c.version))).scalar_one())
             await write_registry(conn, result.registry, version)
             await _append_to_outbox(conn, self._codec, result.claim_decisions)
-            await _record_decisions(conn, result, version)
+            await _record_decisions(conn, result, version, digests)
             await _write_dead_letters(conn, dead_letters)
             await write_archive(conn, archive)
             await write_audit_keys(conn, audit_rows(result, self._secret))
             if commands:
-                await conn.execute(text("SELECT pg_notify(:channel, '')"), {"channel": DECISIONS_CHANNEL})
+                await _notify_decisions(conn, result)
             if then is not None:
                 await then(conn, result)
         return CommitResult(
@@ -291,7 +306,9 @@ async def write_routing_changes(
     )
 
 
-async def _record_decisions(conn: AsyncConnection, result: BatchResult, version: int) -> None:
+async def _record_decisions(
+    conn: AsyncConnection, result: BatchResult, version: int, digests: Mapping[UUID, bytes]
+) -> None:
     # Duplicates are not recorded again: the first decision for an event_id stands.
     fresh = [(p, d) for p, d in result.decisions if d.outcome is not Outcome.DUPLICATE]
     if not fresh:
@@ -300,10 +317,10 @@ async def _record_decisions(conn: AsyncConnection, result: BatchResult, version:
         conn,
         "processed_events",
         ("event_id", "event_type", "topic", "partition", "offset", "outcome", "reason", "source", "occurred_at",
-         "detail", "version"),
+         "detail", "version", "request_digest"),
         (
             (p.event.event_id, p.event.EVENT_TYPE, p.topic, p.partition, p.offset, d.outcome.value, d.reason,
-             p.event.source, p.event.occurred_at, _detail(d.events), version)
+             p.event.source, p.event.occurred_at, _detail(d.events), version, digests.get(p.event.event_id))
             for p, d in fresh
         ),
     )
@@ -362,3 +379,18 @@ async def _write_dead_letters(conn: AsyncConnection, dead_letters: Sequence[Dead
             "errors": [d.error.encode("ascii", "backslashreplace").decode("ascii") for d in dead_letters],
         },
     )
+
+
+async def _notify_decisions(conn: AsyncConnection, result: BatchResult) -> None:
+    """Wake the claims doors with the decisions themselves (delivered on commit), so a
+    waiting request is answered without a lookup; what does not fit in a payload is
+    announced by an empty one, which makes the doors look it up (adr/0018)."""
+    rows = [(p.event.event_id, p.event.EVENT_TYPE, d.outcome.value, d.reason, _detail(d.events))
+            for p, d in result.decisions
+            if d.outcome is not Outcome.DUPLICATE and p.event.EVENT_TYPE in _ANSWERED]
+    await conn.execute(text("SELECT pg_notify(:channel, payload) FROM unnest(CAST(:payloads AS text[])) AS payload"),
+                       {"channel": DECISIONS_CHANNEL, "payloads": encode_decision_notices(rows)})
+
+
+# The requests a door waits on (a tick is the projector's own and answered to no one).
+_ANSWERED = REQUEST_EVENT_TYPES - {"LeaseExpiryTick"}

@@ -161,6 +161,8 @@ processed_events = Table(
     Column("detail", JSONB, comment="decision events of a claim request, for answers and audit"),
     Column("occurred_at", DateTime(timezone=True), nullable=False),
     Column("processed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # Tells a retry from another command under the same request id (adr/0017).
+    Column("request_digest", LargeBinary, comment="keyed hash of a claim request's type and content"),
 )
 
 # Records the projector could not read as an event. Kept byte for byte so they

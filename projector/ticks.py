@@ -1,9 +1,20 @@
-"""The log's clock for lease expiry.
+"""The log's clock for lease expiry: ticks that name the leases due, on their own partition
+(adr/0010, adr/0017).
 
-Leases expire by log time, so that a replay decides exactly as the live run did.
-When some open lease has ended by this machine's clock, the projector publishes a
-``LeaseExpiryTick``; the decision then uses the tick's own log timestamp, not the
-clock that prompted it. With no lease due, nothing is published.
+Leases expire by log time, so that a replay follows exactly what the live run decided.
+Every ``lease_tick_interval_s`` the projector looks for open leases whose end has passed
+by its clock and publishes, for each partition of the claim-requests topic holding
+some, one ``LeaseExpiryTick`` naming them, keyed by the first lease named: the default
+partitioner puts the tick on the partition of every lease it names, behind every
+begin, commit and rollback of those leases that reached the log first. The decision
+then compares the tick's own log timestamp with each lease's end, never the clock that
+prompted it. With no lease due, nothing is published.
+
+A lease whose tick was published is not named again for ``RETICK_INTERVALS`` rounds: its
+tick is in the log and will be decided even if the member owning its partition is
+slow. Named again after that, it covers a tick whose log time was still before the
+lease's end (a broker clock behind this one) or that was decided nothing for another
+reason. Every projector runs this loop; duplicate ticks decide nothing.
 """
 
 from __future__ import annotations
@@ -11,26 +22,76 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from topology_store.producer.publisher import EventPublisher
+from topology_store.producer.publisher import EventPublisher, PublishFailed
 from topology_store.runtime.settings import Settings
-from topology_store.schemas.models import LeaseExpiryTick
+from topology_store.schemas.models import MAX_LEASES_PER_TICK, LeaseExpiryTick
 
 log = logging.getLogger(__name__)
 
+MAX_DUE_PER_ROUND = 20_000  # leases looked at per round; the rest wait for the next
+RETICK_INTERVALS = 6  # rounds before a lease already named in a tick is named again
 
-async def leases_due(engine: AsyncEngine) -> bool:
+
+async def leases_due(engine: AsyncEngine, now: datetime, limit: int = MAX_DUE_PER_ROUND) -> list[uuid.UUID]:
+    """Open leases whose end is at or before ``now``, earliest end first."""
     async with engine.connect() as conn:
-        row = await conn.execute(text("SELECT 1 FROM leases WHERE status = 'OPEN' AND expires_at <= now() LIMIT 1"))
-        return row.first() is not None
+        rows = await conn.execute(
+            text("SELECT lease_id FROM leases WHERE status = 'OPEN' AND expires_at <= :now "
+                 "ORDER BY expires_at, lease_id LIMIT :limit"),
+            {"now": now, "limit": limit},
+        )
+        return [row.lease_id for row in rows]
+
+
+def ticks_for(by_partition: Mapping[int, Sequence[uuid.UUID]], source: str) -> list[LeaseExpiryTick]:
+    """One tick per partition (more past ``MAX_LEASES_PER_TICK``), each naming only leases
+    of that partition, the first of them its key."""
+    ticks: list[LeaseExpiryTick] = []
+    for _, lease_ids in sorted(by_partition.items()):
+        for start in range(0, len(lease_ids), MAX_LEASES_PER_TICK):
+            ticks.append(LeaseExpiryTick(source=source, lease_ids=tuple(lease_ids[start:start + MAX_LEASES_PER_TICK])))
+    return ticks
+
+
+def not_recently_named(due: Iterable[uuid.UUID], named: dict[uuid.UUID, float], now_s: float,
+                       retick_s: float) -> list[uuid.UUID]:
+    """The due leases not named in a tick within ``retick_s``; ``named`` forgets leases no
+    longer due (ended), so it holds at most one round's worth."""
+    due = list(due)
+    still_due = set(due)
+    for lease_id in [l for l in named if l not in still_due]:
+        del named[lease_id]
+    return [l for l in due if now_s - named.get(l, float("-inf")) >= retick_s]
+
+
+async def publish_named(
+    settings: Settings, publisher: EventPublisher, lease_ids: Sequence[uuid.UUID], source: str
+) -> list[LeaseExpiryTick]:
+    """Publish ticks naming ``lease_ids``, grouped by the partition each lease's commands
+    go to; return them once all were acknowledged (raise the first failure)."""
+    by_partition: dict[int, list[uuid.UUID]] = {}
+    for lease_id in lease_ids:
+        partition = await publisher.partition_for(settings.claim_requests_topic, str(lease_id).encode("utf-8"))
+        by_partition.setdefault(partition, []).append(lease_id)
+    ticks = ticks_for(by_partition, source)
+    async for outcome in publisher.publish_many(ticks):
+        if isinstance(outcome, PublishFailed):
+            raise outcome
+    return ticks
 
 
 async def publish_ticks(settings: Settings, engine: AsyncEngine, stop: asyncio.Event) -> None:
     source = f"projector@{socket.gethostname()}"[:255]
     publisher: EventPublisher | None = None
+    named: dict[uuid.UUID, float] = {}  # lease -> when a tick naming it was acknowledged
     try:
         while not stop.is_set():
             try:
@@ -39,13 +100,17 @@ async def publish_ticks(settings: Settings, engine: AsyncEngine, stop: asyncio.E
             except TimeoutError:
                 pass
             try:
-                if not await leases_due(engine):
+                due = await leases_due(engine, datetime.now(UTC))
+                now_s = time.monotonic()
+                fresh = not_recently_named(due, named, now_s, RETICK_INTERVALS * settings.lease_tick_interval_s)
+                if not fresh:
                     continue
                 if publisher is None:
                     publisher = EventPublisher(settings)
                     await publisher.start()
-                await publisher.publish(LeaseExpiryTick(source=source))
-            except Exception as exc:  # a missed tick only delays expiry to the next one
+                for tick in await publish_named(settings, publisher, fresh, source):
+                    named.update(dict.fromkeys(tick.lease_ids, now_s))
+            except Exception as exc:  # noqa: BLE001 - a missed tick only delays expiry to the next round
                 log.warning("lease expiry tick not published: %s", exc.__class__.__name__)
     finally:
         if publisher is not None:

@@ -143,8 +143,10 @@ def sequence(name: str = "projects.id", size: int = 100, *, cell_id: str = "cell
                                   sequence_name=name, size=size)
 
 
-def tick(*, event_id: uuid.UUID | None = None) -> LeaseExpiryTick:
-    return LeaseExpiryTick(event_id=_id(event_id), occurred_at=T0, source="decider")
+def tick(*leases: uuid.UUID | ClaimsRequested, event_id: uuid.UUID | None = None) -> LeaseExpiryTick:
+    """A tick naming ``leases`` (lease ids or their begins); none: a version-1 tick."""
+    lease_ids = tuple(l.lease_id if isinstance(l, ClaimsRequested) else l for l in leases)
+    return LeaseExpiryTick(event_id=_id(event_id), occurred_at=T0, source="decider", lease_ids=lease_ids)
 
 
 # --- views of a registry ---------------------------------------------------------------------
@@ -288,7 +290,9 @@ def commands(
     if kind == "sequence":
         return sequence(draw(st.sampled_from(SEQUENCES)), draw(st.sampled_from([1, 10, MAX_SEQUENCE_RANGE])),
                         cell_id=owner[0], event_id=event_id)
-    return tick(event_id=event_id)
+    # A tick names some leases asked for (mostly), any of the pool, or none (version 1).
+    named = draw(st.lists(st.sampled_from([l for l, _ in begun] or LEASE_POOL), max_size=3))
+    return tick(*named, *draw(st.lists(st.sampled_from(LEASE_POOL), max_size=1)), event_id=event_id)
 
 
 @st.composite

@@ -70,6 +70,7 @@ from topology_store.schemas.models import (
     Conflict,
     Event,
     LeaseCommitted,
+    LeaseExpiryTick,
     LeaseGranted,
     LeaseReleased,
     OwnerTransferred,
@@ -163,6 +164,29 @@ def test_begin_grants_a_lease_that_ends_at_log_time_plus_ttl() -> None:
     }
     assert registry.changed_claims == {key("a"), key("b")}
     assert registry.changed_leases == {request.lease_id}
+
+
+def test_a_lease_decided_after_lag_gets_its_full_ttl_from_the_decision() -> None:
+    # adr/0017: never granted already expired. The request waited 90 s in the log, longer
+    # than its TTL; its end counts from the decider's clock.
+    registry = Registry()
+    at, decided_at = T0, T0 + 90 * SEC + 250 * MS
+    request = begin("a", ttl_ms=5_000)
+
+    decision = only(decide(registry, request, at, SECRET, decided_at))
+
+    assert isinstance(decision, LeaseGranted)
+    assert decision.occurred_at == at  # the decision's time is still the request's log time
+    assert decision.expires_at == decided_at + 5 * SEC
+    assert registry.leases[request.lease_id].expires_at == decided_at + 5 * SEC
+    # A tick at the end the log time alone would give leaves it open.
+    assert run(registry, tick(request), at + 5 * SEC).outcome == "unchanged"
+    assert run(registry, tick(request), decided_at + 5 * SEC).outcome == "applied"
+
+
+def test_a_decider_clock_behind_the_log_does_not_shorten_a_lease() -> None:
+    decision = only(decide(Registry(), begin("a", ttl_ms=5_000), T0, SECRET, T0 - 60 * SEC))
+    assert isinstance(decision, LeaseGranted) and decision.expires_at == T0 + 5 * SEC
 
 
 def test_begin_conflict_names_each_conflicting_value_and_its_holders_cell() -> None:
@@ -343,23 +367,33 @@ def test_another_cell_cannot_end_the_lease(build: Callable[..., Event], when: da
     assert state(registry) == before
 
 
-@pytest.mark.parametrize(("offset", "expired"), [(-MS, False), (timedelta(0), True), (MS, True), (SEC * 3600, True)],
-                         ids=["1ms-before", "at-expiry", "1ms-after", "an-hour-after"])
-def test_commit_at_or_after_expiry_releases_then_rejects(offset: timedelta, expired: bool) -> None:
+@pytest.mark.parametrize("offset", [-MS, timedelta(0), MS, SEC * 3600],
+                         ids=["1ms-before", "at-its-end", "1ms-after", "an-hour-after"])
+def test_a_commit_is_never_expired_by_its_own_log_time(offset: timedelta) -> None:
+    # adr/0017: only a tick on the lease's own partition expires it. A commit decided
+    # before that tick reached the log before it, so it commits, whatever its own time.
     registry = Registry()
     request = granted(registry, ns("a", "b"), ttl_ms=5_000)
-    command = commit(request)
     at = T0 + 5 * SEC + offset
 
-    verdict = run(registry, command, at)
+    verdict = run(registry, commit(request), at)
 
-    if not expired:
-        assert isinstance(only(verdict), LeaseCommitted)
-        assert registry.claims[key("a")].status is ClaimStatus.COMMITTED
-        return
-    assert verdict.decisions == (
+    assert isinstance(only(verdict), LeaseCommitted)
+    assert registry.claims[key("a")].status is ClaimStatus.COMMITTED
+    assert registry.leases[request.lease_id].status is LeaseStatus.COMMITTED
+    # The tick that comes after it on the partition finds nothing to expire.
+    assert run(registry, tick(request), at + SEC) == Verdict((), "unchanged", "no named lease due")
+
+
+def test_a_commit_behind_the_tick_that_expired_its_lease_is_rejected() -> None:
+    registry = Registry()
+    request = granted(registry, ns("a", "b"), ttl_ms=5_000)
+    expiry = tick(request)
+    at = T0 + 5 * SEC
+
+    assert run(registry, expiry, at).decisions == (
         LeaseReleased(
-            event_id=decision_id(command.event_id, 0),
+            event_id=decision_id(expiry.event_id, 0),
             occurred_at=at,
             source=DECIDER_SOURCE,
             request_id=None,
@@ -370,15 +404,25 @@ def test_commit_at_or_after_expiry_releases_then_rejects(offset: timedelta, expi
             claims=ns("a", "b"),
             cause=ReleaseCause.EXPIRED,
         ),
-        RequestRejected(
-            event_id=decision_id(command.event_id, 1),
-            occurred_at=at,
-            source=DECIDER_SOURCE,
-            request_id=command.event_id,
-            request_type="LeaseCommitRequested",
-            reason=RejectionReason.LEASE_EXPIRED,
-            message="the lease expired before the commit",
+    )
+    command = commit(request)
+    # Stamped no later than the tick, but behind it on the partition: too late.
+    verdict = run(registry, command, at)
+
+    assert verdict == Verdict(
+        decisions=(
+            RequestRejected(
+                event_id=decision_id(command.event_id, 0),
+                occurred_at=at,
+                source=DECIDER_SOURCE,
+                request_id=command.event_id,
+                request_type="LeaseCommitRequested",
+                reason=RejectionReason.LEASE_EXPIRED,
+                message="the lease expired before the commit",
+            ),
         ),
+        outcome="rejected",
+        reason="the lease expired before the commit",
     )
     assert registry.claims == {}
     lease = registry.leases[request.lease_id]
@@ -388,7 +432,7 @@ def test_commit_at_or_after_expiry_releases_then_rejects(offset: timedelta, expi
 def test_commit_of_a_lease_expired_earlier_only_rejects() -> None:
     registry = Registry()
     request = granted(registry, "a", ttl_ms=1_000)
-    run(registry, tick(), T0 + 2 * SEC)
+    run(registry, tick(request), T0 + 2 * SEC)
     before = state(registry)
     verdict = run(registry, commit(request), T0 + 3 * SEC)
     assert rejection(verdict).reason is RejectionReason.LEASE_EXPIRED
@@ -452,20 +496,20 @@ def test_rollback_frees_the_lease_claims() -> None:
 def test_rollback_after_expiry_is_unchanged() -> None:
     registry = Registry()
     request = granted(registry, "a", ttl_ms=1_000)
-    run(registry, tick(), T0 + 2 * SEC)
+    run(registry, tick(request), T0 + 2 * SEC)
     before = state(registry)
     assert run(registry, rollback(request), T0 + 3 * SEC) == Verdict((), "unchanged", "the lease had already expired")
     assert state(registry) == before
 
 
-def test_rollback_of_a_due_lease_records_the_expiry() -> None:
+def test_a_rollback_of_a_lease_past_its_end_before_its_tick_is_a_rollback() -> None:
     registry = Registry()
     request = granted(registry, "a", ttl_ms=1_000)
-    verdict = run(registry, rollback(request), T0 + SEC)
-    assert verdict.outcome == "unchanged"
-    (decision,) = verdict.decisions
-    assert is_expiry(decision)
-    assert registry.leases[request.lease_id].cause is ReleaseCause.EXPIRED
+    decision = only(run(registry, rollback(request), T0 + 60 * SEC))
+    assert isinstance(decision, LeaseReleased) and decision.cause is ReleaseCause.ROLLBACK
+    assert decision.request_id is not None
+    assert registry.leases[request.lease_id].cause is ReleaseCause.ROLLBACK
+    assert registry.claims == {}
 
 
 def test_rollback_twice_is_unchanged() -> None:
@@ -488,90 +532,56 @@ def test_rollback_after_commit_is_invalid_and_keeps_the_claims() -> None:
     assert registry.claims[key("a")].status is ClaimStatus.COMMITTED
 
 
-# --- lazy expiry ---------------------------------------------------------------------------
+# --- no expiry across leases (adr/0017) ------------------------------------------------------
 
 
-def test_a_request_running_into_an_expired_lease_releases_all_of_it_then_is_granted() -> None:
+def test_a_request_running_into_a_lease_past_its_end_conflicts_until_that_lease_tick() -> None:
+    # Only the lease's own partition may decide that it expired: a request on another
+    # partition cannot know whether a commit of that lease is still ahead of it there.
     registry = Registry()
     old = granted(registry, ns("a", "b", "c"), owner=OWNER_B, ttl_ms=5_000)
+    before = state(registry)
+    late = T0 + 3600 * SEC
+
+    verdict = run(registry, begin("b"), late)
+
+    assert rejection(verdict).conflicts == (Conflict(bucket=ClaimBucket.NAMESPACE, value="b", cell_id="cell-2"),)
+    assert len(verdict.decisions) == 1
+    assert state(registry) == before  # the lease is still open
+    expired = run(registry, tick(old), late)
+    assert [(type(d), d.lease_id) for d in expired.decisions] == [(LeaseReleased, old.lease_id)]  # type: ignore[union-attr]
+    assert is_expiry(expired.decisions[0])
+    assert set(registry.claims) == set()  # a, b and c are free
     request = begin("b")
-    at = T0 + 5 * SEC
-
-    verdict = run(registry, request, at)
-
-    assert verdict.outcome == "applied"
-    released, lease_granted = verdict.decisions
-    assert released == LeaseReleased(
-        event_id=decision_id(request.event_id, 0),
-        occurred_at=at,
-        source=DECIDER_SOURCE,
-        request_id=None,
-        lease_id=old.lease_id,
-        cell_id="cell-2",
-        owner_type=OwnerType.GROUP,
-        owner_id=2,
-        claims=ns("a", "b", "c"),
-        cause=ReleaseCause.EXPIRED,
-    )
-    assert isinstance(lease_granted, LeaseGranted)
-    assert lease_granted.event_id == decision_id(request.event_id, 1)
-    assert lease_granted.claims == ns("b")
-    assert set(registry.claims) == {key("b")}  # a and c are free too
+    decision = only(run(registry, request, late))
+    assert isinstance(decision, LeaseGranted) and decision.claims == ns("b")
     assert registry.claims[key("b")].lease_id == request.lease_id
-    assert registry.leases[old.lease_id].status is LeaseStatus.RELEASED
 
 
-def test_a_lease_just_before_its_end_still_conflicts() -> None:
+def test_a_claim_created_on_a_value_of_a_lease_past_its_end_conflicts_too() -> None:
     registry = Registry()
-    old = granted(registry, "a", owner=OWNER_B, ttl_ms=5_000)
-    verdict = run(registry, begin("a"), T0 + 5 * SEC - MS)
+    old = granted(registry, "a", owner=OWNER_B, ttl_ms=1_000)
+    verdict = run(registry, create("a"), T0 + 2 * SEC)
     assert [type(d) for d in verdict.decisions] == [RequestRejected]
     assert registry.leases[old.lease_id].status is LeaseStatus.OPEN
-
-
-def test_claim_created_also_expires_lazily() -> None:
-    registry = Registry()
-    granted(registry, "a", owner=OWNER_B, ttl_ms=1_000)
-    verdict = run(registry, create("a"), T0 + 2 * SEC)
-    assert [type(d) for d in verdict.decisions] == [LeaseReleased, ClaimsCommitted]
-    assert registry.claims[key("a")] == held(OWNER_A, "a", ClaimStatus.COMMITTED, None, T0 + 2 * SEC)
-
-
-def test_an_expired_lease_on_other_values_is_left_alone() -> None:
-    registry = Registry()
-    old = granted(registry, "a", owner=OWNER_B, ttl_ms=1_000)
-    verdict = run(registry, begin("z"), T0 + 2 * SEC)
-    assert [type(d) for d in verdict.decisions] == [LeaseGranted]
-    assert registry.leases[old.lease_id].status is LeaseStatus.OPEN  # a tick will end it
-
-
-def test_an_expiry_stands_when_the_request_is_then_rejected() -> None:
-    registry = Registry()
-    old = granted(registry, "a", owner=OWNER_B, ttl_ms=1_000)
-    committed(registry, "b", owner=OWNER_C)
-    verdict = run(registry, begin(ns("a", "b")), T0 + 2 * SEC)
-    assert [type(d) for d in verdict.decisions] == [LeaseReleased, RequestRejected]
-    assert rejection(verdict).conflicts == (Conflict(bucket=ClaimBucket.NAMESPACE, value="b", cell_id="cell-3"),)
-    assert key("a") not in registry.claims
-    assert registry.leases[old.lease_id].cause is ReleaseCause.EXPIRED
+    assert registry.claims[key("a")].lease_id == old.lease_id
 
 
 # --- LeaseExpiryTick ------------------------------------------------------------------------
 
 
-def test_tick_expires_every_due_lease_in_order_and_nothing_else() -> None:
+def test_a_tick_expires_the_named_leases_that_are_due_in_its_order_and_nothing_else() -> None:
     registry = Registry()
-    # Two leases end at the same instant: ordered by lease id as text.
-    late_id, early_id = uuid.UUID(int=0xB), uuid.UUID(int=0xA)
-    due_1 = granted(registry, "d1", ttl_ms=3_000, lease_id=late_id, owner=OWNER_B)
-    due_2 = granted(registry, "d2", ttl_ms=3_000, lease_id=early_id)
+    due_1 = granted(registry, "d1", ttl_ms=3_000, owner=OWNER_B)
+    due_2 = granted(registry, "d2", ttl_ms=3_000)
     due_0 = granted(registry, "d0", ttl_ms=2_000, at=T0 + SEC - MS * 500)  # ends first
+    unnamed = granted(registry, "u", ttl_ms=1_000)  # due, but its tick is another one
     not_due = granted(registry, "n", ttl_ms=60_000)
     done = granted(registry, "c", ttl_ms=1_000)
     run(registry, commit(done))
     gone = granted(registry, "r", ttl_ms=1_000)
     run(registry, rollback(gone))
-    command = tick()
+    command = tick(due_1, not_due, due_2, done, gone, uuid.UUID(int=0xDEAD), due_0, due_1)
     at = T0 + 3 * SEC
 
     verdict = run(registry, command, at)
@@ -579,29 +589,40 @@ def test_tick_expires_every_due_lease_in_order_and_nothing_else() -> None:
     assert verdict.outcome == "applied"
     assert all(isinstance(d, LeaseReleased) and is_expiry(d) for d in verdict.decisions)
     assert [d.lease_id for d in verdict.decisions if isinstance(d, LeaseReleased)] == [
-        due_0.lease_id, early_id, late_id
+        due_1.lease_id, due_2.lease_id, due_0.lease_id
     ]
     assert [d.event_id for d in verdict.decisions] == [decision_id(command.event_id, i) for i in range(3)]
-    assert set(registry.claims) == {key("n"), key("c")}
+    assert set(registry.claims) == {key("n"), key("c"), key("u")}
     assert registry.leases[not_due.lease_id].status is LeaseStatus.OPEN
+    assert registry.leases[unnamed.lease_id].status is LeaseStatus.OPEN
     assert registry.leases[done.lease_id].status is LeaseStatus.COMMITTED
     assert registry.leases[gone.lease_id].cause is ReleaseCause.ROLLBACK
     for lease in (due_0, due_1, due_2):
         assert registry.leases[lease.lease_id].cause is ReleaseCause.EXPIRED
 
 
-def test_tick_with_nothing_due_is_unchanged() -> None:
+def test_a_tick_before_the_lease_end_leaves_it_and_one_at_its_end_expires_it() -> None:
     registry = Registry()
-    granted(registry, "a", ttl_ms=5_000)
+    request = granted(registry, "a", ttl_ms=5_000)
     before = state(registry)
-    assert run(registry, tick(), T0 + 5 * SEC - MS) == Verdict((), "unchanged", "no lease due")
+    assert run(registry, tick(request), T0 + 5 * SEC - MS) == Verdict((), "unchanged", "no named lease due")
+    assert state(registry) == before
+    assert is_expiry(only(run(registry, tick(request), T0 + 5 * SEC)))
+
+
+def test_a_tick_naming_no_lease_expires_nothing() -> None:
+    # Version 1 of the tick named none and expired every due lease, across partitions.
+    registry = Registry()
+    granted(registry, "a", ttl_ms=1_000)
+    before = state(registry)
+    assert run(registry, tick(), T0 + 3600 * SEC) == Verdict((), "unchanged", "the tick names no lease")
     assert state(registry) == before
 
 
 def test_tick_releases_every_claim_of_a_lease() -> None:
     registry = Registry()
-    granted(registry, ns("a", "b", "c"), ttl_ms=1_000)
-    (decision,) = run(registry, tick(), T0 + SEC).decisions
+    request = granted(registry, ns("a", "b", "c"), ttl_ms=1_000)
+    (decision,) = run(registry, tick(request), T0 + SEC).decisions
     assert isinstance(decision, LeaseReleased) and decision.claims == ns("a", "b", "c")
     assert registry.claims == {}
 
@@ -771,6 +792,7 @@ def test_emails_are_stored_and_decided_protected() -> None:
     protected = protect_value(ClaimBucket.EMAIL, email.lower(), SECRET)
     assert registry.claims[("EMAIL", protected)].status is ClaimStatus.LEASED
     decisions += run(registry, begin((ref(email.upper(), ClaimBucket.EMAIL),), owner=OWNER_B)).decisions
+    decisions += run(registry, tick(lease), T0 + 2 * SEC).decisions
     decisions += run(registry, create(email, bucket=ClaimBucket.EMAIL, owner=OWNER_B), T0 + 2 * SEC).decisions
     decisions += run(registry, release(email, bucket=ClaimBucket.EMAIL)).decisions
     decisions += run(registry, transfer(owner=OWNER_B, to_cell_id="cell-3")).decisions
@@ -824,21 +846,24 @@ def test_a_request_naming_one_email_in_both_forms_counts_it_once() -> None:
 # --- deterministic decision ids --------------------------------------------------------------
 
 
+BUSY_LEASES = (uuid.UUID(int=0xB1), uuid.UUID(int=0xE1))
+
+
 def _busy_registry() -> Registry:
     registry = Registry()
-    granted(registry, ns("a", "b"), owner=OWNER_B, ttl_ms=1_000)
+    granted(registry, ns("a", "b"), owner=OWNER_B, ttl_ms=1_000, lease_id=BUSY_LEASES[0])
     committed(registry, "c", owner=OWNER_C)
     committed(registry, "d")
-    granted(registry, "e", ttl_ms=1_000)
+    granted(registry, "e", ttl_ms=1_000, lease_id=BUSY_LEASES[1])
     return registry
 
 
 @pytest.mark.parametrize(
     "command",
-    [begin(ns("a", "x")), begin(ns("a", "c")), create("b"), destroy("d"), transfer(), tick(), sequence(),
-     release("c")],
-    ids=["begin-after-expiry", "begin-conflict", "create-after-expiry", "destroy", "transfer", "tick", "sequence",
-         "release-not-held"],
+    [begin(ns("x", "y")), begin(ns("a", "c")), create("b"), destroy("d"), transfer(), tick(*BUSY_LEASES), sequence(),
+     release("c"), commit(BUSY_LEASES[1])],
+    ids=["begin", "begin-conflict", "create-into-a-lease", "destroy", "transfer", "tick", "sequence",
+         "release-not-held", "commit"],
 )
 def test_deciding_the_same_command_again_gives_identical_decisions(command: Event) -> None:
     registry = _busy_registry()
@@ -906,21 +931,22 @@ def test_needs_names_what_a_batch_touches() -> None:
             (destroy("c"), T0),
             (transfer(owner=OWNER_C, to_cell_id="cell-1"), T0 + 3 * SEC),
             (sequence("s"), T0),
+            (tick(uuid.UUID(int=11), lease), T0 + 2 * SEC),
             (tick(), T0 + 2 * SEC),
         ],
         SECRET,
     )
+    # No lease is loaded for being due: only the leases commands name (adr/0017).
     assert wanted == Needs(
         keys=frozenset({key("a"), ("EMAIL", PROTECTED_EMAIL), key("b"), key("c")}),
-        lease_ids=frozenset({request.lease_id, lease, uuid.UUID(int=10)}),
+        lease_ids=frozenset({request.lease_id, lease, uuid.UUID(int=10), uuid.UUID(int=11)}),
         owners=frozenset({("cell-3", "USER", 3)}),
-        expire_until=T0 + 3 * SEC,
         sequences=frozenset({"s"}),
     )
 
 
 def test_needs_of_nothing() -> None:
-    assert needs([], SECRET) == Needs(frozenset(), frozenset(), frozenset(), None, frozenset())
+    assert needs([], SECRET) == Needs(frozenset(), frozenset(), frozenset(), frozenset())
 
 
 # --- not claim events ----------------------------------------------------------------------
@@ -949,19 +975,24 @@ def test_evolve_of_a_rejection_changes_nothing() -> None:
 PROPERTY_SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def _check_step(before: Registry, verdict: Verdict, after: Registry, command: Event) -> None:
+def _check_step(before: Registry, verdict: Verdict, after: Registry, command: Event, at: datetime) -> None:
     """Atomicity, uniqueness and the outcome's meaning, for one decided command."""
     decisions = list(verdict.decisions)
     rejected = [d for d in decisions if isinstance(d, RequestRejected)]
-    # A rejection is the last word, preceded only by expiries it ran into.
+    # A rejection is the only word; nothing unchanged decides anything.
     if rejected:
-        assert verdict.outcome == "rejected" and decisions[-1] is rejected[0] and len(rejected) == 1
+        assert verdict.outcome == "rejected" and decisions == rejected
         assert rejected[0].request_id == command.event_id
-        assert all(is_expiry(d) for d in decisions[:-1])
     elif verdict.outcome == "unchanged":
-        assert all(is_expiry(d) for d in decisions)
+        assert decisions == []
     else:
         assert verdict.outcome == "applied" and decisions
+    # Only a tick expires, only leases it names, and only those it found open and ended.
+    expired = [d.lease_id for d in decisions if is_expiry(d)]  # type: ignore[attr-defined]
+    if expired:
+        assert isinstance(command, LeaseExpiryTick) and set(expired) <= set(command.lease_ids)
+        assert all(before.leases[l].status is LeaseStatus.OPEN and before.leases[l].expires_at <= at
+                   for l in expired)
     # Step by step: the registry is exactly its previous state evolved by the decisions,
     # a rejection changes nothing, and nothing is granted that someone holds.
     stepping = before.copy()
@@ -1002,7 +1033,7 @@ def test_invariants_and_atomicity_hold_after_every_command(log: list[tuple[Event
         before = registry.copy()
         verdict = run(registry, command, at)
         assert invariant_violations(registry) == []
-        _check_step(before, verdict, registry, command)
+        _check_step(before, verdict, registry, command, at)
         for decision in verdict.decisions:
             assert decision.occurred_at == at and decision.source == DECIDER_SOURCE
             if isinstance(decision, SequenceRangeGranted):

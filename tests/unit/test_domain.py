@@ -823,11 +823,8 @@ class Store:
         for k, row in self.claims.items():
             if row.owner in wanted.owners:
                 registry.claims[k] = row
-        lease_ids = set(wanted.lease_ids) | {h.lease_id for h in registry.claims.values() if h.lease_id is not None}
         for lease_id, lease in self.leases.items():
-            due = (lease.status is LeaseStatus.OPEN and wanted.expire_until is not None
-                   and lease.expires_at <= wanted.expire_until)
-            if lease_id in lease_ids or due:
+            if lease_id in wanted.lease_ids:
                 registry.leases[lease_id] = lease
         for lease in registry.leases.values():
             if lease.status is LeaseStatus.OPEN:
