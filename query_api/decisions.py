@@ -2,9 +2,12 @@
 doors (``service.claims.DecisionSource``, adr/0010).
 
 The projector NOTIFYs ``topology_decisions`` when a batch that decided claim
-requests commits. One listening connection per API process wakes every waiting
-request at once; each wake-up costs one query for all pending request ids. A
-slow poll covers a notification lost while the listening connection was down.
+requests commits, with the decisions themselves in the payload
+(``runtime.database.encode_decision_notices``, adr/0018): one listening connection per
+API process answers every waiting request from the notification, with no query. An
+empty payload (a decision too large for one) wakes a lookup of all pending request
+ids, one query; so does a slow poll, which covers a notification lost while the
+listening connection was down.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import psycopg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from topology_store.runtime.database import DECISIONS_CHANNEL
+from topology_store.runtime.database import DECISIONS_CHANNEL, decode_decision_notice
 from topology_store.runtime.retry import backoff
 from topology_store.service.claims import RequestDecision
 
@@ -116,6 +119,26 @@ class DecisionWaiter:
             if not waiters:
                 self._pending.pop(request_id, None)
 
+    def resolve_notice(self, payload: str) -> bool:
+        """Answer the waiters whose decisions ``payload`` carries; False when it asks for a
+        lookup instead (empty, or not in the notice format)."""
+        try:
+            notice = decode_decision_notice(payload)
+        except ValueError as exc:
+            log.warning("unreadable decision notification (%s); looking the decisions up", exc)
+            return False
+        if notice is None:
+            return False
+        for request_id, request_type, outcome, reason, detail in notice:
+            futures = self._pending.get(request_id)
+            if not futures:
+                continue  # another API process's request, or nobody waits any more
+            decision = RequestDecision(request_id, request_type, outcome, reason, detail)
+            for future in futures:
+                if not future.done():
+                    future.set_result(decision)
+        return True
+
     async def _resolve_pending(self) -> None:
         if not self._pending:
             return
@@ -133,8 +156,11 @@ class DecisionWaiter:
                     await conn.execute(f"LISTEN {DECISIONS_CHANNEL}")
                     attempt = 0
                     while True:
-                        async for _ in conn.notifies(timeout=self._poll_interval_s, stop_after=1):
-                            pass
+                        # Notifications answer their waiters as they come; every poll
+                        # interval, a lookup catches whatever a lost notification held.
+                        async for notification in conn.notifies(timeout=self._poll_interval_s):
+                            if not self.resolve_notice(notification.payload):
+                                await self._resolve_pending()
                         await self._resolve_pending()
             except asyncio.CancelledError:
                 raise
