@@ -6,7 +6,9 @@ acknowledgement is printed), and with ``--wait`` prints the projector's decision
 read from the projection database. Exit status: 0 granted or unchanged,
 1 rejected, 2 invalid input, 3 no decision within the wait, 4 not acknowledged
 by the broker (it may or may not be in the log: retry with the same --request-id),
-5 refused by admission control before anything was published (adr/0018: retry later).
+5 refused by admission control before anything was published (adr/0018: retry later),
+6 the request id was used for another command (adr/0017: send it under a new one; found
+only with ``--wait``, which reads the decisions).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from topology_store.service.claims import (
     DecisionUnreadable,
     NotPublished,
     Pending,
+    RequestReused,
     Submission,
 )
 
@@ -120,7 +123,7 @@ async def run_request(settings: Settings, args: argparse.Namespace, out: TextIO 
             # The CLI always publishes (and prints the broker's acknowledgement), then waits.
             admission = Admission(Budget(settings.claims_max_in_flight, settings.claims_max_wait_age_ms / 1000))
             service = ClaimsService(lambda: publisher, waiter or _NoDecisions(), wait_s=args.wait or 0,
-                                    admission=admission)
+                                    admission=admission, secret=settings.claim_secret)
             result = await service.submit(command, reuse_decided=False, on_published=acknowledged)
     except KafkaError as exc:  # the producer could not even start
         result = NotPublished(command.event_id, exc)
@@ -152,6 +155,11 @@ def report(result: Submission, command: Event, settings: Settings, args: argpars
         case Pending() | DecisionUnreadable():
             print(f"no decision within {args.wait}s; it may still come", file=err)
             return 3
+        case RequestReused(recorded_type=recorded_type, same_type=same_type):
+            what = f"another {recorded_type} (other content)" if same_type else f"a {recorded_type}"
+            print(f"request_id_reused: request {command.event_id} was used for {what}; this {command.EVENT_TYPE} was "
+                  "not decided; send it again without --request-id (or with a new one)", file=err)
+            return 6
         case Decided(decision=decision):
             print(json.dumps({"request_id": str(decision.request_id), "outcome": decision.outcome,
                               "reason": decision.reason, "decisions": decision.decisions}), file=out)

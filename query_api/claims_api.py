@@ -6,7 +6,8 @@ projector's decision (read-your-writes): 201/200 when granted, 409 naming the
 conflicting cell, 504 with the request id when no decision arrives in time (the
 client then polls ``GET /v1/requests/{id}``). A request id given twice gets the
 same answer and never a second claim: the request id is the command's event_id,
-which the projector processes once.
+which the projector processes once. A request id reused for another command (another
+type, or other content) is refused with 409 ``request_id_reused`` (adr/0017).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from topology_store.service.claims import (
     NotPublished,
     Pending,
     RequestDecision,
+    RequestReused,
     Submission,
 )
 
@@ -159,6 +161,10 @@ def _respond(result: Submission, wait_s: float, created: bool = False) -> JSONRe
                 ).model_dump(mode="json"),
                 status_code=504,
             )
+        case RequestReused(request_id=request_id, recorded_type=recorded_type, same_type=same_type):
+            what = f"another {recorded_type} (other content)" if same_type else f"a {recorded_type}"
+            return error(409, "request_id_reused", f"request_id {request_id} was used for {what}; send this request "
+                         "under a new request_id", request_id=str(request_id))
         case Overloaded(retry_after_s=retry_after_s, reason=reason):
             # Refused before anything was published: the same request, later, is safe (adr/0018).
             return error(429, "overloaded", f"too many claim requests waiting for a decision ({reason}); retry "
@@ -179,7 +185,8 @@ class ClaimsDoor:
         self.waiter = DecisionWaiter(engine, settings.libpq_url)
         self.admission = Admission(Budget(settings.claims_max_in_flight, settings.claims_max_wait_age_ms / 1000))
         self.service = ClaimsService(self._started_publisher, self.waiter, settings.decision_wait_s,
-                                     unreadable=DATABASE_DOWN, admission=self.admission)
+                                     unreadable=DATABASE_DOWN, admission=self.admission,
+                                     secret=settings.claim_secret)
         self._publisher: EventPublisher | None = None
         self._publisher_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -214,7 +221,10 @@ def claims_router() -> APIRouter:
     router = APIRouter(tags=["claims"])
     errors: dict[int | str, dict[str, Any]] = {
         400: {"model": ErrorDocument}, 401: {"model": ErrorDocument}, 403: {"model": ErrorDocument},
-        409: {"model": ErrorDocument}, 503: {"model": ErrorDocument},
+        409: {"model": ErrorDocument, "description": "Rejected (the code is the reason, e.g. `conflict`, "
+              "`lease_expired`), or `request_id_reused`: the request_id was used for another command (another "
+              "type or other content); nothing was decided for this one"},
+        503: {"model": ErrorDocument},
         504: {"model": PendingAnswer},
     }
     # Commits and rollbacks are never shed (adr/0018): only the other requests document 429.

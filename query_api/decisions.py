@@ -33,13 +33,14 @@ async def lookup(engine: AsyncEngine, request_ids: list[uuid.UUID]) -> dict[uuid
     async with engine.connect() as conn:
         rows = await conn.execute(
             text(
-                "SELECT event_id, event_type, outcome, reason, detail FROM processed_events "
+                "SELECT event_id, event_type, outcome, reason, detail, request_digest FROM processed_events "
                 "WHERE event_id = ANY(CAST(:ids AS uuid[]))"
             ),
             {"ids": request_ids},
         )
         return {
-            row.event_id: RequestDecision(row.event_id, row.event_type, row.outcome, row.reason, row.detail or [])
+            row.event_id: RequestDecision(row.event_id, row.event_type, row.outcome, row.reason, row.detail or [],
+                                          bytes(row.request_digest) if row.request_digest is not None else None)
             for row in rows
         }
 

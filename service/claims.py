@@ -10,6 +10,11 @@ The two things it needs from the outside are ports, implemented by adapters abov
 a :class:`CommandPublisher` (``producer.publisher.EventPublisher``) and a
 :class:`DecisionSource` (``query_api.decisions.DecisionWaiter``, which reads the
 projection's ``processed_events``).
+
+A request id answers for one request only: a door that finds the id decided already for
+another command (another type, or the same type with other content, by
+``core.claims.request_digest``) answers :class:`RequestReused`, never that command's
+decision (adr/0017).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from topology_store.core.claims import request_digest
 from topology_store.schemas.models import Event, LeaseCommitRequested, LeaseRollbackRequested
 from topology_store.service.admission import Admission, Overloaded
 
@@ -33,6 +39,7 @@ class RequestDecision:
     outcome: str  # applied | unchanged | rejected
     reason: str | None
     decisions: list[dict[str, Any]]  # the decision events, as JSON
+    digest: bytes | None = None  # core.claims.request_digest of the request (None: recorded before 0008)
 
 
 class Acknowledgement(Protocol):
@@ -99,7 +106,18 @@ class DecisionUnreadable:
     cause: BaseException
 
 
-Submission = Decided | Pending | NotPublished | DecisionUnreadable | Overloaded
+@dataclass(frozen=True, slots=True)
+class RequestReused:
+    """The request id names another command already: its recorded decision is not this
+    command's answer, and this command was not decided (adr/0017). The client sends it
+    again under a new request id."""
+
+    request_id: uuid.UUID
+    recorded_type: str  # the type of the command the id was first used for
+    same_type: bool  # the same type, with other content
+
+
+Submission = Decided | Pending | NotPublished | DecisionUnreadable | Overloaded | RequestReused
 
 #: Never shed by admission control: they finish granted work and free values (adr/0018).
 NEVER_SHED = (LeaseCommitRequested, LeaseRollbackRequested)
@@ -113,13 +131,17 @@ class ClaimsService:
         wait_s: float,
         unreadable: tuple[type[BaseException], ...] = (Exception,),
         admission: Admission | None = None,
+        secret: bytes | None = None,
     ) -> None:
         """``publisher``: returns (or awaits to) a :class:`CommandPublisher`, so a door can
         start its Kafka producer on first use and keep serving reads while the broker is
         away. ``wait_s``: the default wait for a decision. ``unreadable``: the errors
         of ``decisions`` that mean "cannot read now" rather than a bug. ``admission``: the
-        budget of waiting submissions past which new ones are refused (adr/0018)."""
+        budget of waiting submissions past which new ones are refused (adr/0018). ``secret``:
+        the claim secret, which keys request digests (None: a reused request id is told
+        apart by the request type alone)."""
         self.admission = admission
+        self._secret = secret
         self._publisher = publisher
         self._decisions = decisions
         self.wait_s = wait_s
@@ -162,7 +184,7 @@ class ClaimsService:
         if reuse_decided:
             known = await self._decisions.find(request_id)
             if known is not None:
-                return Decided(known, None)
+                return self._reused(command, known) or Decided(known, None)
         waiting = None
         if wait_s > 0:
             waiting = asyncio.create_task(self._decisions.wait(request_id, wait_s, check_first=not reuse_decided))
@@ -186,4 +208,15 @@ class ClaimsService:
             return DecisionUnreadable(request_id, exc)
         if decision is None:
             return Pending(request_id, acknowledgement)
-        return Decided(decision, acknowledgement)
+        # The id may have been decided for another command first: the log absorbed this
+        # one as a duplicate, and that decision is not its answer.
+        return self._reused(command, decision) or Decided(decision, acknowledgement)
+
+    def _reused(self, command: Event, decision: RequestDecision) -> RequestReused | None:
+        """Whether ``decision`` was recorded for another command than ``command``."""
+        if decision.request_type != command.EVENT_TYPE:
+            return RequestReused(command.event_id, decision.request_type, same_type=False)
+        if (decision.digest is not None and self._secret is not None
+                and decision.digest != request_digest(command, self._secret)):
+            return RequestReused(command.event_id, decision.request_type, same_type=True)
+        return None

@@ -3,7 +3,10 @@
 A door turns its input (JSON, command-line flags, a protobuf message) into these
 keyword arguments; the event models validate them (a ``pydantic.ValidationError``
 names what is wrong). A request id the caller leaves out is drawn here: it is the
-command's ``event_id``, the idempotency key a client reuses to retry safely.
+command's ``event_id``, the idempotency key a client reuses to retry safely. A begin's
+lease id the caller leaves out derives from the request id, so a retry of the begin
+has the same lease id, hence the same Kafka key and partition, and its copies are
+decided once in one order (adr/0017).
 """
 
 from __future__ import annotations
@@ -20,9 +23,17 @@ from topology_store.schemas.models import (
     SequenceRangeRequested,
 )
 
+#: The namespace of lease ids derived from request ids (uuid5).
+LEASE_ID_NAMESPACE = uuid.UUID("7d4f6c1e-2b1a-5c8e-9f3d-6a0b1c2d3e4f")
+
 
 def _request(request_id: uuid.UUID | None, source: str) -> dict[str, object]:
     return {"event_id": request_id or uuid.uuid4(), "source": source}
+
+
+def lease_id_for(request_id: uuid.UUID) -> uuid.UUID:
+    """The lease id of a begin that names none: a function of its request id."""
+    return uuid.uuid5(LEASE_ID_NAMESPACE, str(request_id))
 
 
 def begin(
@@ -37,8 +48,9 @@ def begin(
     lease_id: uuid.UUID | None = None,
 ) -> ClaimsRequested:
     """Reserve all ``claims`` ({"bucket", "value"}) for one owner under a lease, or none."""
+    event_id = request_id or uuid.uuid4()
     return ClaimsRequested(
-        **_request(request_id, source), lease_id=lease_id or uuid.uuid4(), cell_id=cell_id,
+        event_id=event_id, source=source, lease_id=lease_id or lease_id_for(event_id), cell_id=cell_id,
         owner_type=owner_type, owner_id=owner_id, claims=[dict(c) for c in claims], lease_ttl_ms=lease_ttl_ms,
     )
 
