@@ -87,11 +87,12 @@ class ProjectorMetrics:
             ["table"],
             registry=self.registry,
         )
-        self.compaction_last_success = Gauge(
+        # Absent, not 0, until a run finishes: with compaction off, no alert may see a stale time.
+        self.compaction_last_success = _UnsetUntilSet(
             "topology_compaction_last_success_timestamp_seconds",
             "Unix time this member last finished a scheduled compaction (absent until it does)",
-            registry=self.registry,
         )
+        self.registry.register(self.compaction_last_success)
         # Stored offsets and the log disagree (adr/0019).
         self.reread = Counter(
             "topology_projector_reread_records",
@@ -129,6 +130,26 @@ class ProjectorMetrics:
     def watch_partitions(self, source: Callable[[], Iterable[PartitionProgress]]) -> None:
         """Report offsets and lag from ``source`` at every scrape (the consumer's assigned partitions)."""
         self._partitions.source = source
+
+
+class _UnsetUntilSet(Collector):
+    """A gauge with no sample until :meth:`set` is called (prometheus_client's shows 0)."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self._name, self._documentation = name, documentation
+        self._value: float | None = None
+
+    def set(self, value: float) -> None:
+        self._value = value
+
+    def describe(self) -> Iterable[Metric]:
+        return [GaugeMetricFamily(self._name, self._documentation)]
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(self._name, self._documentation)
+        if self._value is not None:
+            family.add_metric([], self._value)
+        return [family]
 
 
 @dataclass(frozen=True, slots=True)

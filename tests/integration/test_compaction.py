@@ -26,8 +26,10 @@ from topology_store.projector.compaction import (
     PROJECTION_TABLES,
     CompactionError,
     compact,
+    compact_periodically,
     outbox_rules,
     projection_rules,
+    report_table_sizes,
     table_sizes,
 )
 from topology_store.projector.metrics import ProjectorMetrics
@@ -375,3 +377,33 @@ async def test_verify_still_agrees_after_ended_leases_are_compacted(topics: Sett
             assert not differs.equal and len(differs.missing["leases"]) == 2
     finally:
         await publisher.stop()
+
+
+async def test_the_projectors_scheduled_compaction_takes_turns_and_reports(settings: Settings) -> None:
+    gone = seed(settings)
+    scheduled = settings.model_copy(update={"compact_interval_s": 0.2})
+    first, second = ProjectorMetrics(), ProjectorMetrics()
+    stop = asyncio.Event()
+    # While another holds the compaction lock, a member skips its rounds.
+    with psycopg.connect(settings.libpq_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (COMPACTION_LOCK,))
+        waiting = asyncio.create_task(compact_periodically(scheduled, second, stop))
+        await asyncio.sleep(1.0)
+        assert second.registry.get_sample_value("topology_compaction_last_success_timestamp_seconds") is None
+        assert count(settings, "SELECT count(*) FROM leases") == 6
+    running = asyncio.create_task(compact_periodically(scheduled, first, stop))
+    sizes = asyncio.create_task(report_table_sizes(settings, first, stop, interval_s=0.2))
+    try:
+        for _ in range(200):
+            if count(settings, "SELECT count(*) FROM leases") == 4:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # a few more rounds: nothing more goes
+    finally:
+        stop.set()
+        await asyncio.gather(waiting, running, sizes)
+    deleted = {table: sum(m.registry.get_sample_value("topology_compaction_deleted_rows_total", {"table": table}) or 0
+                          for m in (first, second)) for table in gone}
+    assert deleted == {table: len(rows) for table, rows in gone.items()}
+    assert any(m.registry.get_sample_value("topology_compaction_last_success_timestamp_seconds") for m in (first, second))
+    assert first.registry.get_sample_value("topology_database_table_bytes", {"table": "event_archive"}) > 0
