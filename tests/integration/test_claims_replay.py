@@ -75,7 +75,8 @@ def random_commands(rng: random.Random, count: int) -> list[Event]:
         elif kind < 0.93:
             command = SequenceRangeRequested(source=cell, cell_id=cell, sequence_name="projects", size=rng.randint(1, 1000))
         else:
-            command = LeaseExpiryTick(source="test")
+            # A tick names a lease and is keyed by it, so it lands on that lease's partition (adr/0017).
+            command = LeaseExpiryTick(source="test", lease_ids=(rng.choice(leases)[0],) if leases else ())
         commands.append(command)
         if rng.random() < 0.05:
             commands.append(command)  # a producer retry: the same event_id twice
