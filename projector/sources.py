@@ -13,6 +13,10 @@ replay writes, so a killed run resumes after its last committed chunk; a :class:
 stops it at a point of the log. Records the live projector dead-lettered never changed
 the projection, even when their bytes decode (a wrong key), so they are skipped; a
 re-driven one did, so it is applied.
+
+The archive source refuses to run when decisions the live projection took are no longer
+in ``topology_outbox`` (a decision relay run with ``TOPOLOGY_RELAY_DELETE_PUBLISHED``):
+a replay without them would drop their claims and routes (adr/0019).
 """
 
 from __future__ import annotations
@@ -344,6 +348,49 @@ async def _cells_uncovered(conn: Conn, checkpoint: Checkpoint) -> list[str]:
     return []
 
 
+# Decisions the live projection took that the outbox no longer holds: those recorded with
+# their claim request (processed_events.detail), and the grants of the leases and sequence
+# ranges the live tables hold (kept even after the idempotency records are compacted).
+_DELETED_DECISIONS = """
+WITH recorded AS (
+    SELECT (d ->> 'event_id')::uuid AS event_id
+    FROM public.processed_events p CROSS JOIN LATERAL jsonb_array_elements(p.detail) AS d
+    WHERE p.detail IS NOT NULL
+)
+SELECT
+    (SELECT count(*) FROM recorded r
+     WHERE NOT EXISTS (SELECT 1 FROM public.topology_outbox o WHERE o.event_id = r.event_id)),
+    (SELECT min(r.event_id::text) FROM recorded r
+     WHERE NOT EXISTS (SELECT 1 FROM public.topology_outbox o WHERE o.event_id = r.event_id)),
+    (SELECT count(*) FROM public.leases l WHERE NOT EXISTS (
+        SELECT 1 FROM public.topology_outbox o
+        WHERE o.event_type = 'LeaseGranted' AND o.partition_key = l.request_id::text)),
+    (SELECT count(*) FROM public.sequence_ranges r WHERE NOT EXISTS (
+        SELECT 1 FROM public.topology_outbox o
+        WHERE o.event_type = 'SequenceRangeGranted' AND o.partition_key = r.request_id::text))
+"""
+
+
+async def check_decisions_kept(conn: Conn) -> None:
+    """Raise :class:`ReplayError` when decisions the live projection took were deleted
+    from ``topology_outbox``: the archive source reads the decisions from there alone."""
+    row = await fetch_one(conn, _DELETED_DECISIONS)
+    recorded, example, leases, ranges = row if row is not None else (0, None, 0, 0)
+    if not (recorded or leases or ranges):
+        return
+    found = [f"{recorded:,} decisions recorded with their requests in processed_events"
+             + (f" (event_id {example}, ...)" if example else "")] if recorded else []
+    found += [f"the grants of {leases:,} leases"] if leases else []
+    found += [f"the grants of {ranges:,} sequence ranges"] if ranges else []
+    raise ReplayError(
+        f"the archive source cannot replay the claims: {' and '.join(found)} are no longer in topology_outbox. "
+        "The decision relay deletes the rows it published when TOPOLOGY_RELAY_DELETE_PUBLISHED is set "
+        "(`topology relay --delete-published`); a replay without them would drop those claims and their routes. "
+        "Use --source kafka (the claim-decision topic holds every decision the relay published), and run the "
+        "decision relay without TOPOLOGY_RELAY_DELETE_PUBLISHED (docs/reliability.md)"
+    )
+
+
 @dataclass(frozen=True)
 class _Bounds:
     """A cut, in the archive's terms (computed once per run)."""
@@ -410,6 +457,7 @@ class ArchiveSource:
     async def _bounds_of(self, conn: Conn) -> _Bounds:
         if self._bounds is not None:
             return self._bounds
+        await check_decisions_kept(conn)
         cut, topic = self._cut, self._settings.cells_topic
         bounds = _Bounds(until_time=cut.until_time)
         if cut.live is not None:
@@ -519,7 +567,9 @@ class ArchiveSource:
 
     async def prepare_switch(self, conn: Conn, checkpoint: Checkpoint, applied: AbstractSet[UUID]) -> None:
         """Count the outbox up to the shadow's position now, outside the switch's locks;
-        under them only the rows after it are counted."""
+        under them only the rows after it are counted. Decisions deleted since the run
+        started (a relay switched to deleting meanwhile) are looked for again here."""
+        await check_decisions_kept(conn)
         row = await fetch_one(conn, "SELECT count(*) FROM public.topology_outbox WHERE id <= %s",
                               (checkpoint.decisions_position,))
         self._counted = (checkpoint.decisions_position, int(row[0]) if row else 0)

@@ -472,6 +472,49 @@ async def test_kafka_source_switches_only_once_the_relay_published_every_decisio
     assert check.equal, (check.missing, check.unexpected)
 
 
+async def test_the_archive_source_refuses_decisions_the_relay_deleted_and_names_the_setting_and_kafka(
+    topics: Settings, tmp_path: Path
+) -> None:
+    """A decision relay run with TOPOLOGY_RELAY_DELETE_PUBLISHED empties the outbox the
+    archive source reads decisions from. Before, the rebuild read no decision, its coverage
+    check counted the same missing rows, and the switch dropped every claim and route."""
+    settings = topics
+    work = build_workload(1_500, seed=33)
+    relay = start(["relay", "--source", settings.libpq_url], settings, tmp_path / "relay.log",
+                  TOPOLOGY_RELAY_METRICS_PORT="0", TOPOLOGY_RELAY_POLL_INTERVAL_S="0.2",
+                  TOPOLOGY_RELAY_DELETE_PUBLISHED="true")
+    try:
+        async with Member(settings):
+            await publish(settings, work.events)
+            await asyncio.to_thread(
+                wait_until, lambda: consumed(settings) == len(work.events)
+                and scalar(settings, "SELECT count(*) FROM topology_outbox") == 0, 90, 0.1,
+                "the log applied and every decision published and deleted")
+    finally:
+        stop(relay)
+    version, namespaces, cells = live_routes(settings)
+    claims = scalar(settings, "SELECT count(*) FROM claims")
+    decided = scalar(settings, "SELECT sum(jsonb_array_length(detail)) FROM processed_events")
+    assert namespaces and claims and decided
+    refusal = rf"{decided:,} decisions recorded .* no longer in topology_outbox.*TOPOLOGY_RELAY_DELETE_PUBLISHED.*" \
+              r"--source kafka"
+    with pytest.raises(RebuildError, match=refusal):
+        await asyncio.to_thread(rebuild, settings, source="archive", out=io.StringIO())
+    # Nothing switched; replay and verify, which read the same source, refuse alike.
+    assert live_routes(settings) == (version, namespaces, cells)
+    assert scalar(settings, "SELECT count(*) FROM claims") == claims
+    assert scalar(settings, f"SELECT to_regnamespace('{RETIRED_SCHEMA}')") is None
+    with pytest.raises(RebuildError, match="TOPOLOGY_RELAY_DELETE_PUBLISHED"):
+        await asyncio.to_thread(verify, settings)
+    # The alternative it names: the decision topic kept every decision the relay published.
+    out = io.StringIO()
+    switched = await asyncio.to_thread(rebuild, settings, source="kafka", restart=True, out=out)
+    assert switched.switched_version == version + 1, out.getvalue()
+    assert switched.routing_changes == {"cells": 0, "namespaces": 0}
+    assert live_routes(settings)[1:] == (namespaces, cells)
+    assert scalar(settings, "SELECT count(*) FROM claims") == claims
+
+
 def test_recorded_decisions_decode_without_validation_into_the_models_validation_builds() -> None:
     request, lease = uuid.uuid4(), uuid.uuid4()
     at = datetime(2026, 11, 23, 17, 0, 0, 123000, tzinfo=UTC)
