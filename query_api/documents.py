@@ -36,7 +36,7 @@ class CellView(BaseModel):
 
 
 class SnapshotDocument(BaseModel):
-    version: int = Field(description="Topology version; also the ETag")
+    version: int = Field(description="Topology version (X-Topology-Version; the ETag starts with it)")
     committed_at: datetime = Field(description="When the projector committed this version")
     namespace_count: int = Field(description="Entries in namespaces")
     namespace_digest: int = Field(
@@ -50,7 +50,7 @@ class DeltaDocument(BaseModel):
     """The net changes from ``since`` to ``version``: apply deletions, then upserts."""
 
     since: int = Field(description="The version the changes start from (the client's)")
-    version: int = Field(description="The version the client holds once it applied them; also the ETag")
+    version: int = Field(description="The version the client holds once it applied them (X-Topology-Version)")
     committed_at: datetime
     namespace_count: int = Field(description="Namespaces in the whole table at version")
     namespace_digest: int = Field(description="Digest of the whole namespace table at version (see snapshot)")
