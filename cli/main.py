@@ -100,11 +100,19 @@ def _cmd_claim(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    from topology_store.query_api.auth import TokenConfigError
+    from topology_store.query_api.app import BesideDoor
+    from topology_store.query_api.auth import Authorizer, TokenConfigError
     from topology_store.query_api.server import serve
 
     try:
-        serve(settings)
+        beside: list[BesideDoor] = []
+        if settings.grpc_port:
+            # The gRPC door over the same snapshot, checking the same tokens (adr/0021).
+            from topology_store.grpc_api.server import grpc_door
+
+            check = Authorizer.from_settings(settings).check
+            beside.append(lambda api: grpc_door(settings, api.cache, check))
+        serve(settings, beside=beside)
     except TokenConfigError as exc:
         raise SystemExit(f"topology serve: bad configuration: {exc}") from None
     return 0
@@ -180,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compact_parser(commands)  # topology compact (adr/0020)
     add_schemas_parsers(commands)  # topology schemas check
 
-    serve = commands.add_parser("serve", help="run the read API")
+    serve = commands.add_parser("serve", help="run the read API (and the gRPC door when TOPOLOGY_GRPC_PORT is set)")
     serve.set_defaults(run=_cmd_serve)
 
     router = commands.add_parser("router", help="edge router sidecar: routing table in memory, local /classify")

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 
@@ -25,8 +25,12 @@ from topology_store.query_api.sync_middleware import RouterSyncMiddleware
 from topology_store.runtime.database import create_engine
 from topology_store.runtime.settings import Settings
 
+# Another door over this process's snapshot, run while the app runs (the gRPC door,
+# adr/0021, handed in by the command: the doors do not import each other).
+BesideDoor = Callable[[ApiState], AbstractAsyncContextManager[object]]
 
-def create_app(settings: Settings, metrics: ApiMetrics | None = None) -> FastAPI:
+
+def create_app(settings: Settings, metrics: ApiMetrics | None = None, beside: Sequence[BesideDoor] = ()) -> FastAPI:
     api_metrics = metrics or ApiMetrics()
     sync = RouterSync(settings, api_metrics)  # snapshots, deltas, long-poll, tokens (adr/0009)
 
@@ -40,7 +44,10 @@ def create_app(settings: Settings, metrics: ApiMetrics | None = None) -> FastAPI
         await app.state.claims.start()
         refresher = asyncio.create_task(cache.run(), name="snapshot-refresh")
         try:
-            yield
+            async with AsyncExitStack() as doors:
+                for door in beside:
+                    await doors.enter_async_context(door(app.state.api))
+                yield
         finally:
             await app.state.claims.stop()
             refresher.cancel()

@@ -8,11 +8,12 @@ shutting down does not wait out their ``wait``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from types import FrameType
 
 import uvicorn
 
-from topology_store.query_api.app import create_app
+from topology_store.query_api.app import BesideDoor, create_app
 from topology_store.query_api.snapshot_api import RouterSync
 from topology_store.query_api.sync_middleware import RouterSyncMiddleware
 from topology_store.query_api.uvicorn_fast_path import protocol_for
@@ -32,8 +33,9 @@ class _Server(GracefulServer):
         super().handle_exit(sig, frame)
 
 
-def serve(settings: Settings) -> None:
-    app = create_app(settings)
+def serve(settings: Settings, beside: Sequence[BesideDoor] = ()) -> None:
+    """The read API; ``beside``: other doors run in its lifespan (the gRPC door, adr/0021)."""
+    app = create_app(settings, beside=beside)
     sync: RouterSync = app.state.sync
     if sync.authorizer.configured == 0:
         log.warning("no API tokens configured (TOPOLOGY_API_TOKENS): every routing-data request gets 401")

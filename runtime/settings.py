@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from topology_store.schemas.models import CELL_EVENT_TYPES, DECISION_EVENT_TYPES, REQUEST_EVENT_TYPES
+
+INT64_MAX = 2**63 - 1
+
+
+def parse_cell_numbers(raw: str) -> dict[str, int]:
+    """``{"cell-1": 1, ...}``: cell names to GitLab's numeric cell ids, each a distinct
+    int64 above 0 (adr/0021); ValueError saying what is wrong."""
+    if not raw.strip():
+        return {}
+    try:
+        document = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON (line {exc.lineno}, column {exc.colno})") from None
+    if not isinstance(document, dict):
+        raise ValueError('must be a JSON object of cell name -> numeric id, e.g. {"cell-1": 1}')  # noqa: TRY004 - pydantic reports ValueError
+    owners: dict[int, str] = {}
+    for name, number in document.items():
+        if isinstance(number, bool) or not isinstance(number, int) or not 0 < number <= INT64_MAX:
+            raise ValueError(f"{name!r}: the id must be an integer from 1 to {INT64_MAX}, got {number!r}")
+        if number in owners:
+            raise ValueError(f"{name!r} and {owners[number]!r} both have id {number}")
+        owners[number] = name
+    return {name: number for number, name in owners.items()}
 
 
 class Settings(BaseSettings):
@@ -83,6 +107,16 @@ class Settings(BaseSettings):
     api_port: int = Field(default=8080, ge=0)
     snapshot_poll_interval_s: float = Field(
         default=5.0, gt=0, description="Fallback refresh when no NOTIFY arrives (e.g. after a reconnect)"
+    )
+
+    # gRPC door (adr/0021): GitLab's Topology Service contract, beside the HTTP API in `topology serve`
+    grpc_port: int = Field(
+        default=0, ge=0, le=65535, description="Port of the gRPC door `topology serve` opens beside the HTTP API, "
+        "on TOPOLOGY_API_HOST; 0 (the default): none. `topology up` opens it on 9095 (or a free port)"
+    )
+    grpc_cell_ids: str = Field(
+        default="", description='JSON object: cell name -> GitLab\'s numeric cell id (int64 > 0), e.g. {"cell-1": 1}; '
+        "a cell not named here has the number its name ends with (cell-7 -> 7, 12 -> 12)"
     )
 
     # Router sync (adr/0009): access tokens, long-poll, change-log retention, compression, router sidecar
@@ -167,6 +201,12 @@ class Settings(BaseSettings):
             return value
         return value.upper() if value.lower() in ("debug", "info", "warning", "error") else value.lower()
 
+    @field_validator("grpc_cell_ids")
+    @classmethod
+    def _cell_numbers(cls, value: str) -> str:
+        parse_cell_numbers(value)  # raises ValueError with what is wrong
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _libpq_url(cls, value: str) -> str:
@@ -180,6 +220,11 @@ class Settings(BaseSettings):
         if 0 < self.retain_ended_leases_s < self.idempotency_window_s:
             raise ValueError("TOPOLOGY_RETAIN_ENDED_LEASES_S must be 0 or at least TOPOLOGY_IDEMPOTENCY_WINDOW_S")
         return self
+
+    @property
+    def grpc_cell_numbers(self) -> dict[str, int]:
+        """TOPOLOGY_GRPC_CELL_IDS: cell name -> GitLab's numeric cell id."""
+        return parse_cell_numbers(self.grpc_cell_ids)
 
     @model_validator(mode="after")
     def _stale_bound_above_the_wait(self) -> Settings:

@@ -1,0 +1,159 @@
+"""GitLab's ``Classify`` over one snapshot (adr/0021): which cell serves a request.
+
+The lookups are the read API's own (``schemas.router_sync.classify_in``, what
+``GET /v1/classify`` answers with); this module maps GitLab's request onto them and
+their answer onto ``ClassifyResponse`` (action PROXY, the cell's address as ``host:port``):
+
+- ``FIRST_CELL``: the default cell (:func:`topology_store.grpc_api.cells.first_cell`);
+  a value, if any, is ignored.
+- ``SESSION_PREFIX``: the cell whose session prefix starts the value (the longest).
+- ``CELL_ID``: the value is GitLab's numeric cell id, in decimal.
+- ``UNSPECIFIED`` with ``claims``: the first claim that matches answers, and is returned as
+  ``matched_claim``. A ``route`` claim matches the owner of the path's top-level namespace
+  (the routing table holds top-level namespaces, not GitLab's full paths), and
+  ``matched_claim.route`` is that namespace. Other claim kinds are not in the routing table:
+  UNIMPLEMENTED, naming the kind.
+
+Anything else is refused with a :class:`Refusal`: bad input is INVALID_ARGUMENT with what
+is wrong, an unknown key NOT_FOUND (what GitLab's clients read as "unknown").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+
+from topology_store.grpc_api.cells import CellNumbers, first_cell, gitlab_address
+from topology_store.grpc_api.generated.proto import classify_service_pb2
+from topology_store.grpc_api.generated.proto.types.v1 import claim_pb2
+from topology_store.runtime.settings import INT64_MAX
+from topology_store.schemas.router_sync import classify_in
+
+ClassifyType = classify_service_pb2.ClassifyType
+MAX_VALUE_CHARS = 4096  # a path, a session cookie, a decimal id: far below this
+CLAIM_KINDS = tuple(field.name for field in claim_pb2.Claim.DESCRIPTOR.oneofs_by_name["claim"].fields)
+SERVED_CLAIM_KINDS = ("route",)
+
+
+class Refusal(Exception):
+    """A request this door answers with a gRPC status other than OK."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def invalid(message: str) -> Refusal:
+    return Refusal(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+class Lookup(Protocol):
+    def get(self, key: str, default: None = None, /) -> str | None: ...
+
+
+class RoutingTables(Protocol):
+    """What classification reads of a snapshot (``query_api.snapshot.Snapshot`` is one)."""
+
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def cells_by_id(self) -> Mapping[str, Mapping[str, Any]]: ...
+
+    @property
+    def namespaces(self) -> Lookup: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Classified:
+    cell: Mapping[str, Any]
+    matched_claim: claim_pb2.Claim | None = None
+
+    def response(self) -> classify_service_pb2.ClassifyResponse:
+        return classify_service_pb2.ClassifyResponse(
+            action=classify_service_pb2.PROXY,
+            proxy=classify_service_pb2.ProxyInfo(address=gitlab_address(self.cell["address"])),
+            matched_claim=self.matched_claim,
+        )
+
+
+def _lookup(tables: RoutingTables, kind: str, value: str) -> Mapping[str, Any]:
+    """The read API's classification, its HTTP answer turned into a cell or a Refusal."""
+    status, document = classify_in(tables.version, tables.namespaces, tables.cells_by_id, kind, value)
+    if status == 200:
+        return document["cell"]  # type: ignore[no-any-return]
+    message = document["error"]["message"]
+    raise Refusal(grpc.StatusCode.NOT_FOUND if status == 404 else grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _value(value: str, what: str) -> str:
+    if not value.strip():
+        raise invalid(f"value is empty: {what}")
+    if len(value) > MAX_VALUE_CHARS:
+        raise invalid(f"value is {len(value)} characters long; at most {MAX_VALUE_CHARS}")
+    return value
+
+
+def cell_by_number(tables: RoutingTables, numbers: CellNumbers, number: int) -> str:
+    """Our cell name of GitLab's cell id ``number``, or a Refusal."""
+    if number <= 0:
+        raise invalid(f"cell id must be a positive integer (GitLab's int64 cell id), got {number}")
+    if number in numbers.ambiguous:
+        raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                      f"cell id {number} is ambiguous: cells {', '.join(numbers.ambiguous[number])} all end with it; "
+                      "name each cell's id in TOPOLOGY_GRPC_CELL_IDS")
+    name = numbers.by_number.get(number)
+    if name is None or name not in tables.cells_by_id:
+        raise Refusal(grpc.StatusCode.NOT_FOUND, f"no cell has id {number}")
+    return name
+
+
+def classify(request: classify_service_pb2.ClassifyRequest, tables: RoutingTables,
+             numbers: CellNumbers) -> Classified:
+    kind = request.type
+    if kind not in ClassifyType.values():
+        raise invalid(f"unknown classify type {kind}: one of {', '.join(ClassifyType.keys())}")
+    if kind != classify_service_pb2.UNSPECIFIED and len(request.claims):
+        raise invalid("give either a classify type (with its value) or claims, not both")
+    if kind == classify_service_pb2.FIRST_CELL:
+        name = first_cell(tables.cells_by_id, numbers)
+        if name is None:
+            raise Refusal(grpc.StatusCode.NOT_FOUND, "no cell can be the first cell: no cell has a numeric id, or "
+                          "every one is decommissioned (TOPOLOGY_GRPC_CELL_IDS)")
+        return Classified(tables.cells_by_id[name])
+    if kind == classify_service_pb2.SESSION_PREFIX:
+        return Classified(_lookup(tables, "SESSION_PREFIX", _value(request.value, "SESSION_PREFIX needs a session "
+                                                                   "prefix (or a session value starting with one)")))
+    if kind == classify_service_pb2.CELL_ID:
+        text = _value(request.value, "CELL_ID needs a cell id").strip()
+        if not text.isascii() or not text.isdigit() or int(text) > INT64_MAX:
+            raise invalid(f"CELL_ID needs GitLab's numeric cell id (an int64, in decimal), got {text[:64]!r}")
+        return Classified(_lookup(tables, "CELL_ID", cell_by_number(tables, numbers, int(text))))
+    return _by_claims(request, tables)
+
+
+def _by_claims(request: classify_service_pb2.ClassifyRequest, tables: RoutingTables) -> Classified:
+    if not request.claims:
+        raise invalid("give a classify type (FIRST_CELL, SESSION_PREFIX or CELL_ID) with its value, or claims")
+    if request.value:
+        raise invalid("a value goes with a classify type; with claims, leave it empty")
+    for position, claim in enumerate(request.claims):
+        kind = claim.WhichOneof("claim")
+        if kind is None:
+            raise invalid(f"claims[{position}] is empty: set one of {', '.join(CLAIM_KINDS)}")
+        if kind not in SERVED_CLAIM_KINDS:
+            raise Refusal(grpc.StatusCode.UNIMPLEMENTED,
+                          f"claims[{position}]: classifying by {kind} is not served yet (adr/0021); "
+                          f"served: {', '.join(SERVED_CLAIM_KINDS)}")
+    for position, claim in enumerate(request.claims):
+        route = _value(claim.route, f"claims[{position}].route needs a path").strip("/")
+        if not route:
+            raise invalid(f"claims[{position}].route has no path segment")
+        status, document = classify_in(tables.version, tables.namespaces, tables.cells_by_id, "ROUTE", route)
+        if status == 200:
+            return Classified(document["cell"], claim_pb2.Claim(route=document["key"]))
+    raise Refusal(grpc.StatusCode.NOT_FOUND, "no cell owns any of the claims")
