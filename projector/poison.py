@@ -24,6 +24,11 @@ Failures are sorted by :func:`is_transient`:
   commit fails, the record was not the cause, and the projector backs off instead.
 
 A poison record costs about two transactions per halving (log2 of the batch size).
+
+One deterministic failure is never a record's fault: a unique violation on a position
+(``event_archive`` or ``dead_letters`` already holds an offset of the batch). The stored
+offsets moved backwards under this member; it seeks to them again, and the consumer's
+comparison with the archive skips what was applied or refuses the partition (adr/0019).
 """
 
 from __future__ import annotations
@@ -56,6 +61,16 @@ def database_error(exc: BaseException) -> psycopg.Error | None:
     if isinstance(exc, DBAPIError) and isinstance(exc.orig, psycopg.Error):
         return exc.orig
     return exc if isinstance(exc, psycopg.Error) else None
+
+
+# Unique keys on a record's position: a violation means the position was recorded before.
+POSITION_KEYS = frozenset({"event_archive_pkey", "dead_letters_position_key"})
+
+
+def position_recorded(exc: BaseException) -> bool:
+    """Whether ``exc`` says a position of the batch is archived or dead-lettered already."""
+    db = database_error(exc)
+    return isinstance(db, psycopg.errors.UniqueViolation) and db.diag.constraint_name in POSITION_KEYS
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -100,7 +115,9 @@ def _as_batch(items: Sequence[tuple[TopicPartition, ConsumerRecord]]) -> dict[To
 
 async def on_failure(projector: Projector, batch: Batch, exc: BaseException) -> None:
     """A batch failed for a reason other than fencing: pause and re-read, or isolate."""
-    if is_transient(exc):
+    if position_recorded(exc):
+        await seek_again(projector, exc)
+    elif is_transient(exc):
         await pause_and_reread(projector, exc)
     else:
         await isolate(projector, batch, exc)
@@ -116,6 +133,12 @@ async def pause_and_reread(projector: Projector, exc: BaseException) -> None:
               extra={"offsets": {f"{tp.topic}[{tp.partition}]": p for tp, p in projector.positions.items()}})
     await sleep_unless(projector.stop_event, delay)
     projector.rewind()
+
+
+async def seek_again(projector: Projector, exc: BaseException) -> None:
+    log.warning("a position of the batch is recorded already (%s): the stored offsets moved backwards; "
+                "seeking to them again", describe(exc))
+    await projector.seek_to_stored(list(projector.positions))
 
 
 async def isolate(projector: Projector, batch: Batch, exc: BaseException) -> None:
@@ -143,6 +166,9 @@ async def isolate(projector: Projector, batch: Batch, exc: BaseException) -> Non
             if outcome == "abandoned":
                 return
             assert isinstance(outcome, BaseException)
+            if position_recorded(outcome):
+                await seek_again(projector, outcome)
+                return
             if len(segment) > 1:
                 middle = len(segment) // 2
                 stack += [segment[middle:], segment[:middle]]

@@ -21,6 +21,7 @@ from topology_store.projector.consumer import LogRewrittenError
 from topology_store.runtime.settings import Settings
 from topology_store.runtime.topics import ensure_topics
 from topology_store.schemas.codec import EventCodec
+from topology_store.schemas.models import ClaimCreated
 
 pytestmark = pytest.mark.integration
 
@@ -237,3 +238,43 @@ async def test_a_revoke_while_a_seek_waits_on_the_database_cannot_crash_the_memb
             await holder.close()
     outcomes = rows(settings, "SELECT outcome, count(*) FROM processed_events GROUP BY 1")
     assert outcomes == [("applied", 21)]
+
+
+async def test_an_archived_position_the_member_did_not_expect_is_never_blamed_on_a_record(topics: Settings) -> None:
+    """The stored offset moves back under a running member (here: the archive gains the
+    position it is about to read). The archive's COPY then collides on its primary key;
+    before, the bisection blamed no record and the member re-read for ever. Now it seeks
+    again and the comparison with the archive decides: here a different record, refused."""
+    settings = topics
+    codec = EventCodec()
+    async with Member(settings) as member:
+        projector = member.projector
+        await publish(settings, [claim(f"first-{n}") for n in range(4)])
+        await wait_for(settings, "SELECT count(*) FROM processed_events", 4)
+        claims = TopicPartition(settings.claims_topic, 0)
+        await until(lambda: claims in projector.positions, "claims[0] assigned")
+        position = projector.positions[claims]
+        execute(settings, 'INSERT INTO event_archive (topic, partition, "offset", key, value, log_time) '
+                          "VALUES (%s, 0, %s, 'k', 'another record', now())", (claims.topic, position))
+
+        async def send(events: list[ClaimCreated], partition: int) -> None:
+            producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+            await producer.start()
+            try:
+                for event in events:
+                    await producer.send_and_wait(settings.claims_topic, codec.encode("ClaimCreated", event.to_avro()),
+                                                 key=event.partition_key.encode(), partition=partition)
+            finally:
+                await producer.stop()
+
+        await send([claim("collides")], 0)
+        await until(lambda: isinstance(getattr(projector.refused.get(claims), "error", None), LogRewrittenError),
+                    "claims[0] refused")
+        assert f"offset {position} holds a different record" in projector.health.document()["log"]["refused"][
+            f"{claims.topic}[0]"]
+        # Other partitions go on; nothing was dead-lettered or isolated for it.
+        await send([claim(f"later-{n}") for n in range(8)], 1)
+        await wait_for(settings, "SELECT count(*) FROM processed_events", 4 + 8)
+        assert projector.metrics.isolated._value.get() == 0
+    assert count(settings, "SELECT count(*) FROM dead_letters") == 0
+    assert count(settings, "SELECT count(*) FROM claims WHERE value = 'collides'") == 0
