@@ -12,5 +12,6 @@ stack. Nothing imports this package.
 - ``demo``          the demo topology of ``topology up --demo``.
 - ``devstack``      the embedded servers behind ``topology up`` and the test fallback (Tansu,
                     embedded PostgreSQL).
+- ``watchdog``      stops the servers and services of ``topology up`` when it dies without doing so.
 - ``apache_kafka``  a real Apache Kafka broker on the local JVM (KRaft), for tests and local runs.
 """

@@ -4,6 +4,11 @@ Servers named by ``TOPOLOGY_KAFKA_BOOTSTRAP`` / ``TOPOLOGY_DATABASE_URL`` are us
 when set; otherwise the embedded broker and database start here. The projector and
 the read API run as child processes, exactly as ``topology project`` and
 ``topology serve`` would; Ctrl-C stops all of them.
+
+Nothing outlives it: Ctrl-C and SIGTERM stop everything in order; should it die
+without doing so (SIGKILL, a crash), its watchdog (``watchdog.py``), told about each
+server and child as it starts, stops them; and a pid file per process in the data
+directory lets the next run end whatever survived even that, before it starts.
 """
 
 from __future__ import annotations
@@ -20,7 +25,15 @@ from pathlib import Path
 import httpx
 
 from topology_store.cli.demo import demo_events
-from topology_store.cli.devstack import EmbeddedKafka, EmbeddedPostgres, free_port
+from topology_store.cli.devstack import (
+    EmbeddedKafka,
+    EmbeddedPostgres,
+    PidFile,
+    free_port,
+    port_holders,
+    start_ticks,
+    stop_postmaster,
+)
 from topology_store.producer.publisher import EventPublisher, PublishFailed
 from topology_store.projector.migrate import ensure_database, upgrade_to_head
 from topology_store.runtime.settings import Settings
@@ -93,33 +106,101 @@ def _wait_for_demo(url: str, token: str, timeout_s: float = 120) -> dict[str, ob
     raise RuntimeError("demo data did not reach the snapshot in time")
 
 
+class Watchdog:
+    """The write end of the watchdog's input (``watchdog.py``): what to stop should this
+    process die. Its pipe closes with this process, however it ends."""
+
+    def __init__(self) -> None:
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "topology_store.cli.watchdog"], stdin=subprocess.PIPE,
+            start_new_session=True,  # out of the terminal's group: Ctrl-C does not reach it
+        )
+
+    def tell(self, line: str) -> None:
+        assert self._process.stdin is not None
+        try:
+            self._process.stdin.write(f"{line}\n".encode())
+            self._process.stdin.flush()
+        except OSError as exc:  # it died: the pid files still let the next run clean up
+            _say(f"warning: the watchdog is gone ({exc.strerror}); a kill -9 now would leave servers running")
+
+    def guard(self, pid: int) -> None:
+        self.tell(f"process {pid} {start_ticks(pid)}")
+
+    def close(self) -> None:
+        """Everything is stopped: the watchdog exits without acting."""
+        self.tell("done")
+        assert self._process.stdin is not None
+        try:
+            self._process.stdin.close()
+        except OSError:
+            pass
+        try:
+            self._process.wait(10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+
+def _reap_leftovers(data_dir: Path) -> None:
+    """End what an earlier run in ``data_dir`` left running (it was killed with its
+    watchdog): the processes its pid files name, a PostgreSQL on its data directory."""
+    for pid_file in sorted(data_dir.glob("*.pid")):
+        ended = PidFile(pid_file).reap()
+        if ended is not None:
+            _say(f"stopped {pid_file.stem} (pid {ended}), left running by an earlier run in {data_dir}")
+    stopped = stop_postmaster(data_dir / "postgres")
+    if stopped is not None:
+        _say(f"stopped PostgreSQL (pid {stopped}), left running by an earlier run in {data_dir}")
+
+
+def _broker_port() -> int:
+    if _port_free(9092):
+        return 9092
+    port = free_port()
+    holders = ", ".join(port_holders(9092)) or "another process"
+    _say(f"warning: port 9092 is taken by {holders}; the embedded broker listens on {port} instead")
+    return port
+
+
 def up(data_dir: Path, api_port: int, demo: bool) -> int:
     env_kafka = os.environ.get("TOPOLOGY_KAFKA_BOOTSTRAP")
     env_database = os.environ.get("TOPOLOGY_DATABASE_URL")
     kafka: EmbeddedKafka | None = None
     postgres: EmbeddedPostgres | None = None
     children: list[subprocess.Popen[bytes]] = []
-    stop_requested = False
+    watchdog: Watchdog | None = None
+    pgdata: Path | None = None  # the embedded database's, once it may be running
+    stopping = False
 
     def request_stop(signum: int, frame: object) -> None:
-        nonlocal stop_requested
-        stop_requested = True
+        # SIGTERM as Ctrl-C: stop now, also in the middle of starting up.
+        if not stopping:
+            raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, request_stop)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir = data_dir.resolve()
+        watchdog = Watchdog()
+        _reap_leftovers(data_dir)
         if env_kafka:
             bootstrap = env_kafka
             _say(f"using Kafka at {bootstrap}")
         else:
-            kafka = EmbeddedKafka(port=9092 if _port_free(9092) else free_port(), log_path=data_dir / "tansu.log")
+            kafka = EmbeddedKafka(port=_broker_port(), log_path=data_dir / "tansu.log")
             bootstrap = kafka.start().bootstrap
+            assert kafka.pid is not None
+            watchdog.guard(kafka.pid)
+            PidFile(data_dir / "tansu.pid").write(kafka.pid)
             _say(f"embedded Tansu broker (memory storage) at {bootstrap}")
         if env_database:
             database_url = env_database
             _say("using PostgreSQL from TOPOLOGY_DATABASE_URL")
         else:
-            postgres = EmbeddedPostgres(data_dir / "postgres").start()
+            pgdata = data_dir / "postgres"
+            watchdog.tell(f"postgres {pgdata}")  # before it starts: this process may die starting it
+            postgres = EmbeddedPostgres(pgdata).start()
             database_url = postgres.url("topology")
             _say(f"embedded PostgreSQL, data in {data_dir / 'postgres'}")
         if kafka is not None and postgres is not None:
@@ -148,7 +229,10 @@ def up(data_dir: Path, api_port: int, demo: bool) -> int:
         asyncio.run(ensure_topics(settings))
         # The relay publishes the projector's claim decisions (its outbox) to the decision log.
         for command in (["project"], ["serve"], ["relay", "--source", settings.libpq_url]):
-            children.append(subprocess.Popen([sys.executable, "-m", "topology_store.cli", *command], env=env))
+            child = subprocess.Popen([sys.executable, "-m", "topology_store.cli", *command], env=env)
+            children.append(child)
+            watchdog.guard(child.pid)
+            PidFile(data_dir / f"{command[0]}.pid").write(child.pid)
         url = f"http://{settings.api_host}:{api_port}"
         _wait_ready(url, children)
         if demo:
@@ -163,17 +247,17 @@ def up(data_dir: Path, api_port: int, demo: bool) -> int:
         _say(f"Kafka       {bootstrap}")
         _say(f"PostgreSQL  {database_url}")
         _say("Ctrl-C stops everything")
-        while not stop_requested:
+        while True:
             for child in children:
                 if child.poll() is not None:
                     _say(f"{' '.join(map(str, child.args))} exited with status {child.returncode}; stopping")
                     return 1
             time.sleep(0.5)
-        return 0
     except KeyboardInterrupt:
         return 0
     finally:
-        # A second Ctrl-C must not cut the teardown short and orphan a server.
+        # A second Ctrl-C or SIGTERM must not cut the teardown short and orphan a server.
+        stopping = True
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         _say("stopping")
         for child in children:
@@ -189,6 +273,12 @@ def up(data_dir: Path, api_port: int, demo: bool) -> int:
             kafka.stop()
         if postgres is not None:
             postgres.stop()
+        if pgdata is not None:
+            stop_postmaster(pgdata)  # also one interrupted while it started
+        for name in ("project", "serve", "relay", "tansu"):
+            (data_dir / f"{name}.pid").unlink(missing_ok=True)
+        if watchdog is not None:
+            watchdog.close()
         _say("stopped")
 
 
