@@ -7,6 +7,7 @@ and a running projector."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import subprocess
 import sys
@@ -33,9 +34,11 @@ from topology_store.projector.compaction import (
     table_sizes,
 )
 from topology_store.projector.metrics import ProjectorMetrics
-from topology_store.projector.replay import verify
+from topology_store.projector.replay import replay, verify
 from topology_store.runtime.settings import Settings
+from topology_store.schemas.codec import EventCodec
 from topology_store.schemas.models import (
+    CellRegistered,
     ClaimBucket,
     ClaimCreated,
     ClaimRef,
@@ -407,3 +410,32 @@ async def test_the_projectors_scheduled_compaction_takes_turns_and_reports(setti
     assert deleted == {table: len(rows) for table, rows in gone.items()}
     assert any(m.registry.get_sample_value("topology_compaction_last_success_timestamp_seconds") for m in (first, second))
     assert first.registry.get_sample_value("topology_database_table_bytes", {"table": "event_archive"}) > 0
+
+
+def test_an_archive_replay_is_the_same_without_a_compacted_resolved_dead_letter(settings: Settings) -> None:
+    """Why resolved dead letters may go and discarded ones may not (adr/0020): the archive
+    replay applies a record whose dead letter is resolved or absent, and skips a discarded one."""
+    codec = EventCodec()
+    cells = [CellRegistered(source="ops", cell_id=f"cell-{n}", address=f"https://c{n}.example.com",
+                            session_prefix=f"c{n}", region="eu") for n in (1, 2)]
+    with psycopg.connect(settings.libpq_url, autocommit=True) as conn:
+        for offset, cell in enumerate(cells):
+            conn.execute("INSERT INTO event_archive (topic, partition, \"offset\", key, value, log_time) "
+                         "VALUES (%s, 0, %s, %s, %s, now())", (settings.cells_topic, offset,
+                                                               cell.partition_key.encode(),
+                                                               codec.encode(cell.EVENT_TYPE, cell.to_avro())))
+        for offset, status in ((0, "resolved"), (1, "discarded")):
+            conn.execute("INSERT INTO dead_letters (topic, partition, \"offset\", value, error, status, resolved_at) "
+                         "VALUES (%s, 0, %s, 'x', 'bad', %s, now() - interval '31 days')",
+                         (settings.cells_topic, offset, status))
+    quiet = io.StringIO()
+    before = replay(settings, "with_letters", replace=True, out=quiet)
+    assert set(before.cells) == {"cell-1"}  # the resolved one applied, the discarded one skipped
+    outcomes = compact(settings.libpq_url, projection_rules(settings))
+    assert {o.table: o.rows for o in outcomes}["dead_letters"] == 1
+    assert ids(settings, "SELECT status FROM dead_letters") == {"discarded"}
+    after = replay(settings, "without_resolved", replace=True, out=quiet)
+    assert after.cells == before.cells
+    with psycopg.connect(settings.libpq_url, autocommit=True) as conn:
+        conn.execute("DELETE FROM dead_letters")  # what compaction must never do to a discarded one
+    assert set(replay(settings, "without_any", replace=True, out=quiet).cells) == {"cell-1", "cell-2"}
