@@ -37,7 +37,7 @@ from topology_store.projector.bulk import copy_rows, execute_binary
 from topology_store.projector.changelog import prune_routing_changes
 from topology_store.projector.registry_store import load_registry, write_registry
 from topology_store.projector.tables import partition_offsets, topology_version
-from topology_store.runtime.database import DECISIONS_CHANNEL, VERSION_CHANNEL, encode_decision_notices
+from topology_store.runtime.database import DECISIONS_CHANNEL, VERSION_CHANNEL, DecisionRow, encode_decision_notices
 from topology_store.schemas.codec import EventCodec
 from topology_store.schemas.models import (
     REQUEST_EVENT_TYPES,
@@ -170,12 +170,12 @@ class ProjectionStore:
                 version = int((await conn.execute(select(topology_version.c.version))).scalar_one())
             await write_registry(conn, result.registry, version)
             await _append_to_outbox(conn, self._codec, result.claim_decisions)
-            await _record_decisions(conn, result, version, digests)
+            recorded = await _record_decisions(conn, result, version, digests)
             await _write_dead_letters(conn, dead_letters)
             await write_archive(conn, archive)
             await write_audit_keys(conn, audit_rows(result, self._secret))
             if commands:
-                await _notify_decisions(conn, result)
+                await _notify_decisions(conn, recorded)
             if then is not None:
                 await then(conn, result)
         return CommitResult(
@@ -308,11 +308,13 @@ async def write_routing_changes(
 
 async def _record_decisions(
     conn: AsyncConnection, result: BatchResult, version: int, digests: Mapping[UUID, bytes]
-) -> None:
+) -> list[DecisionRow]:
+    """Write one ``processed_events`` row per fresh event; return the requests' rows as the
+    notification carries them (their decision JSON built once, for both)."""
     # Duplicates are not recorded again: the first decision for an event_id stands.
-    fresh = [(p, d) for p, d in result.decisions if d.outcome is not Outcome.DUPLICATE]
+    fresh = [(p, d, _detail(d.events)) for p, d in result.decisions if d.outcome is not Outcome.DUPLICATE]
     if not fresh:
-        return
+        return []
     await copy_rows(
         conn,
         "processed_events",
@@ -320,10 +322,12 @@ async def _record_decisions(
          "detail", "version", "request_digest"),
         (
             (p.event.event_id, p.event.EVENT_TYPE, p.topic, p.partition, p.offset, d.outcome.value, d.reason,
-             p.event.source, p.event.occurred_at, _detail(d.events), version, digests.get(p.event.event_id))
-            for p, d in fresh
+             p.event.source, p.event.occurred_at, detail, version, digests.get(p.event.event_id))
+            for p, d, detail in fresh
         ),
     )
+    return [(p.event.event_id, p.event.EVENT_TYPE, d.outcome.value, d.reason, detail, digests.get(p.event.event_id))
+            for p, d, detail in fresh if p.event.EVENT_TYPE in _ANSWERED]
 
 
 def _detail(decisions: tuple[Event, ...]) -> str | None:
@@ -381,13 +385,10 @@ async def _write_dead_letters(conn: AsyncConnection, dead_letters: Sequence[Dead
     )
 
 
-async def _notify_decisions(conn: AsyncConnection, result: BatchResult) -> None:
+async def _notify_decisions(conn: AsyncConnection, rows: Sequence[DecisionRow]) -> None:
     """Wake the claims doors with the decisions themselves (delivered on commit), so a
     waiting request is answered without a lookup; what does not fit in a payload is
     announced by an empty one, which makes the doors look it up (adr/0018)."""
-    rows = [(p.event.event_id, p.event.EVENT_TYPE, d.outcome.value, d.reason, _detail(d.events))
-            for p, d in result.decisions
-            if d.outcome is not Outcome.DUPLICATE and p.event.EVENT_TYPE in _ANSWERED]
     await conn.execute(text("SELECT pg_notify(:channel, payload) FROM unnest(CAST(:payloads AS text[])) AS payload"),
                        {"channel": DECISIONS_CHANNEL, "payloads": encode_decision_notices(rows)})
 

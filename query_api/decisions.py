@@ -130,11 +130,11 @@ class DecisionWaiter:
             return False
         if notice is None:
             return False
-        for request_id, request_type, outcome, reason, detail in notice:
+        for request_id, request_type, outcome, reason, detail, digest in notice:
             futures = self._pending.get(request_id)
             if not futures:
                 continue  # another API process's request, or nobody waits any more
-            decision = RequestDecision(request_id, request_type, outcome, reason, detail)
+            decision = RequestDecision(request_id, request_type, outcome, reason, detail, digest)
             for future in futures:
                 if not future.done():
                     future.set_result(decision)

@@ -23,8 +23,10 @@ DECISIONS_CHANNEL = "topology_decisions"
 NOTIFY_PAYLOAD_LIMIT = 7999
 
 #: One recorded decision as it travels in a notification: request id, request type,
-#: outcome, reason, and the decision events as JSON text (``processed_events.detail``).
-DecisionRow = tuple[UUID, str, str, str | None, str | None]
+#: outcome, reason, the decision events as JSON text (``processed_events.detail``) and the
+#: request's digest (``processed_events.request_digest``, adr/0017).
+DecisionRow = tuple[UUID, str, str, str | None, str | None, bytes | None]
+DecisionNotice = tuple[UUID, str, str, str | None, list[Any], bytes | None]
 
 # A PostgreSQL host that drops packets (rather than refusing) would otherwise hold a
 # connection attempt for the kernel's TCP timeout, minutes, and every request behind it.
@@ -38,16 +40,17 @@ def create_engine(sqlalchemy_url: str, pool_size: int = 5, connect_timeout_s: in
 
 
 def encode_decision_notices(rows: Iterable[DecisionRow], limit: int = NOTIFY_PAYLOAD_LIMIT) -> list[str]:
-    """The payloads announcing ``rows``: JSON arrays of ``[id, type, outcome, reason, detail]``,
+    """The payloads announcing ``rows``: JSON arrays of ``[id, type, outcome, reason, detail,
+    digest in hex]``,
     each under ``limit`` bytes. A row too large for any payload is left out and an empty
     payload added instead, which tells a listener to look its requests up."""
     payloads: list[str] = []
     entries: list[str] = []
     size = 2  # the brackets
     oversize = False
-    for request_id, request_type, outcome, reason, detail in rows:
+    for request_id, request_type, outcome, reason, detail, digest in rows:
         entry = (f'["{request_id}",{json.dumps(request_type)},{json.dumps(outcome)},{json.dumps(reason)},'
-                 f'{detail if detail is not None else "null"}]')
+                 f'{detail if detail is not None else "null"},{json.dumps(digest.hex() if digest else None)}]')
         length = len(entry.encode("utf-8"))
         if length + 2 > limit:
             oversize = True
@@ -64,13 +67,14 @@ def encode_decision_notices(rows: Iterable[DecisionRow], limit: int = NOTIFY_PAY
     return payloads
 
 
-def decode_decision_notice(payload: str) -> list[tuple[UUID, str, str, str | None, list[Any]]] | None:
+def decode_decision_notice(payload: str) -> list[DecisionNotice] | None:
     """The decisions a notification carries; None for an empty payload (look them up).
     Raises ValueError for a payload not in this format."""
     if not payload:
         return None
     try:
-        return [(UUID(request_id), request_type, outcome, reason, detail or [])
-                for request_id, request_type, outcome, reason, detail in json.loads(payload)]
+        return [(UUID(request_id), request_type, outcome, reason, detail or [],
+                 bytes.fromhex(digest) if digest is not None else None)
+                for request_id, request_type, outcome, reason, detail, digest in json.loads(payload)]
     except (TypeError, ValueError) as exc:
         raise ValueError(f"not a decision notice: {exc}") from exc

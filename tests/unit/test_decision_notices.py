@@ -22,7 +22,7 @@ from topology_store.runtime.database import (
 
 def row(detail_bytes: int = 200, reason: str | None = None, outcome: str = "applied") -> DecisionRow:
     detail = json.dumps([{"type": "LeaseGranted", "note": "x" * detail_bytes, "name": "Jürgen"}])
-    return (uuid.uuid4(), "ClaimsRequested", outcome, reason, detail)
+    return (uuid.uuid4(), "ClaimsRequested", outcome, reason, detail, None if reason else uuid.uuid4().bytes * 2)
 
 
 def test_a_batch_round_trips_and_every_payload_stays_under_the_limit() -> None:
@@ -31,7 +31,7 @@ def test_a_batch_round_trips_and_every_payload_stays_under_the_limit() -> None:
     assert len(payloads) > 1 and "" not in payloads
     assert all(len(p.encode("utf-8")) <= NOTIFY_PAYLOAD_LIMIT for p in payloads)
     decoded = [d for p in payloads for d in (decode_decision_notice(p) or [])]
-    assert decoded == [(i, t, o, r, json.loads(d)) for i, t, o, r, d in rows]
+    assert decoded == [(i, t, o, r, json.loads(d or "null"), g) for i, t, o, r, d, g in rows]
 
 
 def test_a_decision_too_large_for_a_payload_is_left_to_a_lookup() -> None:
@@ -45,7 +45,8 @@ def test_a_decision_too_large_for_a_payload_is_left_to_a_lookup() -> None:
 
 
 def test_garbage_is_refused() -> None:
-    for payload in ("{", "[1]", '[["not-a-uuid","a","b",null,null]]', "7"):
+    for payload in ("{", "[1]", '[["not-a-uuid","a","b",null,null,null]]', "7",
+                    '[["9a4c5fe8-0d3e-4c8e-9a53-5b1f4b3c7f11","a","b",null,null,"zz"]]'):
         with pytest.raises(ValueError, match="not a decision notice"):
             decode_decision_notice(payload)
 
@@ -64,6 +65,7 @@ async def test_the_waiter_answers_from_the_notification_and_asks_for_a_lookup_wh
     assert decision is not None
     assert (decision.request_id, decision.request_type, decision.outcome, decision.reason) == mine[:4]
     assert decision.decisions == json.loads(mine[4] or "null")
+    assert decision.digest == mine[5]  # a reused request id is still told apart (adr/0017)
     assert await waiting_huge is None  # not carried: only a lookup (or the poll) answers it
     assert waiter.waiting == 0
     assert waiter.resolve_notice("garbage") is False
