@@ -175,9 +175,11 @@ class Projector:
             fetch_max_bytes=32 * 1024 * 1024,
             session_timeout_ms=settings.consumer_session_timeout_ms,
             heartbeat_interval_ms=settings.consumer_heartbeat_interval_ms,
-            # A fetch returns as soon as records arrive; this only bounds how long an
-            # idle fetch is parked, which decides how fast a quiet projector reacts.
-            fetch_max_wait_ms=max(10, settings.batch_wait_ms),
+            # A fetch returns as soon as records arrive on a partition it asks for, but
+            # aiokafka leaves out of the next fetch the partitions whose records are still
+            # buffered, and sends none while one is parked: a claim on such a partition
+            # waits for the parked fetch. This bounds that wait (adr/0018).
+            fetch_max_wait_ms=settings.fetch_max_wait_ms,
         )
         self.metrics.watch_partitions(self.partition_progress)
 

@@ -68,7 +68,10 @@ class Settings(BaseSettings):
     # Projector
     consumer_group: str = "topology-projector"
     batch_max_events: int = Field(default=5000, ge=1)
-    batch_wait_ms: int = Field(default=200, ge=0, description="How long a fetch waits for a batch to fill")
+    batch_wait_ms: int = Field(default=200, ge=0, description="How long the projector's poll waits when nothing is "
+                               "buffered (records that arrive end it at once)")
+    fetch_max_wait_ms: int = Field(default=20, ge=1, description="How long the broker may park one of the projector's "
+                                   "fetches; bounds a claim's wait behind a parked fetch (adr/0018)")
     projector_metrics_port: int = Field(default=9464, ge=0, description="0 disables the projector's /metrics")
     # Reliability (README "Reliability"): how fast a dead member's partitions move, how
     # often the dependencies are probed for /readyz, how long a SIGTERM may take.
