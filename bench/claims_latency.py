@@ -1,22 +1,32 @@
-"""Latency of synchronous claims: POST /v1/claims (begin) until the decision, and begin+commit
-pairs, at fixed offered rates, on Tansu and on Apache Kafka in the same run.
+"""Open-loop harness of synchronous claims (issue 13): begin + commit pairs for new users at
+fixed offered rates, up to twice the knee, with admission control, CPU per request of every
+process, and the HTTP floor of the same server in the same run.
 
-    python -m bench.claims_latency [--broker tansu|apache|both] [--rounds 1] [--rate 200]
-                                   [--seconds 20] [--pairs 20,50,150] [--pair-seconds 10]
-                                   [--connections 32] [--json FILE]
+    python -m bench.claims_latency [--broker tansu|apache|both] [--rounds 1] [--idle-pairs 20]
+                                   [--rates 50,150,300] [--overload R] [--seconds 10]
+                                   [--connections 32] [--env TOPOLOGY_X=value ...] [--json FILE]
 
 Opt-in and slow; not part of the test run. For each broker in turn (``--broker``; both
 when Apache Kafka is available, bench/__init__.py), a fresh broker and a fresh scratch
-database on the local PostgreSQL (TOPOLOGY_BENCH_POSTGRES_URL), with a projector and the
-read API as child processes (``topology project``, ``topology serve``); then:
+database on the local PostgreSQL (TOPOLOGY_BENCH_POSTGRES_URL), with the projector, the
+read API and the decision relay as child processes (``topology project``, ``serve``,
+``relay``, as ``topology up`` runs them), every setting at its default unless ``--env``
+names it; then:
 
 1. the baseline, the HTTP floor: 500 GET /healthz round trips, one at a time, on one
    keep-alive connection of the same server;
-2. begins: --rate POST /v1/claims per second for --seconds, one fresh namespace each
-   (the API publishes the request, the projector decides it, the API is woken by the
-   projector's NOTIFY);
-3. pairs, for each rate of --pairs: a begin, then on its 201 the commit of its lease
-   (POST /v1/leases/{id}/commit), per pair.
+2. steps of begin + commit pairs, each a new user's USERNAME and EMAIL under one lease
+   (POST /v1/claims, then on its 201 POST /v1/leases/{id}/commit on the same connection):
+   idle (--idle-pairs pairs/s), each of --rates (requests/s, so half as many pairs), and
+   last twice the knee (the highest rate whose begin and commit p99 stayed within 200 ms
+   with nothing but 201/200 answered), or --overload. Beside every step one GET /healthz
+   at a time, 20 a second: the HTTP floor under the same load.
+
+Reported per step: p50 / p99 / max of each call (admitted ones: 201 and 200), the count of
+201 / 409 / 429 / 5xx, how fast each 429 came (the time-to-429), the CPU seconds per
+answered request of each process (this client, the API, the projector, the relay, the
+broker, the PostgreSQL backends of the scratch database; from /proc) and the machine's,
+and the issue's three targets met or not.
 
 The load generator is open loop: request k is due at k / rate after the start whatever
 became of the earlier ones, and its latency is timed from when it was due, so a late
@@ -25,14 +35,9 @@ when installed): every request is built as bytes before the clock starts, each g
 an idle keep-alive connection, or on a new one when all are busy (no client-side queue),
 and of an answer only the status line and Content-Length are read (pure helpers:
 ``parse_head``, ``request_bytes``; tests/unit/test_bench_harness.py). httpx costs more CPU
-per request than the server under test, and on two cores that CPU is taken from it. The
-CPU each process used during each step (this client, the API, the projector, the broker,
-the PostgreSQL backends of the scratch database; from /proc) is reported next to the
-latencies, so a reader can see the client is not the bottleneck.
+per request than the server under test, and on two cores that CPU is taken from it.
 
-The reference Topology Service targets 20 ms for its calls. Figures from a shared machine
-are noisy: the load average is printed with them, and the ratios (to the same run's HTTP
-floor, Apache Kafka to Tansu) are what to compare.
+Figures from a shared machine are noisy: the load average is printed with them.
 """
 
 from __future__ import annotations
@@ -59,17 +64,9 @@ from typing import Any, NamedTuple, TypeVar
 import psycopg
 from psycopg import sql
 
-from bench import (
-    add_broker_argument,
-    best_per_broker,
-    broker_table,
-    interleaved,
-    load_average,
-    running_broker,
-    selected_brokers,
-)
+from bench import add_broker_argument, best_per_broker, interleaved, load_average, running_broker, selected_brokers
 from bench.router_sync import cpu_seconds, machine_busy
-from bench.steady_latency import due, format_ratio, percentile, scheduled_at
+from bench.steady_latency import due, percentile, scheduled_at
 from topology_store.cli.devstack import free_port
 from topology_store.projector.migrate import upgrade_to_head
 from topology_store.runtime.settings import Settings
@@ -132,18 +129,21 @@ def request_bytes(method: str, path: str, body: bytes | None = None, token: str 
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (body or b"")
 
 
-def begin_body(namespace: str, lease_id: uuid.UUID, cell_id: str = "cell-1") -> bytes:
-    return json.dumps({"cell_id": cell_id, "owner_type": "GROUP", "owner_id": 1, "lease_id": str(lease_id),
-                       "claims": [{"bucket": "NAMESPACE", "value": namespace}]}).encode()
+def begin_body(username: str, lease_id: uuid.UUID, cell_id: str = "cell-1", owner_id: int = 1) -> bytes:
+    """A sign-up as the monolith sends it: a new user's USERNAME and EMAIL under one lease."""
+    return json.dumps({"cell_id": cell_id, "owner_type": "USER", "owner_id": owner_id, "lease_id": str(lease_id),
+                       "claims": [{"bucket": "USERNAME", "value": username},
+                                  {"bucket": "EMAIL", "value": f"{username}@example.com"}]}).encode()
 
 
 def pair_requests(count: int, tag: str, commit: bool, token: str = TOKEN) -> list[tuple[bytes, bytes | None]]:
-    """``count`` (begin, commit-or-None) requests on fresh namespaces; the lease id is chosen
-    here, so the commit is built before the begin is answered and no answer body is parsed."""
+    """``count`` (begin, commit-or-None) requests for new users; the lease id is chosen here, so
+    the commit is built before the begin is answered and no answer body is parsed."""
     requests: list[tuple[bytes, bytes | None]] = []
     for n in range(count):
         lease = uuid.uuid4()
-        begin = request_bytes("POST", "/v1/claims", begin_body(f"ns-{tag}-{n}-{lease.hex[:8]}", lease), token)
+        begin = request_bytes("POST", "/v1/claims", begin_body(f"u-{tag}-{n}-{lease.hex[:8]}", lease, owner_id=n + 1),
+                              token)
         finish = (request_bytes("POST", f"/v1/leases/{lease}/commit", b'{"cell_id": "cell-1"}', token)
                   if commit else None)
         requests.append((begin, finish))
@@ -222,25 +222,42 @@ class Step:
     begin: list[float] = field(default_factory=list)
     commit: list[float] = field(default_factory=list)  # from the begin's answer to the commit's
     pair: list[float] = field(default_factory=list)  # from the pair's due time to the commit's answer
+    shed: list[float] = field(default_factory=list)  # time to each 429, from its due time
+    errors: list[float] = field(default_factory=list)  # time to each 5xx, from its due time
     statuses: Counter[str] = field(default_factory=Counter)
     lag: float = 0.0  # the latest any request went out after it was due
     wall_s: float = 0.0
     client_cpu_s: float = 0.0  # this process's CPU from the first release to the last answer
     opened: int = 0
     cpu: dict[str, float] = field(default_factory=dict)  # percent of one core
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds per process over the step
+    floor: list[float] = field(default_factory=list)  # GET /healthz round trips during the step
 
     @property
     def failed(self) -> int:
-        return sum(n for key, n in self.statuses.items() if key not in ("begin 201", "commit 200"))
+        """Answers neither granted nor refused by admission control (429 is counted apart)."""
+        return sum(n for key, n in self.statuses.items() if key not in ("begin 201", "commit 200", "begin 429"))
+
+    def count(self, call: str, status: str) -> int:
+        """Answers of ``call`` (begin, commit) whose status starts with ``status`` (e.g. "5")."""
+        return sum(n for key, n in self.statuses.items() if key.startswith(f"{call} {status}"))
+
+    @property
+    def answered(self) -> int:
+        """Requests answered with any HTTP status: what the servers handled."""
+        return sum(n for key, n in self.statuses.items() if key.startswith(("begin ", "commit ")))
 
 
 async def offer(port: int, label: str, rate: float, requests: Sequence[tuple[bytes, bytes | None]],
-                connections: int, timeout_s: float) -> Step:
+                connections: int, timeout_s: float, probe_every_s: float = 0.0) -> Step:
     """Offer ``requests`` open loop at ``rate`` per second: request k is released at k / rate
-    after the start (``due``), never later because earlier ones are unanswered."""
+    after the start (``due``), never later because earlier ones are unanswered.
+    ``probe_every_s``: meanwhile, one GET /healthz at a time on a connection of its own (the
+    HTTP floor under the same load: what the server's loop alone costs)."""
     pool = Pool(port)
     await pool.fill(connections)
     step = Step(label, rate, len(requests))
+    probing = asyncio.create_task(probe(port, step.floor, probe_every_s)) if probe_every_s > 0 else None
 
     async def one(begin: bytes, finish: bytes | None, at: float) -> None:
         step.lag = max(step.lag, clock() - at)
@@ -251,12 +268,18 @@ async def offer(port: int, label: str, rate: float, requests: Sequence[tuple[byt
                 head = await exchange(connection, begin)
                 begun = clock()
                 step.statuses[f"begin {head.status}"] += 1
+                if head.status == 429:
+                    step.shed.append(begun - at)
+                elif head.status >= 500:
+                    step.errors.append(begun - at)
                 if head.status == 201:
                     step.begin.append(begun - at)
                     if finish is not None:
                         head = await exchange(connection, finish)
                         done = clock()
                         step.statuses[f"commit {head.status}"] += 1
+                        if head.status >= 500:
+                            step.errors.append(done - begun)
                         if head.status == 200:
                             step.commit.append(done - begun)
                             step.pair.append(done - at)
@@ -282,11 +305,32 @@ async def offer(port: int, label: str, rate: float, requests: Sequence[tuple[byt
         if released < total:
             await asyncio.sleep(max(0.0, start + scheduled_at(released, rate) - clock()))
     await asyncio.gather(*tasks)
+    if probing is not None:
+        probing.cancel()
     step.wall_s = clock() - start
     step.client_cpu_s = time.process_time() - cpu_started
     step.opened = pool.opened
     pool.close()
     return step
+
+
+async def probe(port: int, into: list[float], every_s: float) -> None:
+    """GET /healthz every ``every_s`` until cancelled, one at a time, timed into ``into``."""
+    pool = Pool(port)
+    request = request_bytes("GET", "/healthz")
+    try:
+        while True:
+            started = clock()
+            connection = await pool.get()
+            head = await exchange(connection, request)
+            pool.put(connection)
+            if head.status == 200:
+                into.append(clock() - started)
+            await asyncio.sleep(max(0.0, every_s - (clock() - started)))
+    except (OSError, ValueError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        pool.close()
 
 
 async def floor(port: int, count: int = 500) -> list[float]:
@@ -353,7 +397,7 @@ def backend_pids(admin: str, database: str) -> list[int]:
 
 
 class CpuMeter:
-    """CPU seconds of named processes over a step, as percent of one core."""
+    """CPU seconds of named processes over a step."""
 
     def __init__(self, processes: dict[str, Callable[[], list[int]]]) -> None:
         self.processes = processes
@@ -367,23 +411,48 @@ class CpuMeter:
         self.before = self._read()
         self.busy = machine_busy()
 
-    def stop(self, wall_s: float, client_cpu_s: float) -> dict[str, float]:
+    def stop(self, client_cpu_s: float) -> dict[str, float]:
+        """CPU seconds of each process since :meth:`start`, the client's and the machine's."""
         after = self._read()
-        shares = {"client (this process)": cpu_share(client_cpu_s, wall_s)}
+        used = {CLIENT: client_cpu_s}
         for name, pids in after.items():
             # A backend that started during the step counts from zero; one that ended is lost.
-            used = sum(seconds - self.before.get(name, {}).get(pid, 0.0) for pid, seconds in pids.items())
-            shares[name] = cpu_share(used, wall_s)
-        shares["machine (all processes)"] = cpu_share(machine_busy() - self.busy, wall_s)
-        return shares
+            used[name] = sum(seconds - self.before.get(name, {}).get(pid, 0.0) for pid, seconds in pids.items())
+        used[MACHINE] = machine_busy() - self.busy
+        return used
+
+
+CLIENT = "client (this process)"
+MACHINE = "machine (all processes)"
+API = "API (topology serve)"
 
 
 def measured(meter: CpuMeter, port: int, label: str, rate: float, requests: list[tuple[bytes, bytes | None]],
              connections: int, timeout_s: float) -> Step:
     meter.start()
-    step = run(offer(port, label, rate, requests, connections, timeout_s))
-    step.cpu = meter.stop(step.wall_s, step.client_cpu_s)
+    step = run(offer(port, label, rate, requests, connections, timeout_s, probe_every_s=PROBE_EVERY_S))
+    step.cpu_s = meter.stop(step.client_cpu_s)
+    step.cpu = {name: cpu_share(seconds, step.wall_s) for name, seconds in step.cpu_s.items()}
     return step
+
+
+PROBE_EVERY_S = 0.05  # the HTTP floor under load: 20 GET /healthz per second beside the claims
+TARGET_IDLE_P50_MS = 30.0  # issue 13: idle (20 pairs/s), p50 of each call
+TARGET_P99_MS = 200.0  # issue 13: p99 of each call at 300 requests/s, and of every admitted one past the knee
+TARGET_SHED_MS = 10.0  # issue 13: past the knee, the rest get 429 within this
+
+
+def within_target(step: Step) -> bool:
+    """Both calls' p99 within the target, and nothing but 201/200 answered."""
+    return (bool(step.begin) and bool(step.commit) and step.failed == 0 and not step.shed
+            and percentile(step.begin, 99) * 1000 <= TARGET_P99_MS
+            and percentile(step.commit, 99) * 1000 <= TARGET_P99_MS)
+
+
+def knee(steps: Sequence[Step]) -> float | None:
+    """The highest offered rate (requests/s) that met the target, None when none did."""
+    met = [step.rate * 2 for step in steps if within_target(step)]
+    return max(met) if met else None
 
 
 def on_broker(broker_name: str, args: argparse.Namespace, admin: str) -> dict[str, Any]:
@@ -402,23 +471,26 @@ def on_broker(broker_name: str, args: argparse.Namespace, admin: str) -> dict[st
 
         stack.callback(drop)
         port = free_port()
-        settings = Settings(
-            kafka_bootstrap=broker.bootstrap, database_url=f"postgresql://postgres@127.0.0.1:5432/{database}",
-            producer_idempotence="off", projector_metrics_port=0, api_port=port, batch_wait_ms=5,
-        )
+        # Every setting at its default (what `topology up` runs) but the servers' addresses and
+        # what --env names explicitly.
+        overrides = dict(item.split("=", 1) for item in args.env)
+        env = {**os.environ, "TOPOLOGY_KAFKA_BOOTSTRAP": broker.bootstrap,
+               "TOPOLOGY_DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{database}",
+               "TOPOLOGY_PROJECTOR_METRICS_PORT": "0", "TOPOLOGY_RELAY_METRICS_PORT": "0",
+               "TOPOLOGY_API_PORT": str(port),
+               "TOPOLOGY_API_TOKENS": json.dumps({TOKEN: ["snapshot:read", "claims:read", "claims:write"]}),
+               "TOPOLOGY_LOG_FORMAT": "text", **overrides}
+        settings = Settings(kafka_bootstrap=broker.bootstrap, database_url=env["TOPOLOGY_DATABASE_URL"])
         upgrade_to_head(settings.sqlalchemy_url)
         asyncio.run(ensure_topics(settings))
-        env = {**os.environ, "TOPOLOGY_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-               "TOPOLOGY_DATABASE_URL": settings.database_url, "TOPOLOGY_PRODUCER_IDEMPOTENCE": "off",
-               "TOPOLOGY_PROJECTOR_METRICS_PORT": "0", "TOPOLOGY_API_PORT": str(port), "TOPOLOGY_BATCH_WAIT_MS": "5",
-               "TOPOLOGY_API_TOKENS": json.dumps({TOKEN: ["snapshot:read", "claims:read", "claims:write"]}),
-               "TOPOLOGY_LOG_FORMAT": "text"}
+        result["settings"] = {k: v for k, v in env.items() if k in overrides}
         children: dict[str, subprocess.Popen[bytes]] = {}
-        for command in ("project", "serve"):
-            log = stack.enter_context(open(logs / f"{command}.log", "wb"))
-            child = subprocess.Popen([sys.executable, "-m", "topology_store.cli", command], env=env,
+        commands = {"project": ["project"], "serve": ["serve"], "relay": ["relay", "--source", settings.libpq_url]}
+        for name, command in commands.items():
+            log = stack.enter_context(open(logs / f"{name}.log", "wb"))
+            child = subprocess.Popen([sys.executable, "-m", "topology_store.cli", *command], env=env,
                                      stdout=log, stderr=subprocess.STDOUT)
-            children[command] = child
+            children[name] = child
 
             def end(child: subprocess.Popen[bytes] = child) -> None:
                 child.terminate()
@@ -440,113 +512,137 @@ def on_broker(broker_name: str, args: argparse.Namespace, admin: str) -> dict[st
             raise RuntimeError(f"the API did not answer /healthz: see {logs}/serve.log")
         timeout_s = settings.decision_wait_s + 30
         meter = CpuMeter({
-            "API (topology serve)": lambda: [children["serve"].pid],
+            API: lambda: [children["serve"].pid],
             "projector (topology project)": lambda: [children["project"].pid],
+            "relay (topology relay)": lambda: [children["relay"].pid],
             f"broker ({broker_name})": lambda: [broker.pid] if broker.pid else [],
             "PostgreSQL (scratch database)": lambda: backend_pids(admin, database),
         })
         # Warm-up, unmeasured: the projector joins its group, the API's producer connects.
         run(offer(port, "warm-up", 5, pair_requests(20, "warmup", commit=True), 4, timeout_s))
         result["settle_s"] = [run(settle(port))]
-        healthz = run(floor(port))
-        result["floor"] = healthz
-        steps = [measured(meter, port, f"begin @ {args.rate:g}/s", args.rate,
-                          pair_requests(int(args.rate * args.seconds), "begin", commit=False),
-                          args.connections, timeout_s)]
-        for rate in args.pairs:
+        result["floor"] = run(floor(port))
+        steps: list[Step] = []
+
+        def step(pairs_per_s: float, label: str) -> None:
             result["settle_s"].append(run(settle(port)))
-            steps.append(measured(meter, port, f"pairs @ {rate:g}/s", rate,
-                                  pair_requests(int(rate * args.pair_seconds), f"pair{rate:g}", commit=True),
-                                  args.connections, timeout_s))
+            steps.append(measured(meter, port, label, pairs_per_s,
+                                  pair_requests(max(1, int(pairs_per_s * args.seconds)), f"r{len(steps)}",
+                                                commit=True), args.connections, timeout_s))
+            print(f"[{broker_name}] {describe(steps[-1])}", flush=True)
+
+        step(args.idle_pairs, f"idle: {args.idle_pairs:g} pairs/s ({2 * args.idle_pairs:g} requests/s)")
+        for rate in args.rates:
+            step(rate / 2, f"{rate:g} requests/s")
+        found = knee(steps[1:])
+        overload = args.overload or 2 * (found or min(args.rates))
+        result["knee"] = found
+        step(overload / 2, f"{overload:g} requests/s (2x the knee)" if not args.overload and found else
+             f"{overload:g} requests/s")
         result["steps"] = steps
         result["load_after"] = load_average()
-        for step in steps:
-            if step.failed:
-                print(f"[{broker_name}] {step.label}: {step.failed} of {step.offered} not answered as expected: "
-                      f"{dict(step.statuses)}", file=sys.stderr)
     return result
+
+
+def describe(step: Step) -> str:
+    parts = [step.label]
+    for call, values in (("begin", step.begin), ("commit", step.commit)):
+        if values:
+            parts.append(f"{call} p50 {percentile(values, 50) * 1000:.1f} / p99 {percentile(values, 99) * 1000:.1f} ms")
+    parts.append(str(dict(step.statuses)))
+    return "; ".join(parts)
 
 
 # --- the report ----------------------------------------------------------------------------------------
 
 
 def ms(value: float) -> str:
-    return f"{value:,.1f} ms" if value < 100 else f"{value:,.0f} ms"
+    return f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
+
+
+def quantiles(values: Sequence[float]) -> str:
+    """p50 / p99 / max in ms, or a dash."""
+    if not values:
+        return "–"
+    return " / ".join(ms(percentile(values, q) * 1000) for q in (50, 99)) + f" / {ms(max(values) * 1000)}"
 
 
 def report(results: list[dict[str, Any]]) -> dict[str, Any]:
-    brokers = [r["broker"] for r in results]
-    by = {r["broker"]: r for r in results}
-    rows: list[tuple[str, dict[str, float | None]]] = []
-
-    def latency_rows(label: str, pick: Callable[[dict[str, Any]], Sequence[float] | None]) -> None:
-        for q in (50, 90, 99):
-            values = {b: (percentile(v, q) * 1000 if (v := pick(by[b])) else None) for b in brokers}
-            rows.append((f"{label} p{q}", values))
-
-    latency_rows("GET /healthz (HTTP floor)", lambda r: r["floor"])
-    labels = [s.label for s in results[0]["steps"]]
-    for index, label in enumerate(labels):
-        latency_rows(f"{label}: begin", lambda r, i=index: r["steps"][i].begin)
-        if label.startswith("pairs"):
-            latency_rows(f"{label}: commit", lambda r, i=index: r["steps"][i].commit)
-            latency_rows(f"{label}: pair", lambda r, i=index: r["steps"][i].pair)
-    print()
-    print("Latency, ms from each request's due time (open loop); Apache/Tansu compares the brokers:")
-    for line in broker_table(rows, brokers, ms):
-        print(line)
-
-    same_run: list[tuple[str, dict[str, float | None]]] = []
-    for index, label in enumerate(labels):
-        same_run.append((f"{label}: begin p99 / HTTP floor p99", {
-            b: percentile(s.begin, 99) / percentile(by[b]["floor"], 99) if (s := by[b]["steps"][index]).begin
-            else None for b in brokers}))
-        same_run.append((f"{label}: begin p99 / target 20 ms", {
-            b: percentile(s.begin, 99) * 1000 / TARGET_MS if (s := by[b]["steps"][index]).begin else None
-            for b in brokers}))
-    print()
-    print("Each run against its own baselines:")
-    for line in broker_table(same_run, brokers, lambda v: f"{v:,.1f}x" if v >= 10 else f"{v:.2f}x"):
-        print(line)
-
-    for broker in brokers:
-        print()
-        result = by[broker]
-        print(f"{broker}: CPU during each step, % of one core (2 cores = 200%); load average before "
-              f"{result['load_before']}, after {result['load_after']}")
+    for result in results:
         steps: list[Step] = result["steps"]
-        names = list(steps[0].cpu)
-        print("| step | offered | answered as expected | not | pacer lag max | connections opened | "
-              + " | ".join(names) + " | client µs/request | API µs/request |")
-        print("|" + "---|" * (8 + len(names)))
-        for step in steps:
-            # Every request answered, whatever its status: what the client and the API handled.
-            requests = max(1, sum(n for k, n in step.statuses.items() if k.startswith(("begin ", "commit "))))
-            client_us = step.client_cpu_s / requests * 1e6
-            api_us = step.cpu["API (topology serve)"] / 100 * step.wall_s / requests * 1e6
-            expected = step.statuses["begin 201"] if not step.label.startswith("pairs") else len(step.pair)
-            print(f"| {step.label} | {step.offered:,} | {expected:,} | {step.failed:,} | {step.lag * 1000:.1f} ms | "
-                  f"{step.opened} | " + " | ".join(f"{step.cpu[n]:.0f}%" for n in names)
-                  + f" | {client_us:,.0f} | {api_us:,.0f} |")
-    summary = {
+        print()
+        print(f"{result['broker']}: load average before {result['load_before']}, after {result['load_after']}; "
+              f"knee {result['knee'] or 'not reached'} requests/s; settings {result['settings'] or 'defaults'}")
+        print(f"HTTP floor (GET /healthz, one at a time, idle): p50 / p99 / max {quantiles(result['floor'])} ms")
+        print()
+        print("| offered | begin p50 / p99 / max ms | commit p50 / p99 / max ms | GET /healthz beside it, "
+              "p50 / p99 / max ms | begin 201 / 409 / 429 / 5xx | commit 200 / 409 / 5xx | other | 429 answered "
+              "in, p50 / p99 / max ms |")
+        print("|---|---|---|---|---|---|---|---|")
+        for s in steps:
+            other = s.failed - s.count("begin", "409") - s.count("begin", "5") - s.count("commit", "409") \
+                - s.count("commit", "5")
+            print(f"| {s.label} | {quantiles(s.begin)} | {quantiles(s.commit)} | {quantiles(s.floor)} | "
+                  f"{s.count('begin', '201')} / {s.count('begin', '409')} / {s.count('begin', '429')} / "
+                  f"{s.count('begin', '5')} | {s.count('commit', '200')} / {s.count('commit', '409')} / "
+                  f"{s.count('commit', '5')} | {other} | {quantiles(s.shed)} |")
+        names = [n for n in steps[0].cpu_s if n != MACHINE]
+        print()
+        print("CPU per request answered (ms of CPU; every begin and commit answered, whatever its status), and the "
+              "machine's busy share (2 cores = 200%):")
+        print("| offered | requests answered | " + " | ".join(names) + " | machine |")
+        print("|---|---|" + "---|" * (len(names) + 1))
+        for s in steps:
+            answered = max(1, s.answered)
+            print(f"| {s.label} | {s.answered:,} | "
+                  + " | ".join(f"{s.cpu_s[n] / answered * 1000:.2f}" for n in names)
+                  + f" | {s.cpu[MACHINE]:.0f}% |")
+        print()
+        for line in verdicts(steps):
+            print(line)
+    return {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "runs": [{
             "broker": r["broker"], "load_before": r["load_before"], "load_after": r["load_after"],
-            "floor_ms": {f"p{q}": round(percentile(r["floor"], q) * 1000, 2) for q in (50, 90, 99)},
+            "knee_requests_per_s": r["knee"], "settings": r["settings"],
+            "floor_ms": {f"p{q}": round(percentile(r["floor"], q) * 1000, 2) for q in (50, 99)},
             "steps": [{
-                "label": s.label, "offered": s.offered, "statuses": dict(s.statuses), "wall_s": round(s.wall_s, 2),
-                "pacer_lag_max_ms": round(s.lag * 1000, 1), "connections_opened": s.opened,
+                "label": s.label, "pairs_per_s": s.rate, "offered_pairs": s.offered, "statuses": dict(s.statuses),
+                "wall_s": round(s.wall_s, 2), "pacer_lag_max_ms": round(s.lag * 1000, 1),
+                "connections_opened": s.opened,
+                "cpu_ms_per_request": {k: round(v / max(1, s.answered) * 1000, 3) for k, v in s.cpu_s.items()},
                 "cpu_percent_of_a_core": {k: round(v, 1) for k, v in s.cpu.items()},
-                **{f"{what}_ms": {f"p{q}": round(percentile(values, q) * 1000, 1) for q in (50, 90, 99)}
-                   for what, values in (("begin", s.begin), ("commit", s.commit), ("pair", s.pair)) if values},
+                **{f"{what}_ms": {"p50": round(percentile(values, 50) * 1000, 1),
+                                  "p99": round(percentile(values, 99) * 1000, 1),
+                                  "max": round(max(values) * 1000, 1)}
+                   for what, values in (("begin", s.begin), ("commit", s.commit), ("pair", s.pair),
+                                        ("shed", s.shed), ("healthz", s.floor)) if values},
             } for s in r["steps"]],
+            "verdicts": verdicts(r["steps"]),
         } for r in results],
     }
-    if "tansu" in by and "apache" in by:
-        summary["apache_to_tansu_begin_p99"] = [
-            format_ratio(percentile(a.begin, 99), percentile(t.begin, 99)) if a.begin and t.begin else "n/a"
-            for a, t in zip(by["apache"]["steps"], by["tansu"]["steps"], strict=True)]
-    return summary
+
+
+def verdicts(steps: Sequence[Step]) -> list[str]:
+    """The issue's three targets, met or not, from the steps (idle first, overload last)."""
+    lines = []
+    idle = steps[0]
+    if idle.begin and idle.commit:
+        worst = max(percentile(idle.begin, 50), percentile(idle.commit, 50)) * 1000
+        lines.append(f"idle p50 of each call <= {TARGET_IDLE_P50_MS:g} ms: "
+                     f"{'met' if worst <= TARGET_IDLE_P50_MS else 'NOT met'} (worst p50 {worst:.1f} ms)")
+    at300 = next((s for s in steps[1:-1] if s.rate * 2 == 300), None)
+    if at300 is not None:
+        lines.append(f"300 requests/s, p99 <= {TARGET_P99_MS:g} ms with no failure: "
+                     f"{'met' if within_target(at300) else 'NOT met'} ({describe(at300)})")
+    last = steps[-1]
+    admitted_p99 = max((percentile(v, 99) * 1000 for v in (last.begin, last.commit) if v), default=float("nan"))
+    shed_max = max(last.shed) * 1000 if last.shed else 0.0
+    ok = admitted_p99 <= TARGET_P99_MS and shed_max <= TARGET_SHED_MS and last.failed == 0
+    lines.append(f"{last.label}: admitted p99 <= {TARGET_P99_MS:g} ms and every 429 within {TARGET_SHED_MS:g} ms: "
+                 f"{'met' if ok else 'NOT met'} (admitted p99 {admitted_p99:.1f} ms, {len(last.shed)} shed, slowest "
+                 f"429 {shed_max:.1f} ms, {last.failed} failed)")
+    return lines
 
 
 def rates(text: str) -> list[float]:
@@ -556,14 +652,21 @@ def rates(text: str) -> list[float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_broker_argument(parser)
-    parser.add_argument("--rate", type=float, default=200, help="begins per second")
-    parser.add_argument("--seconds", type=float, default=20)
-    parser.add_argument("--pairs", type=rates, default=[20.0, 50.0, 150.0],
-                        help="begin+commit pairs per second, one step per rate ('' for none)")
-    parser.add_argument("--pair-seconds", type=float, default=10)
+    parser.add_argument("--idle-pairs", type=float, default=20, help="begin+commit pairs per second of the idle step")
+    parser.add_argument("--rates", type=rates, default=[50.0, 150.0, 300.0],
+                        help="offered requests per second (begins plus commits), one step each")
+    parser.add_argument("--overload", type=float, default=0,
+                        help="requests/s of the last step (default: twice the knee, the highest rate that met the "
+                             "target; twice the lowest rate when none did)")
+    parser.add_argument("--seconds", type=float, default=10, help="length of each step")
     parser.add_argument("--connections", type=int, default=32, help="keep-alive connections opened up front")
+    parser.add_argument("--env", action="append", default=[], metavar="TOPOLOGY_X=value",
+                        help="a setting for the servers (repeatable), e.g. TOPOLOGY_BATCH_WAIT_MS=5")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
+    for item in args.env:
+        if not item.startswith("TOPOLOGY_") or "=" not in item:
+            parser.error(f"--env takes TOPOLOGY_NAME=value, not {item!r}")
     brokers = selected_brokers(args.broker)
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # an open-loop client may need many connections
@@ -571,21 +674,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
           f"brokers: {', '.join(brokers)}; load average {load_average()}", flush=True)
     runs = [on_broker(name, args, admin) for name in interleaved(brokers, args.rounds)]
-    if args.rounds > 1:
-        for run_ in runs:
-            first = run_["steps"][0]
-            print(f"round on {run_['broker']}: {first.label} begin p50 "
-                  f"{percentile(first.begin, 50) * 1000 if first.begin else float('nan'):,.0f} ms; "
-                  f"load average before {run_['load_before']}")
-    # The best round per broker: the lowest median begin of the first step.
+    # The best round per broker: the lowest median begin of the idle step.
     results = best_per_broker(runs, lambda r: r["broker"],
                               lambda r: -percentile(r["steps"][0].begin, 50) if r["steps"][0].begin else -math.inf)
     summary = report(results)
     summary["rounds"] = args.rounds
     if args.json is not None:
         args.json.write_text(json.dumps(summary, indent=2))
-    print(json.dumps({"apache_to_tansu_begin_p99": summary.get("apache_to_tansu_begin_p99"),
-                      "loads": {r["broker"]: [r["load_before"], r["load_after"]] for r in summary["runs"]}}))
 
 
 if __name__ == "__main__":

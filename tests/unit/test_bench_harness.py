@@ -401,3 +401,19 @@ def test_steady_projector_rate_leaves_the_start_out() -> None:
     assert steady_rate(100_000, 12.0, 2.0, 10_000) == pytest.approx(9_000.0)
     assert steady_rate(100_000, 5.0, 5.0, 100_000) is None  # caught up at the first look
     assert steady_rate(100_000, 5.0, 4.8, 95_000) is None  # too little left to measure
+
+
+def test_the_knee_is_the_highest_rate_within_the_target() -> None:
+    from bench.claims_latency import Step, knee, within_target
+
+    def step(pairs_per_s: float, latency_s: float, shed: int = 0, failed: int = 0) -> Step:
+        s = Step(f"{pairs_per_s}", pairs_per_s, 10, begin=[latency_s] * 10, commit=[latency_s] * 10)
+        s.statuses.update({"begin 201": 10, "commit 200": 10, "begin 429": shed, "commit 409": failed})
+        s.shed = [0.001] * shed
+        return s
+
+    fast, slow, shedding, failing = step(25, 0.05), step(150, 0.5), step(75, 0.05, shed=1), step(100, 0.05, failed=1)
+    assert within_target(fast) and not within_target(slow)
+    assert not within_target(shedding) and not within_target(failing)  # a 429 or a 409 is not "no failure"
+    assert knee([fast, shedding, failing, slow]) == 50.0  # requests/s: two per pair
+    assert knee([slow]) is None
