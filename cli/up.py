@@ -163,6 +163,17 @@ def _broker_port() -> int:
     return port
 
 
+def _grpc_port() -> str:
+    """TOPOLOGY_GRPC_PORT when set (0: no gRPC door), else 9095 or, when taken, a free port."""
+    if os.environ.get("TOPOLOGY_GRPC_PORT"):
+        return os.environ["TOPOLOGY_GRPC_PORT"]
+    if _port_free(9095):
+        return "9095"
+    port = free_port()
+    _say(f"warning: port 9095 is taken; the gRPC door listens on {port} instead")
+    return str(port)
+
+
 def up(data_dir: Path, api_port: int, demo: bool) -> int:
     env_kafka = os.environ.get("TOPOLOGY_KAFKA_BOOTSTRAP")
     env_database = os.environ.get("TOPOLOGY_DATABASE_URL")
@@ -215,6 +226,7 @@ def up(data_dir: Path, api_port: int, demo: bool) -> int:
             "TOPOLOGY_KAFKA_BOOTSTRAP": bootstrap,
             "TOPOLOGY_DATABASE_URL": database_url,
             "TOPOLOGY_API_PORT": str(api_port),
+            "TOPOLOGY_GRPC_PORT": _grpc_port(),  # GitLab's Topology Service contract (adr/0021)
         }
         if kafka is not None:
             overrides["TOPOLOGY_PRODUCER_IDEMPOTENCE"] = "off"
@@ -244,6 +256,10 @@ def up(data_dir: Path, api_port: int, demo: bool) -> int:
         _say(f"dev token   {dev_token}   ({', '.join(DEV_SCOPES)}; valid until this stack stops)")
         _say(f"            curl -H 'Authorization: Bearer {dev_token}' {url}/v1/snapshot")
         _say(f"metrics     {url}/metrics")
+        if settings.grpc_port:
+            grpc_address = f"{settings.api_host}:{settings.grpc_port}"
+            _say(f"gRPC        {grpc_address}   (GitLab's Topology Service contract; cell ids: the names' digits)")
+            _say(f"            grpcurl -plaintext -H 'authorization: Bearer {dev_token}' {grpc_address} list")
         _say(f"Kafka       {bootstrap}")
         _say(f"PostgreSQL  {database_url}")
         _say("Ctrl-C stops everything")

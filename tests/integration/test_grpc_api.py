@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
+import signal
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +27,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from tests.conftest import AUTH, TEST_CLAIMS_TOKEN, TEST_TOKEN, TEST_TOKEN_NO_SCOPE
+from tests.conftest import AUTH, TEST_CLAIMS_TOKEN, TEST_TOKEN, TEST_TOKEN_NO_SCOPE, settings_env
 from tests.integration.processes import start, stop, wait_until
 from tests.servers import Servers
 from topology_store.cli.devstack import free_port
@@ -311,3 +315,37 @@ def test_a_grpc_port_in_use_stops_serve_with_a_clear_error(topics: Settings, tmp
         finally:
             stop(second)
         assert f"cannot listen on 127.0.0.1:{taken}" in log.read_text()
+
+
+def test_topology_up_opens_the_grpc_door_and_prints_its_address(topics: Settings, tmp_path: Path) -> None:
+    """``topology up --demo`` on the tests' broker and database: the printed gRPC address answers
+    GetCells with the demo cells (numbered by their names) and FIRST_CELL with cell-1."""
+    grpc_port, api_port = free_port(), free_port()
+    env = {**settings_env(topics), "TOPOLOGY_GRPC_PORT": str(grpc_port)}
+    log = tmp_path / "up.log"
+    with open(log, "wb") as out:
+        up = subprocess.Popen([sys.executable, "-m", "topology_store.cli", "up", "--demo", "--data-dir",
+                               str(tmp_path / "data"), "--api-port", str(api_port)],
+                              env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: "Ctrl-C stops everything" in log.read_text() or up.poll() is not None, timeout_s=150,
+                   interval_s=0.5, what="topology up to start")
+        text = log.read_text()
+        printed = re.search(r"topology up: gRPC\s+(\S+)", text)
+        token = re.search(r"dev token\s+(\S+)", text)
+        assert printed is not None and token is not None, text[-3000:]
+        assert printed.group(1) == f"127.0.0.1:{grpc_port}"
+        metadata = (("authorization", f"Bearer {token.group(1)}"),)
+        with grpc.insecure_channel(printed.group(1)) as channel:
+            classify = classify_service_pb2_grpc.ClassifyServiceStub(channel)
+            cells = classify.GetCells(cell_info_pb2.GetCellsRequest(), metadata=metadata, timeout=10).cells
+            assert [(c.id, c.address) for c in cells] == [(n, f"cell-{n}.demo.example.com:443") for n in (1, 2, 3, 4)]
+            first = classify.Classify(ClassifyRequest(type=classify_service_pb2.FIRST_CELL), metadata=metadata,
+                                      timeout=10)
+            assert first.proxy.address == "cell-1.demo.example.com:443"
+        os.killpg(up.pid, signal.SIGINT)
+        assert up.wait(60) == 0
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
