@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from topology_store.query_api.audit_api import audit_router
 from topology_store.query_api.auth import document_bearer_auth
 from topology_store.query_api.cells_api import cells_router
-from topology_store.query_api.claims_api import ClaimsDoor, claims_router
+from topology_store.query_api.claims_api import ClaimsDoor, ShedEarly, claims_router
 from topology_store.query_api.errors import RequestLimitsMiddleware, document_errors, install_error_handlers
 from topology_store.query_api.health_api import health_router
 from topology_store.query_api.metrics import ApiMetrics
@@ -72,6 +72,7 @@ def create_app(settings: Settings, metrics: ApiMetrics | None = None, beside: Se
     app.add_middleware(RequestLimitsMiddleware, max_bytes=settings.api_max_body_bytes)
 
     app.add_middleware(_Measured, metrics=api_metrics)
+    app.add_middleware(ShedEarly)  # outside the timing: a refusal is counted by the admission metrics
 
     app.include_router(cells_router())
 

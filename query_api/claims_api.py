@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from topology_store.producer.publisher import EventPublisher
 from topology_store.query_api.auth import Authorizer, denied, secured
@@ -171,6 +172,33 @@ def _respond(result: Submission, wait_s: float, created: bool = False) -> JSONRe
                          f"after {retry_after_s}s", headers={"Retry-After": str(retry_after_s)},
                          retry_after_s=retry_after_s)
     raise AssertionError(result)
+
+
+def _overloaded(refusal: Overloaded) -> JSONResponse:
+    return _respond(refusal, 0.0)
+
+
+class ShedEarly:
+    """Refuses a new claim request (POST /v1/claims, DELETE /v1/claims/...) with the
+    service's 429 before its body is read, parsed, validated or authenticated, while the
+    admission budget is spent (adr/0018). Under overload the API's event loop is the
+    queue: a refusal after the whole FastAPI path cost about as much CPU as a claim's
+    own handling, and took as long to come. Commits and rollbacks always pass; so does
+    everything while the budget lasts, to be admitted (or refused) by the service."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (
+                (scope["method"] == "POST" and scope["path"] == "/v1/claims")
+                or (scope["method"] == "DELETE" and scope["path"].startswith("/v1/claims/"))):
+            door: ClaimsDoor | None = getattr(scope["app"].state, "claims", None)
+            refusal = door.admission.refuse() if door is not None else None
+            if refusal is not None:
+                await _overloaded(refusal)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class ClaimsDoor:

@@ -99,6 +99,16 @@ class Admission:
         self.admitted += 1
         return ticket
 
+    def refuse(self) -> Overloaded | None:
+        """For a door that can refuse before it has even read a request (adr/0018): an
+        :class:`Overloaded`, counted as shed, when the budget is spent; else None, and
+        the request goes on to :meth:`admit` as usual."""
+        reason = self.spent()
+        if reason is None:
+            return None
+        self.shed[reason] += 1
+        return Overloaded(self.retry_after_s(), reason)
+
     def release(self, ticket: Ticket) -> None:
         """The submission got its answer (or failed): it no longer waits. Idempotent."""
         self._started.pop(ticket.number, None)

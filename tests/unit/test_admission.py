@@ -103,18 +103,21 @@ class Published:
 class RecordingPublisher:
     def __init__(self) -> None:
         self.published: list[uuid.UUID] = []
+        self.types: dict[uuid.UUID, str] = {}
 
     async def publish(self, event: object) -> Published:
         self.published.append(event.event_id)  # type: ignore[attr-defined]
+        self.types[event.event_id] = event.EVENT_TYPE  # type: ignore[attr-defined]
         return Published(offset=len(self.published))
 
 
 class GatedDecisions:
     """Decides each request when the test opens the gate, so requests stay in flight."""
 
-    def __init__(self) -> None:
+    def __init__(self, publisher: RecordingPublisher | None = None) -> None:
         self.gate = asyncio.Event()
         self.looked_up: list[uuid.UUID] = []
+        self.publisher = publisher
 
     async def find(self, request_id: uuid.UUID) -> RequestDecision | None:
         self.looked_up.append(request_id)
@@ -122,7 +125,9 @@ class GatedDecisions:
 
     async def wait(self, request_id: uuid.UUID, timeout_s: float, check_first: bool = True) -> RequestDecision | None:
         await self.gate.wait()
-        return RequestDecision(request_id, "ClaimsRequested", "applied", None, [])
+        # (A wait registers before its publish: after the gate opens it may not be published yet.)
+        request_type = self.publisher.types.get(request_id, "ClaimsRequested") if self.publisher else "ClaimsRequested"
+        return RequestDecision(request_id, request_type, "applied", None, [])
 
 
 def _begin() -> object:
@@ -131,7 +136,8 @@ def _begin() -> object:
 
 
 async def test_a_shed_request_is_refused_before_lookup_and_publish_and_commits_still_pass() -> None:
-    publisher, decisions = RecordingPublisher(), GatedDecisions()
+    publisher = RecordingPublisher()
+    decisions = GatedDecisions(publisher)
     admission = Admission(Budget(max_in_flight=2, max_wait_age_s=60))
     service = ClaimsService(lambda: publisher, decisions, wait_s=5, admission=admission)
     waiting = [asyncio.create_task(service.submit(_begin())) for _ in range(2)]  # type: ignore[arg-type]
@@ -166,3 +172,15 @@ async def test_a_failed_submission_frees_its_place() -> None:
         result = await service.submit(_begin())  # type: ignore[arg-type]
         assert not isinstance(result, Overloaded)
     assert admission.in_flight == 0 and admission.admitted == 3
+
+
+def test_an_early_refusal_is_counted_and_takes_no_place() -> None:
+    clock = Clock()
+    admission = Admission(Budget(max_in_flight=1, max_wait_age_s=10), clock=clock)
+    assert admission.refuse() is None  # room left: the request goes on to admit()
+    ticket = admission.admit()
+    assert isinstance(ticket, Ticket)
+    assert admission.refuse() == Overloaded(retry_after_s=1, reason="in_flight")
+    assert admission.in_flight == 1 and admission.shed["in_flight"] == 1 and admission.admitted == 1
+    admission.release(ticket)
+    assert admission.refuse() is None
