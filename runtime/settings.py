@@ -102,7 +102,8 @@ class Settings(BaseSettings):
         default=256, ge=1, description="Claim requests one API process (or CLI) waits on at once before it sheds new ones"
     )
     claims_max_wait_age_ms: int = Field(
-        default=500, ge=1, description="Shed new claim requests while the oldest one waiting has waited longer than this"
+        default=250, ge=1, description="Shed new claim requests while the oldest one waiting has waited longer than this "
+        "(the monolith gives a claim call 0.2-0.3 s, then retries)"
     )
 
     # Read API

@@ -205,8 +205,9 @@ class Traffic:
         await asyncio.gather(*running)
 
     async def _claim(self, http: httpx.AsyncClient, attempt: ClaimAttempt) -> None:
-        """POST the begin until it is decided: a 503 (not published) is sent again with the
-        same request id, a 504 (published, not yet decided) is asked after by id."""
+        """POST the begin until it is decided: a 503 (not published) or a 429 (refused by
+        admission control, not published, adr/0018) is sent again with the same request id,
+        a 504 (published, not yet decided) is asked after by id."""
         body = {"request_id": str(attempt.request_id), "cell_id": "cell-1", "owner_type": "USER",
                 "owner_id": attempt.owner_id, "claims": [{"bucket": "USERNAME", "value": attempt.value}],
                 "lease_ttl_ms": RACE_TTL_MS}
@@ -227,7 +228,7 @@ class Traffic:
                 return
             if response.status_code == 504:
                 published = True  # decided later: ask by id
-            elif response.status_code not in (404, 503):
+            elif response.status_code not in (404, 429, 503):
                 raise AssertionError(f"claim {attempt.value}: unexpected answer {response.status_code}: "
                                      f"{response.text[:500]}")
             await asyncio.sleep(0.5)
