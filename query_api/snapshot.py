@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -116,10 +117,17 @@ class NamespaceTable:
         return self.base.get(path, default)
 
     def materialize(self) -> dict[str, str]:
-        """The whole table, keys in code point order, however it was built: a table
-        derived by deltas serializes to the same bytes as a full load of its version."""
+        """The whole table as one dict (in code point order unless this version added
+        paths the base lacks: :meth:`in_order` says which)."""
+        return self.in_order()[0]
+
+    def in_order(self) -> tuple[dict[str, str], bool]:
+        """(the whole table, whether its keys are in code point order). A copy of the
+        base keeps the base's order through updates and deletions; only added paths
+        land at the end. Re-sorting a million-key dict costs seconds (a new dict built
+        in an order its hash table does not follow), so serializers sort only then."""
         if not self.overlay:
-            return self.base
+            return self.base, True
         merged = dict(self.base)
         appended = False
         for path, cell_id in self.overlay.items():
@@ -128,7 +136,32 @@ class NamespaceTable:
             else:
                 appended = appended or path not in merged
                 merged[path] = cell_id
-        return sorted_by_key(merged) if appended else merged
+        return merged, not appended
+
+    def columns(self) -> tuple[list[str], list[str]]:
+        """(paths, cell ids) in code point order of the paths: the base's two columns,
+        with the overlay's edits spliced in at their places (found by bisection), so
+        nothing but the edits is sorted."""
+        paths, cells = list(self.base), list(self.base.values())
+        if not self.overlay:
+            return paths, cells
+        out_paths: list[str] = []
+        out_cells: list[str] = []
+        start = 0
+        for path in sorted(self.overlay):
+            cell_id = self.overlay[path]
+            at = bisect_left(paths, path, start)
+            out_paths += paths[start:at]
+            out_cells += cells[start:at]
+            start = at
+            if at < len(paths) and paths[at] == path:
+                start = at + 1  # replaced or deleted
+            if cell_id is not None:
+                out_paths.append(path)
+                out_cells.append(cell_id)
+        out_paths += paths[start:]
+        out_cells += cells[start:]
+        return out_paths, out_cells
 
     def apply(self, upserts: Mapping[str, str], deletions: list[str]) -> NamespaceTable:
         digest, count = digest_after(self, self.digest, self.count, upserts, deletions)
@@ -138,8 +171,9 @@ class NamespaceTable:
         overlay.update(upserts)
         if len(overlay) > max(50_000, len(self.base) // 16):
             # Fold the overlay into a new base now and then, so lookups and
-            # serialization stay one dict away.
-            return NamespaceTable(NamespaceTable(self.base, overlay, count, digest).materialize(), {}, count, digest)
+            # serialization stay one dict away; the base stays in code point order.
+            paths, cells = NamespaceTable(self.base, overlay, count, digest).columns()
+            return NamespaceTable(dict(zip(paths, cells, strict=True)), {}, count, digest)
         return NamespaceTable(self.base, overlay, count, digest)
 
 
@@ -202,17 +236,21 @@ class Snapshot:
         }
 
     def _serialize(self, fmt: str) -> bytes:
-        namespaces = self.namespaces.materialize()
+        # Namespaces in code point order however this version was built (full load or
+        # deltas): the same version is the same bytes (schemas/router_sync.py).
         if fmt == JSON:
+            namespaces, ordered = self.namespaces.in_order()
             head = orjson.dumps(self._head())
-            return head[:-1] + b',"namespaces":' + orjson.dumps(namespaces) + b"}"
+            body = orjson.dumps(namespaces, option=0 if ordered else orjson.OPT_SORT_KEYS)
+            return head[:-1] + b',"namespaces":' + body + b"}"
         if fmt == MSGPACK:
-            cell_ids = sorted(set(namespaces.values()))
+            paths, owners = self.namespaces.columns()
+            cell_ids = sorted(set(owners))
             index = {cell_id: n for n, cell_id in enumerate(cell_ids)}
             document = self._head()
             document["cell_ids"] = cell_ids
-            document["namespace_paths"] = list(namespaces)
-            document["namespace_cells"] = list(map(index.__getitem__, namespaces.values()))
+            document["namespace_paths"] = paths
+            document["namespace_cells"] = list(map(index.__getitem__, owners))
             return msgpack.packb(document)  # type: ignore[no-any-return]
         raise ValueError(f"unknown format {fmt!r}")
 

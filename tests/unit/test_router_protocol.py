@@ -101,6 +101,27 @@ def test_the_digest_follows_changes_without_recomputing(
     assert plain == after
 
 
+@given(tables, st.lists(st.tuples(tables, st.lists(st.text(min_size=1, max_size=8), max_size=6)), max_size=4))
+def test_the_table_comes_out_in_code_point_order_however_it_was_built(
+    before: dict[str, str], deltas: list[tuple[dict[str, str], list[str]]]
+) -> None:
+    # A full load hands the rows in the database's order; deltas add, move and delete paths.
+    table = NamespaceTable.full(dict(reversed(before.items())))
+    expected = dict(before)
+    for upserts, deletions in deltas:
+        deletions = [d for d in deletions if d not in upserts]
+        table = table.apply(upserts, deletions)
+        for path in deletions:
+            expected.pop(path, None)
+        expected.update(upserts)
+    ordered = sorted(expected)
+    assert list(table.base) == sorted(table.base)  # the base stays sorted
+    assert table.columns() == (ordered, [expected[p] for p in ordered])
+    merged, in_order = table.in_order()
+    assert merged == expected and (not in_order or list(merged) == ordered)
+    assert list(NamespaceTable.full(expected).base) == ordered  # a full load at the same version
+
+
 def test_the_overlay_is_folded_into_a_new_base_and_old_versions_stay_intact() -> None:
     v1 = NamespaceTable.full({f"ns-{n}": "cell-1" for n in range(10)})
     table = v1
@@ -110,6 +131,7 @@ def test_the_overlay_is_folded_into_a_new_base_and_old_versions_stay_intact() ->
     assert len(table.base) >= 50_000 and len(table.overlay) <= 10_010  # folded into a new base on the way
     merged = table.materialize()
     assert len(merged) == table.count == 60_000 and table.digest == namespace_digest(merged)
+    assert list(table.base) == sorted(table.base) and table.columns()[0] == sorted(merged)  # folded in order
     assert v1.get("ns-3") == "cell-1" and v1.count == 10 and len(v1.base) == 10  # the old version is intact
 
 
