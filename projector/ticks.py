@@ -40,13 +40,17 @@ MAX_DUE_PER_ROUND = 20_000  # leases looked at per round; the rest wait for the 
 RETICK_INTERVALS = 6  # rounds before a lease already named in a tick is named again
 
 
-async def leases_due(engine: AsyncEngine, now: datetime, limit: int = MAX_DUE_PER_ROUND) -> list[uuid.UUID]:
-    """Open leases whose end is at or before ``now``, earliest end first."""
+async def leases_due(
+    engine: AsyncEngine, now: datetime, skip: Iterable[uuid.UUID] = (), limit: int = MAX_DUE_PER_ROUND
+) -> list[uuid.UUID]:
+    """Open leases whose end is at or before ``now``, earliest end first, but those in
+    ``skip`` (named in a tick lately: a stuck partition's leases must not crowd out the
+    others)."""
     async with engine.connect() as conn:
         rows = await conn.execute(
             text("SELECT lease_id FROM leases WHERE status = 'OPEN' AND expires_at <= :now "
-                 "ORDER BY expires_at, lease_id LIMIT :limit"),
-            {"now": now, "limit": limit},
+                 "AND NOT (lease_id = ANY(CAST(:skip AS uuid[]))) ORDER BY expires_at, lease_id LIMIT :limit"),
+            {"now": now, "skip": list(skip), "limit": limit},
         )
         return [row.lease_id for row in rows]
 
@@ -61,15 +65,12 @@ def ticks_for(by_partition: Mapping[int, Sequence[uuid.UUID]], source: str) -> l
     return ticks
 
 
-def not_recently_named(due: Iterable[uuid.UUID], named: dict[uuid.UUID, float], now_s: float,
-                       retick_s: float) -> list[uuid.UUID]:
-    """The due leases not named in a tick within ``retick_s``; ``named`` forgets leases no
-    longer due (ended), so it holds at most one round's worth."""
-    due = list(due)
-    still_due = set(due)
-    for lease_id in [l for l in named if l not in still_due]:
+def recently_named(named: dict[uuid.UUID, float], now_s: float, retick_s: float) -> set[uuid.UUID]:
+    """The leases named in a tick within ``retick_s``; ``named`` forgets the others (they
+    may be named again if still due), so it holds at most ``retick_s`` worth of ticks."""
+    for lease_id in [l for l, at in named.items() if now_s - at >= retick_s]:
         del named[lease_id]
-    return [l for l in due if now_s - named.get(l, float("-inf")) >= retick_s]
+    return set(named)
 
 
 async def publish_named(
@@ -100,9 +101,9 @@ async def publish_ticks(settings: Settings, engine: AsyncEngine, stop: asyncio.E
             except TimeoutError:
                 pass
             try:
-                due = await leases_due(engine, datetime.now(UTC))
                 now_s = time.monotonic()
-                fresh = not_recently_named(due, named, now_s, RETICK_INTERVALS * settings.lease_tick_interval_s)
+                skip = recently_named(named, now_s, RETICK_INTERVALS * settings.lease_tick_interval_s)
+                fresh = await leases_due(engine, datetime.now(UTC), skip)
                 if not fresh:
                     continue
                 if publisher is None:

@@ -22,7 +22,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from tests.unit.claims_support import SECRET, T0, begin, commit, destroy, ns, ref, rollback, sequence, transfer
 from topology_store.core.claims import request_digest
-from topology_store.projector.ticks import not_recently_named, ticks_for
+from topology_store.projector.ticks import recently_named, ticks_for
 from topology_store.schemas.models import MAX_LEASES_PER_TICK, ClaimBucket, Event, LeaseExpiryTick, protect_value
 from topology_store.service import commands
 from topology_store.service.claims import ClaimsService, Decided, RequestDecision, RequestReused
@@ -186,8 +186,9 @@ def test_a_partition_with_many_due_leases_gets_several_ticks() -> None:
 
 
 def test_a_lease_named_recently_waits_for_the_retick_time() -> None:
-    a, b, c = uuid.UUID(int=1), uuid.UUID(int=2), uuid.UUID(int=3)
-    named: dict[uuid.UUID, float] = {a: 100.0, c: 50.0}
-    assert not_recently_named([a, b], named, now_s=101.0, retick_s=2.0) == [b]
-    assert c not in named  # no longer due: forgotten
-    assert not_recently_named([a, b], named, now_s=102.0, retick_s=2.0) == [a, b]
+    a, b = uuid.UUID(int=1), uuid.UUID(int=2)
+    named: dict[uuid.UUID, float] = {a: 100.0, b: 95.0}
+    assert recently_named(named, now_s=101.0, retick_s=2.0) == {a}
+    assert named == {a: 100.0}  # b may be named again (if still due): forgotten
+    assert recently_named(named, now_s=102.0, retick_s=2.0) == set()
+    assert named == {}
