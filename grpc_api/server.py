@@ -70,17 +70,20 @@ class BearerTokens(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return grpc.unary_unary_rpc_method_handler(deny)  # every guarded RPC is unary
 
 
-async def _follow_readiness(servicer: health.aio.HealthServicer, snapshots: SnapshotSource) -> None:
+async def _report(servicer: health.aio.HealthServicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", *SERVED):
+        await servicer.set(name, status)
+
+
+async def _follow_readiness(servicer: health.aio.HealthServicer, snapshots: SnapshotSource, serving: bool) -> None:
     """SERVING while a snapshot is loaded, NOT_SERVING before."""
-    serving: bool | None = None
     while True:
+        await asyncio.sleep(HEALTH_POLL_S)
         now = snapshots.current is not None
         if now != serving:
-            status = health_pb2.HealthCheckResponse.SERVING if now else health_pb2.HealthCheckResponse.NOT_SERVING
-            for name in ("", *SERVED):
-                await servicer.set(name, status)
+            await _report(servicer, now)
             serving = now
-        await asyncio.sleep(HEALTH_POLL_S)
 
 
 def listen_address(host: str, port: int) -> str:
@@ -107,8 +110,10 @@ async def grpc_door(settings: Settings, snapshots: SnapshotSource, authorize: Au
         server.add_insecure_port(address)
     except RuntimeError as exc:
         raise RuntimeError(f"gRPC: cannot listen on {address} (TOPOLOGY_GRPC_PORT): {exc}") from None
+    serving = snapshots.current is not None
+    await _report(health_servicer, serving)  # before the first call can come in
     await server.start()
-    follower = asyncio.create_task(_follow_readiness(health_servicer, snapshots), name="grpc-health")
+    follower = asyncio.create_task(_follow_readiness(health_servicer, snapshots, serving), name="grpc-health")
     log.info("gRPC (GitLab's Topology Service contract) on %s", address)
     try:
         yield address

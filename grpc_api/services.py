@@ -71,24 +71,25 @@ def answers(method: Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable
 
 
 class Tables:
-    """The current snapshot, and its cells' numbers (computed once per version)."""
+    """The current snapshot, and its cells' numbers (computed again when the set of cells changes)."""
 
     def __init__(self, snapshots: SnapshotSource, configured: dict[str, int]) -> None:
         self._snapshots = snapshots
         self._configured = configured
-        self._numbers: tuple[int, CellNumbers] | None = None
+        self._numbers: tuple[tuple[str, ...], CellNumbers] | None = None
 
     def current(self) -> tuple[RoutingTables, CellNumbers]:
         tables = self._snapshots.current
         if tables is None:
             raise Refusal(grpc.StatusCode.UNAVAILABLE, "no snapshot loaded yet; retry shortly")
-        if self._numbers is None or self._numbers[0] != tables.version:
-            numbers = number_cells(tables.cells_by_id, self._configured)
-            unnumbered = sorted(set(tables.cells_by_id) - set(numbers.by_name))
+        names = tuple(tables.cells_by_id)  # numbers depend on the names only, not on a version
+        if self._numbers is None or self._numbers[0] != names:
+            numbers = number_cells(names, self._configured)
+            unnumbered = sorted(set(names) - set(numbers.by_name))
             if unnumbered:
                 log.warning("cells without a numeric id are left out of GetCells: %s (TOPOLOGY_GRPC_CELL_IDS)",
                             ", ".join(unnumbered))
-            self._numbers = (tables.version, numbers)
+            self._numbers = (names, numbers)
         return tables, self._numbers[1]
 
     def get_cells(self) -> cell_info_pb2.GetCellsResponse:
