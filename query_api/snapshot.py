@@ -98,17 +98,28 @@ def sorted_fields(row: Mapping[str, Any]) -> dict[str, Any]:
 @dataclass(frozen=True, slots=True)
 class NamespaceTable:
     """namespace path -> cell id at one version: ``base`` (shared between
-    versions, never changed, its keys in code point order) overlaid by ``overlay``
-    (this version's changes since the base; ``None`` means deleted)."""
+    versions, never changed) overlaid by ``overlay`` (this version's changes since
+    the base; ``None`` means deleted).
+
+    The base's first ``in_order`` keys are in code point order; the rest (paths added
+    since the base was last sorted, at most a quarter) follow in arrival order. That
+    keeps the fold of an overlay into a new base a dict copy: building a million-key
+    dict in sorted order costs seconds, on the event loop. The serializers put the few
+    out-of-order paths in place (:meth:`columns`)."""
 
     base: dict[str, str]
     overlay: dict[str, str | None]
     count: int
     digest: int
+    in_order: int = -1  # -1: the whole base
 
     @classmethod
     def full(cls, namespaces: dict[str, str]) -> NamespaceTable:
         return cls(sorted_by_key(namespaces), {}, len(namespaces), namespace_digest(namespaces))
+
+    @property
+    def sorted_keys(self) -> int:
+        return len(self.base) if self.in_order < 0 else self.in_order
 
     def get(self, path: str, default: str | None = None) -> str | None:
         if path in self.overlay:
@@ -116,40 +127,41 @@ class NamespaceTable:
             return default if value is None else value
         return self.base.get(path, default)
 
-    def materialize(self) -> dict[str, str]:
-        """The whole table as one dict (in code point order unless this version added
-        paths the base lacks: :meth:`in_order` says which)."""
-        return self.in_order()[0]
-
-    def in_order(self) -> tuple[dict[str, str], bool]:
-        """(the whole table, whether its keys are in code point order). A copy of the
-        base keeps the base's order through updates and deletions; only added paths
-        land at the end. Re-sorting a million-key dict costs seconds (a new dict built
-        in an order its hash table does not follow), so serializers sort only then."""
+    def merged(self) -> tuple[dict[str, str], bool]:
+        """(the whole table as one dict, whether its keys are in code point order). A
+        copy of the base keeps the base's order through updates and deletions; only
+        added paths land at the end."""
+        ordered = self.sorted_keys == len(self.base)
         if not self.overlay:
-            return self.base, True
+            return self.base, ordered
         merged = dict(self.base)
-        appended = False
         for path, cell_id in self.overlay.items():
             if cell_id is None:
                 merged.pop(path, None)
             else:
-                appended = appended or path not in merged
+                ordered = ordered and path in merged
                 merged[path] = cell_id
-        return merged, not appended
+        return merged, ordered
+
+    def materialize(self) -> dict[str, str]:
+        return self.merged()[0]
 
     def columns(self) -> tuple[list[str], list[str]]:
-        """(paths, cell ids) in code point order of the paths: the base's two columns,
-        with the overlay's edits spliced in at their places (found by bisection), so
-        nothing but the edits is sorted."""
+        """(paths, cell ids) in code point order of the paths: the base's sorted part,
+        with the rest of the base and the overlay's edits spliced in at their places
+        (found by bisection): nothing but those is sorted."""
         paths, cells = list(self.base), list(self.base.values())
-        if not self.overlay:
+        split = self.sorted_keys
+        if split == len(paths) and not self.overlay:
             return paths, cells
+        edits: dict[str, str | None] = dict(zip(paths[split:], cells[split:], strict=True))
+        edits.update(self.overlay)
+        del paths[split:], cells[split:]
         out_paths: list[str] = []
         out_cells: list[str] = []
         start = 0
-        for path in sorted(self.overlay):
-            cell_id = self.overlay[path]
+        for path in sorted(edits):
+            cell_id = edits[path]
             at = bisect_left(paths, path, start)
             out_paths += paths[start:at]
             out_cells += cells[start:at]
@@ -169,12 +181,21 @@ class NamespaceTable:
         for path in deletions:
             overlay[path] = None
         overlay.update(upserts)
-        if len(overlay) > max(50_000, len(self.base) // 16):
-            # Fold the overlay into a new base now and then, so lookups and
-            # serialization stay one dict away; the base stays in code point order.
-            paths, cells = NamespaceTable(self.base, overlay, count, digest).columns()
+        if len(overlay) <= max(50_000, len(self.base) // 16):
+            return NamespaceTable(self.base, overlay, count, digest, self.in_order)
+        # Fold the overlay into a new base now and then, so lookups and serialization
+        # stay one dict away: a copy, the sorted part shorter by the paths deleted from it.
+        table = NamespaceTable(self.base, overlay, count, digest, self.in_order)
+        base, _ = table.merged()
+        unsorted = set(list(self.base)[self.sorted_keys:])
+        removed = sum(1 for path, cell_id in overlay.items()
+                      if cell_id is None and path in self.base and path not in unsorted)
+        in_order = self.sorted_keys - removed
+        if len(base) - in_order > len(base) // 4:
+            # Rarely (a quarter of the table added since the last sort): sort it all again.
+            paths, cells = table.columns()
             return NamespaceTable(dict(zip(paths, cells, strict=True)), {}, count, digest)
-        return NamespaceTable(self.base, overlay, count, digest)
+        return NamespaceTable(base, {}, count, digest, in_order)
 
 
 class Snapshot:
@@ -239,7 +260,7 @@ class Snapshot:
         # Namespaces in code point order however this version was built (full load or
         # deltas): the same version is the same bytes (schemas/router_sync.py).
         if fmt == JSON:
-            namespaces, ordered = self.namespaces.in_order()
+            namespaces, ordered = self.namespaces.merged()
             head = orjson.dumps(self._head())
             body = orjson.dumps(namespaces, option=0 if ordered else orjson.OPT_SORT_KEYS)
             return head[:-1] + b',"namespaces":' + body + b"}"

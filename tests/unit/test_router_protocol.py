@@ -3,6 +3,8 @@ entity tags, wait values, the namespace digest, and the versioned namespace tabl
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -115,9 +117,10 @@ def test_the_table_comes_out_in_code_point_order_however_it_was_built(
             expected.pop(path, None)
         expected.update(upserts)
     ordered = sorted(expected)
-    assert list(table.base) == sorted(table.base)  # the base stays sorted
+    sorted_part = list(table.base)[:table.sorted_keys]
+    assert sorted_part == sorted(sorted_part)  # what the table says is sorted is
     assert table.columns() == (ordered, [expected[p] for p in ordered])
-    merged, in_order = table.in_order()
+    merged, in_order = table.merged()
     assert merged == expected and (not in_order or list(merged) == ordered)
     assert list(NamespaceTable.full(expected).base) == ordered  # a full load at the same version
 
@@ -131,7 +134,9 @@ def test_the_overlay_is_folded_into_a_new_base_and_old_versions_stay_intact() ->
     assert len(table.base) >= 50_000 and len(table.overlay) <= 10_010  # folded into a new base on the way
     merged = table.materialize()
     assert len(merged) == table.count == 60_000 and table.digest == namespace_digest(merged)
-    assert list(table.base) == sorted(table.base) and table.columns()[0] == sorted(merged)  # folded in order
+    assert table.columns()[0] == sorted(merged)  # folded: still comes out in order
+    sorted_part = list(table.base)[:table.sorted_keys]
+    assert sorted_part == sorted(sorted_part) and len(table.base) - table.sorted_keys <= len(table.base) // 4
     assert v1.get("ns-3") == "cell-1" and v1.count == 10 and len(v1.base) == 10  # the old version is intact
 
 
@@ -158,3 +163,32 @@ def test_tokens_are_checked_by_digest_and_never_shown() -> None:
         with pytest.raises(TokenConfigError) as error:
             parse_tokens(bad, "TOPOLOGY_API_TOKENS")
         assert "zq" not in str(error.value)
+
+
+def test_a_fold_keeps_a_copy_not_a_sort_and_every_version_still_serializes_as_a_full_load() -> None:
+    from datetime import UTC, datetime
+
+    from topology_store.query_api.encodings import Compression
+    from topology_store.query_api.snapshot import Snapshot
+
+    rng = random.Random(7)
+    table = NamespaceTable.full({f"g{n:06d}": f"cell-{n % 5}" for n in range(240_000)})
+    expected = dict(table.base)
+    for batch in range(3):
+        upserts = {f"g{rng.randrange(10**6):06d}x{batch}": "cell-9" for _ in range(20_000)}
+        upserts.update({f"g{n:06d}": "cell-7" for n in range(batch, 240_000, 997)})  # moved
+        deletions = [f"g{n:06d}" for n in range(batch * 7, 240_000, 1009) if f"g{n:06d}" not in upserts]
+        table = table.apply(upserts, deletions)
+        for path in deletions:
+            expected.pop(path, None)
+        expected.update(upserts)
+    assert not table.overlay and table.sorted_keys < len(table.base)  # folded by a copy: a tail out of order
+    table = table.apply({"a-first": "cell-1", "zz-last": "cell-2"}, ["g000500"])
+    expected.pop("g000500", None)
+    expected.update({"a-first": "cell-1", "zz-last": "cell-2"})
+    assert table.columns() == (sorted(expected), [expected[p] for p in sorted(expected)])
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    derived = Snapshot(9, at, [], table, 0.0, Compression())
+    loaded = Snapshot(9, at, [], NamespaceTable.full(dict(reversed(expected.items()))), 0.0, Compression())
+    for fmt in (JSON, MSGPACK):
+        assert derived.representations.raw(fmt) == loaded.representations.raw(fmt)
