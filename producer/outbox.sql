@@ -6,6 +6,8 @@
 --
 -- Idempotent: safe to run on every deploy. Needs PostgreSQL 11 or newer.
 -- Apply it in one transaction (psql -1 -f outbox.sql, or your migration tool).
+-- It also upgrades a table created by an older version in place (the
+-- "Upgrade" block below): running it again is the whole migration.
 
 -- CACHE 1 is part of the contract: with a per-session cache a later
 -- transaction could draw a smaller id than an earlier one, and per-key order
@@ -18,19 +20,59 @@ CREATE TABLE IF NOT EXISTS topology_outbox (
     event_id      uuid        NOT NULL,
     event_type    text        NOT NULL,
     -- The Kafka key: the event's partition key (cell id, or BUCKET:value).
+    -- Always the writer's, JSON rows too: the trigger locks it at insert time.
     partition_key text        NOT NULL,
+    -- Exactly one of payload and payload_json (topology_outbox_one_payload).
     -- Avro single-object encoding (C3 01 | CRC-64-AVRO fingerprint | body),
     -- exactly the bytes the Kafka record carries.
-    payload       bytea       NOT NULL,
+    payload       bytea,
+    -- Or the event's fields as `topology emit` takes them (a JSON object; its
+    -- "type" may be left out, event_type says it). The relay validates it
+    -- against the schema, encodes it and publishes the bytes; event_id and
+    -- occurred_at default to this row's event_id and created_at.
+    payload_json  jsonb,
     -- Extra Kafka headers, {"name": "text value"}; event_type is always added.
     headers       jsonb       NOT NULL DEFAULT '{}'::jsonb,
     created_at    timestamptz NOT NULL DEFAULT now(),
     -- Set by the relay once the broker acknowledged the record.
     published_at  timestamptz,
+    -- Set together by the relay when payload_json is not a valid event: the row
+    -- is kept, never published and never retried until an operator clears both
+    -- (re-drive) or deletes it (discard): producer/README.md.
+    failed_at     timestamptz,
+    error         text,
     CONSTRAINT topology_outbox_payload_is_single_object
         CHECK (octet_length(payload) >= 10 AND substring(payload FROM 1 FOR 2) = '\xc301'::bytea),
     CONSTRAINT topology_outbox_headers_is_object CHECK (jsonb_typeof(headers) = 'object')
 );
+
+-- Upgrade a table of an older layout (bytes only); each step is a no-op on the
+-- current one. ADD COLUMN of a nullable column without a default rewrites
+-- nothing; a new CHECK scans the table once, when it is first added.
+ALTER TABLE topology_outbox ADD COLUMN IF NOT EXISTS payload_json jsonb;
+ALTER TABLE topology_outbox ADD COLUMN IF NOT EXISTS failed_at timestamptz;
+ALTER TABLE topology_outbox ADD COLUMN IF NOT EXISTS error text;
+ALTER TABLE topology_outbox ALTER COLUMN payload DROP NOT NULL;
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = 'topology_outbox'::regclass
+                   AND conname = 'topology_outbox_one_payload') THEN
+        ALTER TABLE topology_outbox ADD CONSTRAINT topology_outbox_one_payload
+            CHECK (num_nonnulls(payload, payload_json) = 1);
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = 'topology_outbox'::regclass
+                   AND conname = 'topology_outbox_payload_json_is_object') THEN
+        ALTER TABLE topology_outbox ADD CONSTRAINT topology_outbox_payload_json_is_object
+            CHECK (jsonb_typeof(payload_json) = 'object');
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = 'topology_outbox'::regclass
+                   AND conname = 'topology_outbox_failure_has_error') THEN
+        ALTER TABLE topology_outbox ADD CONSTRAINT topology_outbox_failure_has_error
+            CHECK ((failed_at IS NULL) = (error IS NULL));
+    END IF;
+END
+$$;
 
 ALTER SEQUENCE topology_outbox_id_seq OWNED BY topology_outbox.id;
 
@@ -57,6 +99,9 @@ BEGIN
     PERFORM topology_outbox_lock_key(NEW.partition_key);
     NEW.id := nextval(format('%I.topology_outbox_id_seq', TG_TABLE_SCHEMA));
     NEW.published_at := NULL;
+    -- A row marked failed at insert would never be read by the relay.
+    NEW.failed_at := NULL;
+    NEW.error := NULL;
     RETURN NEW;
 END
 $$;

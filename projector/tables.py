@@ -92,10 +92,13 @@ topology_outbox = Table(
     Column("event_id", Uuid, nullable=False),
     Column("event_type", Text, nullable=False),
     Column("partition_key", Text, nullable=False),
-    Column("payload", LargeBinary, nullable=False),
+    Column("payload", LargeBinary),  # the decider always writes bytes; payload_json is for other writers
+    Column("payload_json", JSONB),
     Column("headers", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("published_at", DateTime(timezone=True)),
+    Column("failed_at", DateTime(timezone=True)),
+    Column("error", Text),
     Index("topology_outbox_unpublished_idx", "id", postgresql_where=text("published_at IS NULL")),
 )
 
