@@ -5,8 +5,7 @@ on ``TOPOLOGY_GRPC_PORT`` beside the HTTP API, over the same snapshot.
 - ``services``   the servicers: cells, classification, GetCells, GitLab's probes.
 - ``classify``   GitLab's Classify over a snapshot, through the read API's classification.
 - ``cells``      our cells in GitLab's shape: numeric ids, ``host:port``, the first cell.
-- ``generate``   regenerates ``generated/`` from the ``.proto`` files in ``proto/``.
-- ``generated``  the protobuf and gRPC Python code (generated; never edited).
+- ``generate``   regenerates ``schemas/generated/`` from the ``.proto`` files in ``proto/``.
 
 The contract as read from GitLab: docs/gitlab-contract.md.
 """

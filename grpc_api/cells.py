@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from topology_store.grpc_api.generated.proto import cell_info_pb2
 from topology_store.runtime.settings import INT64_MAX
+from topology_store.schemas.generated.proto import cell_info_pb2
 
 _TRAILING_NUMBER = re.compile(r"(?:^|-)([1-9][0-9]{0,18})$")
 

@@ -27,9 +27,9 @@ from typing import Any, Protocol
 import grpc
 
 from topology_store.grpc_api.cells import CellNumbers, first_cell, gitlab_address
-from topology_store.grpc_api.generated.proto import classify_service_pb2
-from topology_store.grpc_api.generated.proto.types.v1 import claim_pb2
 from topology_store.runtime.settings import INT64_MAX
+from topology_store.schemas.generated.proto import classify_service_pb2
+from topology_store.schemas.generated.proto.types.v1 import claim_pb2
 from topology_store.schemas.router_sync import classify_in
 
 ClassifyType = classify_service_pb2.ClassifyType

@@ -28,7 +28,7 @@ import grpc
 
 from topology_store.grpc_api.cells import CellNumbers, all_cell_infos, cell_info, number_cells
 from topology_store.grpc_api.classify import Refusal, RoutingTables, cell_by_number, classify
-from topology_store.grpc_api.generated.proto import (
+from topology_store.schemas.generated.proto import (
     cell_info_pb2,
     cell_service_pb2,
     cell_service_pb2_grpc,
@@ -39,8 +39,8 @@ from topology_store.grpc_api.generated.proto import (
     sequence_service_pb2,
     sequence_service_pb2_grpc,
 )
-from topology_store.grpc_api.generated.proto.claims.v1 import service_pb2 as claims_service_pb2
-from topology_store.grpc_api.generated.proto.claims.v1 import service_pb2_grpc as claims_service_pb2_grpc
+from topology_store.schemas.generated.proto.claims.v1 import service_pb2 as claims_service_pb2
+from topology_store.schemas.generated.proto.claims.v1 import service_pb2_grpc as claims_service_pb2_grpc
 
 log = logging.getLogger(__name__)
 

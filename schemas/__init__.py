@@ -11,4 +11,6 @@ tested against them (the pydantic models, see ``tests/unit/test_contract.py``).
 - ``compatibility``  every schema version stays readable, both directions; ``fingerprints.json``.
 - ``router_sync``    the router sync protocol's wire details, shared by the read API and the
                      router client.
+- ``generated``      GitLab's Topology Service contract as protobuf and gRPC Python code,
+                     generated from ``proto/`` (never edited; adr/0021): both doors read it.
 """

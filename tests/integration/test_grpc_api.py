@@ -31,7 +31,10 @@ from tests.conftest import AUTH, TEST_CLAIMS_TOKEN, TEST_TOKEN, TEST_TOKEN_NO_SC
 from tests.integration.processes import start, stop, wait_until
 from tests.servers import Servers
 from topology_store.cli.devstack import free_port
-from topology_store.grpc_api.generated.proto import (
+from topology_store.producer.publisher import EventPublisher, PublishFailed
+from topology_store.projector.migrate import upgrade_to_head
+from topology_store.runtime.settings import Settings
+from topology_store.schemas.generated.proto import (
     cell_info_pb2,
     cell_service_pb2,
     cell_service_pb2_grpc,
@@ -41,12 +44,9 @@ from topology_store.grpc_api.generated.proto import (
     health_service_pb2_grpc,
     sequence_service_pb2_grpc,
 )
-from topology_store.grpc_api.generated.proto.claims.v1 import service_pb2 as claims_pb2
-from topology_store.grpc_api.generated.proto.claims.v1 import service_pb2_grpc as claims_pb2_grpc
-from topology_store.grpc_api.generated.proto.types.v1 import claim_pb2
-from topology_store.producer.publisher import EventPublisher, PublishFailed
-from topology_store.projector.migrate import upgrade_to_head
-from topology_store.runtime.settings import Settings
+from topology_store.schemas.generated.proto.claims.v1 import service_pb2 as claims_pb2
+from topology_store.schemas.generated.proto.claims.v1 import service_pb2_grpc as claims_pb2_grpc
+from topology_store.schemas.generated.proto.types.v1 import claim_pb2
 from topology_store.schemas.models import CellRegistered, ClaimBucket, ClaimCreated, Event, OwnerType
 
 pytestmark = pytest.mark.integration

@@ -11,8 +11,8 @@ import pytest
 
 from topology_store.grpc_api.cells import number_cells
 from topology_store.grpc_api.classify import Refusal, classify
-from topology_store.grpc_api.generated.proto import classify_service_pb2 as pb
-from topology_store.grpc_api.generated.proto.types.v1.claim_pb2 import Claim
+from topology_store.schemas.generated.proto import classify_service_pb2 as pb
+from topology_store.schemas.generated.proto.types.v1.claim_pb2 import Claim
 
 
 def cell(name: str, prefix: str, state: str = "ACTIVE") -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """GitLab's Topology Service contract, held (adr/0021).
 
-Two checks. The generated code in ``grpc_api/generated/`` is what the ``.proto`` files in
+Two checks. The generated code in ``schemas/generated/`` is what the ``.proto`` files in
 ``proto/`` produce today, byte for byte (else: ``python -m topology_store.grpc_api.generate``).
 And our descriptors carry GitLab's facts: the tables below were decoded from the serialized
 FileDescriptorProtos that GitLab's Ruby client embeds (gitlabhq/gitlabhq,
@@ -22,7 +22,7 @@ from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import FileDescriptor
 
 from topology_store.grpc_api import generate
-from topology_store.grpc_api.generated.proto import (
+from topology_store.schemas.generated.proto import (
     autz_pb2,
     cell_info_pb2,
     cell_service_pb2,
@@ -30,8 +30,8 @@ from topology_store.grpc_api.generated.proto import (
     health_service_pb2,
     sequence_service_pb2,
 )
-from topology_store.grpc_api.generated.proto.claims.v1 import messages_pb2, service_pb2
-from topology_store.grpc_api.generated.proto.types.v1 import claim_pb2, uuid_pb2
+from topology_store.schemas.generated.proto.claims.v1 import messages_pb2, service_pb2
+from topology_store.schemas.generated.proto.types.v1 import claim_pb2, uuid_pb2
 
 PACKAGE = "gitlab.cells.topology_service."
 FILES: tuple[FileDescriptor, ...] = tuple(module.DESCRIPTOR for module in (
@@ -281,7 +281,7 @@ def ours_methods() -> list[tuple[str, ...]]:
 
 def test_the_generated_code_is_what_the_protos_generate() -> None:
     stale = generate.stale_files()
-    assert stale == [], f"grpc_api/generated/ is out of date ({stale}): run python -m topology_store.grpc_api.generate"
+    assert stale == [], f"schemas/generated/ is out of date ({stale}): run python -m topology_store.grpc_api.generate"
 
 
 def test_the_staleness_check_sees_a_changed_proto(tmp_path: Path) -> None:

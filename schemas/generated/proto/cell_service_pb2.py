@@ -22,8 +22,8 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from topology_store.grpc_api.generated.proto import autz_pb2 as proto_dot_autz__pb2
-from topology_store.grpc_api.generated.proto import cell_info_pb2 as proto_dot_cell__info__pb2
+from topology_store.schemas.generated.proto import autz_pb2 as proto_dot_autz__pb2
+from topology_store.schemas.generated.proto import cell_info_pb2 as proto_dot_cell__info__pb2
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18proto/cell_service.proto\x12\x1dgitlab.cells.topology_service\x1a\x10proto/autz.proto\x1a\x15proto/cell_info.proto\"!\n\x0eGetCellRequest\x12\x0f\n\x07\x63\x65ll_id\x18\x02 \x01(\x03\"M\n\x0fGetCellResponse\x12:\n\tcell_info\x18\x01 \x01(\x0b\x32\'.gitlab.cells.topology_service.CellInfo2\x80\x01\n\x0b\x43\x65llService\x12q\n\x07GetCell\x12-.gitlab.cells.topology_service.GetCellRequest\x1a..gitlab.cells.topology_service.GetCellResponse\"\x07\x82\xf9+\x03\n\x01\x01\x62\x06proto3')

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from topology_store.grpc_api.generated.proto import cell_info_pb2 as proto_dot_cell__info__pb2
+from topology_store.schemas.generated.proto import cell_service_pb2 as proto_dot_cell__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in proto/sequence_service_pb2_grpc.py depends on'
+        + ' but the generated code in proto/cell_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class SequenceServiceStub:
+class CellServiceStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -34,43 +34,43 @@ class SequenceServiceStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.GetCells = channel.unary_unary(
-                '/gitlab.cells.topology_service.SequenceService/GetCells',
-                request_serializer=proto_dot_cell__info__pb2.GetCellsRequest.SerializeToString,
-                response_deserializer=proto_dot_cell__info__pb2.GetCellsResponse.FromString,
+        self.GetCell = channel.unary_unary(
+                '/gitlab.cells.topology_service.CellService/GetCell',
+                request_serializer=proto_dot_cell__service__pb2.GetCellRequest.SerializeToString,
+                response_deserializer=proto_dot_cell__service__pb2.GetCellResponse.FromString,
                 _registered_method=True)
 
 
-class SequenceServiceServicer:
+class CellServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def GetCells(self, request, context):
+    def GetCell(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
 
-def add_SequenceServiceServicer_to_server(servicer, server):
+def add_CellServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'GetCells': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetCells,
-                    request_deserializer=proto_dot_cell__info__pb2.GetCellsRequest.FromString,
-                    response_serializer=proto_dot_cell__info__pb2.GetCellsResponse.SerializeToString,
+            'GetCell': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCell,
+                    request_deserializer=proto_dot_cell__service__pb2.GetCellRequest.FromString,
+                    response_serializer=proto_dot_cell__service__pb2.GetCellResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'gitlab.cells.topology_service.SequenceService', rpc_method_handlers)
+            'gitlab.cells.topology_service.CellService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('gitlab.cells.topology_service.SequenceService', rpc_method_handlers)
+    server.add_registered_method_handlers('gitlab.cells.topology_service.CellService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class SequenceService:
+class CellService:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def GetCells(request,
+    def GetCell(request,
             target,
             options=(),
             channel_credentials=None,
@@ -83,9 +83,9 @@ class SequenceService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/gitlab.cells.topology_service.SequenceService/GetCells',
-            proto_dot_cell__info__pb2.GetCellsRequest.SerializeToString,
-            proto_dot_cell__info__pb2.GetCellsResponse.FromString,
+            '/gitlab.cells.topology_service.CellService/GetCell',
+            proto_dot_cell__service__pb2.GetCellRequest.SerializeToString,
+            proto_dot_cell__service__pb2.GetCellResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -22,9 +22,9 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from topology_store.grpc_api.generated.proto import autz_pb2 as proto_dot_autz__pb2
-from topology_store.grpc_api.generated.proto import cell_info_pb2 as proto_dot_cell__info__pb2
-from topology_store.grpc_api.generated.proto.types.v1 import claim_pb2 as proto_dot_types_dot_v1_dot_claim__pb2
+from topology_store.schemas.generated.proto import autz_pb2 as proto_dot_autz__pb2
+from topology_store.schemas.generated.proto import cell_info_pb2 as proto_dot_cell__info__pb2
+from topology_store.schemas.generated.proto.types.v1 import claim_pb2 as proto_dot_types_dot_v1_dot_claim__pb2
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cproto/classify_service.proto\x12\x1dgitlab.cells.topology_service\x1a\x10proto/autz.proto\x1a\x15proto/cell_info.proto\x1a\x1aproto/types/v1/claim.proto\"\xa7\x01\n\x0f\x43lassifyRequest\x12\x39\n\x04type\x18\x02 \x01(\x0e\x32+.gitlab.cells.topology_service.ClassifyType\x12\r\n\x05value\x18\x03 \x01(\t\x12=\n\x06\x63laims\x18\x05 \x03(\x0b\x32-.gitlab.cells.topology_service.types.v1.ClaimJ\x04\x08\x04\x10\x05R\x05\x63laim\"\x1c\n\tProxyInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"\xd0\x01\n\x10\x43lassifyResponse\x12=\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32-.gitlab.cells.topology_service.ClassifyAction\x12\x37\n\x05proxy\x18\x02 \x01(\x0b\x32(.gitlab.cells.topology_service.ProxyInfo\x12\x44\n\rmatched_claim\x18\x03 \x01(\x0b\x32-.gitlab.cells.topology_service.types.v1.Claim*P\n\x0c\x43lassifyType\x12\x0f\n\x0bUNSPECIFIED\x10\x00\x12\x0e\n\nFIRST_CELL\x10\x01\x12\x12\n\x0eSESSION_PREFIX\x10\x02\x12\x0b\n\x07\x43\x45LL_ID\x10\x03*3\n\x0e\x43lassifyAction\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\t\n\x05PROXY\x10\x01\x32\xff\x01\n\x0f\x43lassifyService\x12t\n\x08GetCells\x12..gitlab.cells.topology_service.GetCellsRequest\x1a/.gitlab.cells.topology_service.GetCellsResponse\"\x07\x82\xf9+\x03\n\x01\x01\x12v\n\x08\x43lassify\x12..gitlab.cells.topology_service.ClassifyRequest\x1a/.gitlab.cells.topology_service.ClassifyResponse\"\t\x82\xf9+\x05\n\x03\x02\x04\x05\x62\x06proto3')

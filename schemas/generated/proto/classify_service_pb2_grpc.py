@@ -3,7 +3,8 @@
 import grpc
 import warnings
 
-from topology_store.grpc_api.generated.proto import health_service_pb2 as proto_dot_health__service__pb2
+from topology_store.schemas.generated.proto import cell_info_pb2 as proto_dot_cell__info__pb2
+from topology_store.schemas.generated.proto import classify_service_pb2 as proto_dot_classify__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,14 +19,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in proto/health_service_pb2_grpc.py depends on'
+        + ' but the generated code in proto/classify_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class HealthServiceStub:
+class ClassifyServiceStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -34,61 +35,59 @@ class HealthServiceStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.ReadinessProbe = channel.unary_unary(
-                '/gitlab.cells.topology_service.HealthService/ReadinessProbe',
-                request_serializer=proto_dot_health__service__pb2.ReadinessProbeRequest.SerializeToString,
-                response_deserializer=proto_dot_health__service__pb2.ReadinessProbeResponse.FromString,
+        self.GetCells = channel.unary_unary(
+                '/gitlab.cells.topology_service.ClassifyService/GetCells',
+                request_serializer=proto_dot_cell__info__pb2.GetCellsRequest.SerializeToString,
+                response_deserializer=proto_dot_cell__info__pb2.GetCellsResponse.FromString,
                 _registered_method=True)
-        self.LivenessProbe = channel.unary_unary(
-                '/gitlab.cells.topology_service.HealthService/LivenessProbe',
-                request_serializer=proto_dot_health__service__pb2.LivenessProbeRequest.SerializeToString,
-                response_deserializer=proto_dot_health__service__pb2.LivenessProbeResponse.FromString,
+        self.Classify = channel.unary_unary(
+                '/gitlab.cells.topology_service.ClassifyService/Classify',
+                request_serializer=proto_dot_classify__service__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=proto_dot_classify__service__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
 
 
-class HealthServiceServicer:
+class ClassifyServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def ReadinessProbe(self, request, context):
-        """Ready to answer requests.
-        """
+    def GetCells(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def LivenessProbe(self, request, context):
-        """Alive (else restart it).
-        """
+    def Classify(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
 
-def add_HealthServiceServicer_to_server(servicer, server):
+def add_ClassifyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'ReadinessProbe': grpc.unary_unary_rpc_method_handler(
-                    servicer.ReadinessProbe,
-                    request_deserializer=proto_dot_health__service__pb2.ReadinessProbeRequest.FromString,
-                    response_serializer=proto_dot_health__service__pb2.ReadinessProbeResponse.SerializeToString,
+            'GetCells': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCells,
+                    request_deserializer=proto_dot_cell__info__pb2.GetCellsRequest.FromString,
+                    response_serializer=proto_dot_cell__info__pb2.GetCellsResponse.SerializeToString,
             ),
-            'LivenessProbe': grpc.unary_unary_rpc_method_handler(
-                    servicer.LivenessProbe,
-                    request_deserializer=proto_dot_health__service__pb2.LivenessProbeRequest.FromString,
-                    response_serializer=proto_dot_health__service__pb2.LivenessProbeResponse.SerializeToString,
+            'Classify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Classify,
+                    request_deserializer=proto_dot_classify__service__pb2.ClassifyRequest.FromString,
+                    response_serializer=proto_dot_classify__service__pb2.ClassifyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'gitlab.cells.topology_service.HealthService', rpc_method_handlers)
+            'gitlab.cells.topology_service.ClassifyService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('gitlab.cells.topology_service.HealthService', rpc_method_handlers)
+    server.add_registered_method_handlers('gitlab.cells.topology_service.ClassifyService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class HealthService:
+class ClassifyService:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def ReadinessProbe(request,
+    def GetCells(request,
             target,
             options=(),
             channel_credentials=None,
@@ -101,9 +100,9 @@ class HealthService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/gitlab.cells.topology_service.HealthService/ReadinessProbe',
-            proto_dot_health__service__pb2.ReadinessProbeRequest.SerializeToString,
-            proto_dot_health__service__pb2.ReadinessProbeResponse.FromString,
+            '/gitlab.cells.topology_service.ClassifyService/GetCells',
+            proto_dot_cell__info__pb2.GetCellsRequest.SerializeToString,
+            proto_dot_cell__info__pb2.GetCellsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -115,7 +114,7 @@ class HealthService:
             _registered_method=True)
 
     @staticmethod
-    def LivenessProbe(request,
+    def Classify(request,
             target,
             options=(),
             channel_credentials=None,
@@ -128,9 +127,9 @@ class HealthService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/gitlab.cells.topology_service.HealthService/LivenessProbe',
-            proto_dot_health__service__pb2.LivenessProbeRequest.SerializeToString,
-            proto_dot_health__service__pb2.LivenessProbeResponse.FromString,
+            '/gitlab.cells.topology_service.ClassifyService/Classify',
+            proto_dot_classify__service__pb2.ClassifyRequest.SerializeToString,
+            proto_dot_classify__service__pb2.ClassifyResponse.FromString,
             options,
             channel_credentials,
             insecure,

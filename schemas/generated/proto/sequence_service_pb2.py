@@ -22,7 +22,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from topology_store.grpc_api.generated.proto import cell_info_pb2 as proto_dot_cell__info__pb2
+from topology_store.schemas.generated.proto import cell_info_pb2 as proto_dot_cell__info__pb2
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cproto/sequence_service.proto\x12\x1dgitlab.cells.topology_service\x1a\x15proto/cell_info.proto2~\n\x0fSequenceService\x12k\n\x08GetCells\x12..gitlab.cells.topology_service.GetCellsRequest\x1a/.gitlab.cells.topology_service.GetCellsResponseb\x06proto3')

@@ -3,8 +3,7 @@
 import grpc
 import warnings
 
-from topology_store.grpc_api.generated.proto import cell_info_pb2 as proto_dot_cell__info__pb2
-from topology_store.grpc_api.generated.proto import classify_service_pb2 as proto_dot_classify__service__pb2
+from topology_store.schemas.generated.proto import cell_info_pb2 as proto_dot_cell__info__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -19,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in proto/classify_service_pb2_grpc.py depends on'
+        + ' but the generated code in proto/sequence_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class ClassifyServiceStub:
+class SequenceServiceStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -36,18 +35,13 @@ class ClassifyServiceStub:
             channel: A grpc.Channel.
         """
         self.GetCells = channel.unary_unary(
-                '/gitlab.cells.topology_service.ClassifyService/GetCells',
+                '/gitlab.cells.topology_service.SequenceService/GetCells',
                 request_serializer=proto_dot_cell__info__pb2.GetCellsRequest.SerializeToString,
                 response_deserializer=proto_dot_cell__info__pb2.GetCellsResponse.FromString,
                 _registered_method=True)
-        self.Classify = channel.unary_unary(
-                '/gitlab.cells.topology_service.ClassifyService/Classify',
-                request_serializer=proto_dot_classify__service__pb2.ClassifyRequest.SerializeToString,
-                response_deserializer=proto_dot_classify__service__pb2.ClassifyResponse.FromString,
-                _registered_method=True)
 
 
-class ClassifyServiceServicer:
+class SequenceServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def GetCells(self, request, context):
@@ -56,34 +50,23 @@ class ClassifyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Classify(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
 
-
-def add_ClassifyServiceServicer_to_server(servicer, server):
+def add_SequenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetCells': grpc.unary_unary_rpc_method_handler(
                     servicer.GetCells,
                     request_deserializer=proto_dot_cell__info__pb2.GetCellsRequest.FromString,
                     response_serializer=proto_dot_cell__info__pb2.GetCellsResponse.SerializeToString,
             ),
-            'Classify': grpc.unary_unary_rpc_method_handler(
-                    servicer.Classify,
-                    request_deserializer=proto_dot_classify__service__pb2.ClassifyRequest.FromString,
-                    response_serializer=proto_dot_classify__service__pb2.ClassifyResponse.SerializeToString,
-            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'gitlab.cells.topology_service.ClassifyService', rpc_method_handlers)
+            'gitlab.cells.topology_service.SequenceService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('gitlab.cells.topology_service.ClassifyService', rpc_method_handlers)
+    server.add_registered_method_handlers('gitlab.cells.topology_service.SequenceService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class ClassifyService:
+class SequenceService:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -100,36 +83,9 @@ class ClassifyService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/gitlab.cells.topology_service.ClassifyService/GetCells',
+            '/gitlab.cells.topology_service.SequenceService/GetCells',
             proto_dot_cell__info__pb2.GetCellsRequest.SerializeToString,
             proto_dot_cell__info__pb2.GetCellsResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Classify(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/gitlab.cells.topology_service.ClassifyService/Classify',
-            proto_dot_classify__service__pb2.ClassifyRequest.SerializeToString,
-            proto_dot_classify__service__pb2.ClassifyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -2,8 +2,8 @@ import datetime
 
 from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
-from topology_store.grpc_api.generated.proto.types.v1 import claim_pb2 as _claim_pb2
-from topology_store.grpc_api.generated.proto.types.v1 import uuid_pb2 as _uuid_pb2
+from topology_store.schemas.generated.proto.types.v1 import claim_pb2 as _claim_pb2
+from topology_store.schemas.generated.proto.types.v1 import uuid_pb2 as _uuid_pb2
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message

@@ -1,6 +1,6 @@
-from topology_store.grpc_api.generated.proto import autz_pb2 as _autz_pb2
-from topology_store.grpc_api.generated.proto import cell_info_pb2 as _cell_info_pb2
-from topology_store.grpc_api.generated.proto.types.v1 import claim_pb2 as _claim_pb2
+from topology_store.schemas.generated.proto import autz_pb2 as _autz_pb2
+from topology_store.schemas.generated.proto import cell_info_pb2 as _cell_info_pb2
+from topology_store.schemas.generated.proto.types.v1 import claim_pb2 as _claim_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor

@@ -1,5 +1,5 @@
-from topology_store.grpc_api.generated.proto import autz_pb2 as _autz_pb2
-from topology_store.grpc_api.generated.proto import cell_info_pb2 as _cell_info_pb2
+from topology_store.schemas.generated.proto import autz_pb2 as _autz_pb2
+from topology_store.schemas.generated.proto import cell_info_pb2 as _cell_info_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Mapping as _Mapping

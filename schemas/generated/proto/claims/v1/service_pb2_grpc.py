@@ -3,8 +3,8 @@
 import grpc
 import warnings
 
-from topology_store.grpc_api.generated.proto import cell_info_pb2 as proto_dot_cell__info__pb2
-from topology_store.grpc_api.generated.proto.claims.v1 import service_pb2 as proto_dot_claims_dot_v1_dot_service__pb2
+from topology_store.schemas.generated.proto import cell_info_pb2 as proto_dot_cell__info__pb2
+from topology_store.schemas.generated.proto.claims.v1 import service_pb2 as proto_dot_claims_dot_v1_dot_service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

@@ -2,11 +2,11 @@ import datetime
 
 from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
-from topology_store.grpc_api.generated.proto import autz_pb2 as _autz_pb2
-from topology_store.grpc_api.generated.proto import cell_info_pb2 as _cell_info_pb2
-from topology_store.grpc_api.generated.proto.claims.v1 import messages_pb2 as _messages_pb2
-from topology_store.grpc_api.generated.proto.types.v1 import claim_pb2 as _claim_pb2
-from topology_store.grpc_api.generated.proto.types.v1 import uuid_pb2 as _uuid_pb2
+from topology_store.schemas.generated.proto import autz_pb2 as _autz_pb2
+from topology_store.schemas.generated.proto import cell_info_pb2 as _cell_info_pb2
+from topology_store.schemas.generated.proto.claims.v1 import messages_pb2 as _messages_pb2
+from topology_store.schemas.generated.proto.types.v1 import claim_pb2 as _claim_pb2
+from topology_store.schemas.generated.proto.types.v1 import uuid_pb2 as _uuid_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
