@@ -3,9 +3,9 @@ on ``TOPOLOGY_GRPC_PORT`` beside the HTTP API, over the same snapshot.
 
 - ``server``     the grpc.aio server: GitLab's services, health checking, reflection, tokens.
 - ``services``   the servicers: cells, classification, GetCells, GitLab's probes.
-- ``classify``   GitLab's Classify over a snapshot, through the read API's classification.
-- ``cells``      our cells in GitLab's shape: numeric ids, ``host:port``, the first cell.
 - ``generate``   regenerates ``schemas/generated/`` from the ``.proto`` files in ``proto/``.
 
-The contract as read from GitLab: docs/gitlab-contract.md.
+GitLab's Classify and our cells in GitLab's shape are shared with the HTTP door:
+``service/gitlab_classify.py``, ``service/gitlab_cells.py``. The contract as read from
+GitLab: docs/gitlab-contract.md.
 """

@@ -27,9 +27,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from topology_store.grpc_api.services import PARTLY_SERVED, SERVED, SnapshotSource, add_services
+from topology_store.grpc_api.services import PARTLY_SERVED, SERVED, add_services
 from topology_store.runtime.settings import Settings
 from topology_store.schemas.router_sync import SNAPSHOT_READ
+from topology_store.service.gitlab_classify import SnapshotSource
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Read-only, from the snapshot the HTTP API holds (the same object, in the same pr
 
 - ``CellService.GetCell``; ``GetCells`` of ``ClassifyService``, ``ClaimService`` and
   ``SequenceService`` (GitLab declares it on all three);
-- ``ClassifyService.Classify`` (:mod:`topology_store.grpc_api.classify`);
+- ``ClassifyService.Classify`` (:mod:`topology_store.service.gitlab_classify`);
 - ``HealthService``: ``ReadinessProbe`` answers once a snapshot is loaded (also while
   PostgreSQL is away: the snapshot held is served, as ``/readyz`` says), ``LivenessProbe``
   always.
@@ -13,21 +13,18 @@ Read-only, from the snapshot the HTTP API holds (the same object, in the same pr
 ListLeases, ListRecords) answer UNIMPLEMENTED with a pointer to the ADR: they need GitLab's
 lease model in the claims decider first.
 
-Every answer other than OK is a :class:`~topology_store.grpc_api.classify.Refusal` turned
+Every answer other than OK is a :class:`~topology_store.service.gitlab_classify.Refusal` turned
 into its status and message; nothing a client sends can make one INTERNAL.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
-from topology_store.grpc_api.cells import CellNumbers, all_cell_infos, cell_info, number_cells
-from topology_store.grpc_api.classify import Refusal, RoutingTables, cell_by_number, classify
 from topology_store.schemas.generated.proto import (
     cell_info_pb2,
     cell_service_pb2,
@@ -41,18 +38,11 @@ from topology_store.schemas.generated.proto import (
 )
 from topology_store.schemas.generated.proto.claims.v1 import service_pb2 as claims_service_pb2
 from topology_store.schemas.generated.proto.claims.v1 import service_pb2_grpc as claims_service_pb2_grpc
-
-log = logging.getLogger(__name__)
+from topology_store.service.gitlab_cells import cell_info
+from topology_store.service.gitlab_classify import Refusal, SnapshotSource, Tables, cell_by_number
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
-
-
-class SnapshotSource(Protocol):
-    """Where the current snapshot is (``query_api.snapshot.SnapshotCache`` is one)."""
-
-    @property
-    def current(self) -> RoutingTables | None: ...
 
 
 def answers(method: Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]
@@ -68,33 +58,6 @@ def answers(method: Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable
             raise AssertionError("unreachable: abort raises") from None
 
     return answer
-
-
-class Tables:
-    """The current snapshot, and its cells' numbers (computed again when the set of cells changes)."""
-
-    def __init__(self, snapshots: SnapshotSource, configured: dict[str, int]) -> None:
-        self._snapshots = snapshots
-        self._configured = configured
-        self._numbers: tuple[tuple[str, ...], CellNumbers] | None = None
-
-    def current(self) -> tuple[RoutingTables, CellNumbers]:
-        tables = self._snapshots.current
-        if tables is None:
-            raise Refusal(grpc.StatusCode.UNAVAILABLE, "no snapshot loaded yet; retry shortly")
-        names = tuple(tables.cells_by_id)  # numbers depend on the names only, not on a version
-        if self._numbers is None or self._numbers[0] != names:
-            numbers = number_cells(names, self._configured)
-            unnumbered = sorted(set(names) - set(numbers.by_name))
-            if unnumbered:
-                log.warning("cells without a numeric id are left out of GetCells: %s (TOPOLOGY_GRPC_CELL_IDS)",
-                            ", ".join(unnumbered))
-            self._numbers = (names, numbers)
-        return tables, self._numbers[1]
-
-    def get_cells(self) -> cell_info_pb2.GetCellsResponse:
-        tables, numbers = self.current()
-        return cell_info_pb2.GetCellsResponse(cells=all_cell_infos(tables.cells_by_id, numbers))
 
 
 class CellService(cell_service_pb2_grpc.CellServiceServicer):
@@ -121,8 +84,7 @@ class ClassifyService(classify_service_pb2_grpc.ClassifyServiceServicer):
     @answers
     async def Classify(self, request: classify_service_pb2.ClassifyRequest,
                        context: grpc.aio.ServicerContext) -> classify_service_pb2.ClassifyResponse:
-        tables, numbers = self._tables.current()
-        return classify(request, tables, numbers).response()
+        return self._tables.classify(request)
 
 
 class SequenceService(sequence_service_pb2_grpc.SequenceServiceServicer):

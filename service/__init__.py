@@ -6,4 +6,7 @@ later gRPC server) calls alike. No I/O of its own: the adapters it needs come in
 - ``admission`` admission control: how many decisions are awaited and how old the oldest
                 is; past the budget new requests are refused at once (adr/0018).
 - ``commands``  the claim commands, built in one place for every door.
+- ``gitlab_classify``  GitLab's Classify over a snapshot (adr/0021): the one decision the gRPC
+                door and ``POST /v1/classify`` both answer with; the cells' numbers per snapshot.
+- ``gitlab_cells``     our cells in GitLab's shape: numeric ids, ``host:port``, the first cell.
 """

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from topology_store.grpc_api.cells import derived_number, first_cell, gitlab_address, number_cells
+from topology_store.service.gitlab_cells import derived_number, first_cell, gitlab_address, number_cells
 
 
 @pytest.mark.parametrize(("name", "number"), [

@@ -9,10 +9,10 @@ from typing import Any
 import grpc
 import pytest
 
-from topology_store.grpc_api.cells import number_cells
-from topology_store.grpc_api.classify import Refusal, classify
 from topology_store.schemas.generated.proto import classify_service_pb2 as pb
 from topology_store.schemas.generated.proto.types.v1.claim_pb2 import Claim
+from topology_store.service.gitlab_cells import number_cells
+from topology_store.service.gitlab_classify import Refusal, classify
 
 
 def cell(name: str, prefix: str, state: str = "ACTIVE") -> dict[str, Any]:

@@ -1,10 +1,13 @@
-"""GitLab's ``Classify`` over one snapshot (adr/0021): which cell serves a request.
+"""GitLab's ``Classify`` over one snapshot (adr/0021): which cell serves a request, the one
+decision both doors answer with: ``ClassifyService.Classify`` over gRPC (``grpc_api``) and
+``POST /v1/classify`` over HTTP (``query_api/gitlab_api.py``), each calling
+:meth:`Tables.classify` with the same ``ClassifyRequest`` message.
 
 The lookups are the read API's own (``schemas.router_sync.classify_in``, what
 ``GET /v1/classify`` answers with); this module maps GitLab's request onto them and
 their answer onto ``ClassifyResponse`` (action PROXY, the cell's address as ``host:port``):
 
-- ``FIRST_CELL``: the default cell (:func:`topology_store.grpc_api.cells.first_cell`);
+- ``FIRST_CELL``: the default cell (:func:`topology_store.service.gitlab_cells.first_cell`);
   a value, if any, is ignored.
 - ``SESSION_PREFIX``: the cell whose session prefix starts the value (the longest).
 - ``CELL_ID``: the value is GitLab's numeric cell id, in decimal.
@@ -15,22 +18,27 @@ their answer onto ``ClassifyResponse`` (action PROXY, the cell's address as ``ho
   UNIMPLEMENTED, naming the kind.
 
 Anything else is refused with a :class:`Refusal`: bad input is INVALID_ARGUMENT with what
-is wrong, an unknown key NOT_FOUND (what GitLab's clients read as "unknown").
+is wrong, an unknown key NOT_FOUND (what GitLab's clients read as "unknown"); each door
+turns it into its own status (a gRPC status; an HTTP status as GitLab's grpc-gateway maps it).
+:class:`Tables` holds the cells' numbers for the snapshot a door serves.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
 
-from topology_store.grpc_api.cells import CellNumbers, first_cell, gitlab_address
 from topology_store.runtime.settings import INT64_MAX
-from topology_store.schemas.generated.proto import classify_service_pb2
+from topology_store.schemas.generated.proto import cell_info_pb2, classify_service_pb2
 from topology_store.schemas.generated.proto.types.v1 import claim_pb2
 from topology_store.schemas.router_sync import classify_in
+from topology_store.service.gitlab_cells import CellNumbers, all_cell_infos, first_cell, gitlab_address, number_cells
+
+log = logging.getLogger(__name__)
 
 ClassifyType = classify_service_pb2.ClassifyType
 MAX_VALUE_CHARS = 4096  # a path, a session cookie, a decimal id: far below this
@@ -157,3 +165,43 @@ def _by_claims(request: classify_service_pb2.ClassifyRequest, tables: RoutingTab
         if status == 200:
             return Classified(document["cell"], claim_pb2.Claim(route=document["key"]))
     raise Refusal(grpc.StatusCode.NOT_FOUND, "no cell owns any of the claims")
+
+
+class SnapshotSource(Protocol):
+    """Where the current snapshot is (``query_api.snapshot.SnapshotCache`` is one)."""
+
+    @property
+    def current(self) -> RoutingTables | None: ...
+
+
+class Tables:
+    """The current snapshot, and its cells' numbers (computed again when the set of cells changes).
+    One per door; the numbers depend on the cell names and ``TOPOLOGY_GRPC_CELL_IDS`` only."""
+
+    def __init__(self, snapshots: SnapshotSource, configured: dict[str, int]) -> None:
+        self._snapshots = snapshots
+        self._configured = configured
+        self._numbers: tuple[tuple[str, ...], CellNumbers] | None = None
+
+    def current(self) -> tuple[RoutingTables, CellNumbers]:
+        tables = self._snapshots.current
+        if tables is None:
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, "no snapshot loaded yet; retry shortly")
+        names = tuple(tables.cells_by_id)  # numbers depend on the names only, not on a version
+        if self._numbers is None or self._numbers[0] != names:
+            numbers = number_cells(names, self._configured)
+            unnumbered = sorted(set(names) - set(numbers.by_name))
+            if unnumbered:
+                log.warning("cells without a numeric id are left out of GetCells: %s (TOPOLOGY_GRPC_CELL_IDS)",
+                            ", ".join(unnumbered))
+            self._numbers = (names, numbers)
+        return tables, self._numbers[1]
+
+    def classify(self, request: classify_service_pb2.ClassifyRequest) -> classify_service_pb2.ClassifyResponse:
+        """GitLab's Classify over the current snapshot, or a :class:`Refusal`."""
+        tables, numbers = self.current()
+        return classify(request, tables, numbers).response()
+
+    def get_cells(self) -> cell_info_pb2.GetCellsResponse:
+        tables, numbers = self.current()
+        return cell_info_pb2.GetCellsResponse(cells=all_cell_infos(tables.cells_by_id, numbers))
