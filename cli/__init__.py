@@ -10,6 +10,7 @@ stack. Nothing imports this package.
 - ``schemas``       ``topology schemas check``.
 - ``up``            ``topology up``: the whole stack in one command.
 - ``demo``          the demo topology of ``topology up --demo``.
+- ``devpki``        the development CA and certificates of ``topology up`` (mutual TLS).
 - ``devstack``      the embedded servers behind ``topology up`` and the test fallback (Tansu,
                     embedded PostgreSQL).
 - ``watchdog``      stops the servers and services of ``topology up`` when it dies without doing so.

@@ -8,4 +8,5 @@ these functions and write back what they return.
               the registry by a decision (adr/0010).
 - ``fold``    the one fold of the log, used by the live projector, replay and rebuild.
 - ``audit``   the audit index's keys: what an event touched, what a question names.
+- ``access``  per-cell authorization: may these credentials act for this cell (adr/0021).
 """

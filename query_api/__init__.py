@@ -23,7 +23,9 @@ Underneath:
 - ``snapshot``          one consistent snapshot per version, kept fresh by LISTEN/NOTIFY
                         and the change log; deltas and their cache.
 - ``encodings``         serialize once, compress once, per version.
-- ``auth``              tokens and scopes; 401/403 answers and their OpenAPI description.
+- ``auth``              tokens and scopes, cell-bound credentials; 401/403 answers and
+                        their OpenAPI description.
+- ``tls``               TLS and mutual TLS on the HTTP port; the client certificate's cell.
 - ``documents``         the response documents (pydantic, for validation and OpenAPI).
 - ``errors``            the one error document; exception handlers, request limits, and the
                         errors the OpenAPI document declares.

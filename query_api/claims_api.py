@@ -272,7 +272,7 @@ def claims_router() -> APIRouter:
     @router.post("/v1/claims", status_code=201, response_model=RequestAnswer, responses=sheddable,
                  summary="Begin: reserve claims under a lease, all or none", openapi_extra=secured(CLAIMS_WRITE))
     async def begin(request: Request, body: BeginRequest) -> JSONResponse:
-        if refused := denied(request, service(request).authorizer, CLAIMS_WRITE):
+        if refused := denied(request, service(request).authorizer, CLAIMS_WRITE, cell=body.cell_id):
             return refused
         try:
             command = commands.begin(
@@ -285,7 +285,7 @@ def claims_router() -> APIRouter:
         return await service(request).submit(command, created=True)
 
     async def lease_action(request: Request, lease_id: uuid.UUID, body: LeaseAction, commit: bool) -> JSONResponse:
-        if refused := denied(request, service(request).authorizer, CLAIMS_WRITE):
+        if refused := denied(request, service(request).authorizer, CLAIMS_WRITE, cell=body.cell_id):
             return refused
         build = commands.commit if commit else commands.rollback
         try:
@@ -317,7 +317,7 @@ def claims_router() -> APIRouter:
         owner_id: int = Query(ge=0, le=MAX_OWNER_ID),
         request_id: uuid.UUID | None = None,
     ) -> JSONResponse:
-        if refused := denied(request, service(request).authorizer, CLAIMS_WRITE):
+        if refused := denied(request, service(request).authorizer, CLAIMS_WRITE, cell=cell_id):
             return refused
         try:
             command = commands.destroy(

@@ -123,6 +123,17 @@ class Settings(BaseSettings):
         "a cell not named here has the number its name ends with (cell-7 -> 7, 12 -> 12)"
     )
 
+    # TLS of the HTTP and gRPC doors (adr/0021): both ports, the same files
+    tls_cert: str = Field(
+        default="", description="PEM certificate (chain) the HTTP API and the gRPC door present; with "
+        "TOPOLOGY_TLS_KEY both ports speak TLS only. Empty (the default): plain TCP"
+    )
+    tls_key: str = Field(default="", description="PEM private key of TOPOLOGY_TLS_CERT")
+    tls_client_ca: str = Field(
+        default="", description="PEM CA certificate(s): mutual TLS, a client must present a certificate they "
+        "signed (its URI SAN topology://cell/<cell id> binds it to a cell; topology://admin: any cell)"
+    )
+
     # Router sync (adr/0009): access tokens, long-poll, change-log retention, compression, router sidecar
     api_tokens: str = Field(
         default="",
@@ -217,6 +228,14 @@ class Settings(BaseSettings):
         if not value.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
             raise ValueError("must be a postgresql:// URL")
         return value
+
+    @model_validator(mode="after")
+    def _tls_files_together(self) -> Settings:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("TOPOLOGY_TLS_CERT and TOPOLOGY_TLS_KEY go together: set both, or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("TOPOLOGY_TLS_CLIENT_CA needs TOPOLOGY_TLS_CERT and TOPOLOGY_TLS_KEY (mutual TLS is TLS)")
+        return self
 
     @model_validator(mode="after")
     def _leases_outlive_the_window(self) -> Settings:
