@@ -268,7 +268,8 @@ class Projector:
     async def _look_again(self) -> None:
         """Refused partitions whose time came: seek to what is stored now and read again."""
         now = time.monotonic()
-        due = [tp for tp, refusal in self.refused.items() if refusal.retry_at <= now]
+        # Not those being looked at: a second seek would drop what their fetch brings.
+        due = [tp for tp, refusal in self.refused.items() if not refusal.looking and refusal.retry_at <= now]
         if not due:
             return
         await self.seek_to_stored(due)
@@ -290,7 +291,8 @@ class Projector:
                     end = self._consumer.highwater(tp)
                 except IllegalStateError:
                     continue
-                if end is not None and end <= self.positions[tp]:
+                # Equal, not beyond: a stored offset past the log's end is a log that restarted.
+                if end is not None and end == self.positions[tp]:
                     self._resumed(tp)
 
     def _resumed(self, tp: TopicPartition) -> None:

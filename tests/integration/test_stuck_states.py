@@ -1,8 +1,8 @@
 """States the projector once could not leave by itself (adr/0019), each created on the
 real broker and PostgreSQL: stored offsets moved backwards (read again and skipped
-against the archive), a topic recreated behind the stored offsets (refused, named on
-/readyz, nothing overwritten), and a revoke that lands while a seek waits on the
-database (no crash)."""
+against the archive), a topic recreated behind the stored offsets or records deleted
+before they were read (refused, named on /readyz with the fix, nothing overwritten), and a
+revoke that lands while a seek waits on the database (no crash)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
 from tests.integration.routing import cell
 from tests.integration.test_projector import Member, claim, count, publish, wait_for
@@ -278,3 +278,34 @@ async def test_an_archived_position_the_member_did_not_expect_is_never_blamed_on
         assert projector.metrics.isolated._value.get() == 0
     assert count(settings, "SELECT count(*) FROM dead_letters") == 0
     assert count(settings, "SELECT count(*) FROM claims WHERE value = 'collides'") == 0
+
+
+async def test_records_deleted_before_they_were_read_are_refused_until_the_named_update_skips_them(
+    topics: Settings,
+) -> None:
+    """Retention (here DeleteRecords on the broker) removed records the projection never read:
+    the partition is refused with the UPDATE that skips them; run, the member goes on by itself."""
+    settings = topics
+    cells = TopicPartition(settings.cells_topic, 0)
+    await publish(settings, [cell(1), cell(2)])
+    async with Member(settings):
+        await wait_for(settings, "SELECT count(*) FROM cells", 2)
+    await publish(settings, [cell(3), cell(4), cell(5)])  # offsets 2 to 4, never read
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_records({cells: RecordsToDelete(before_offset=4)})
+    finally:
+        await admin.close()
+    async with Member(settings) as member:
+        projector, health = member.projector, member.projector.health
+        await until(lambda: cells in projector.refused, "the cells partition refused")
+        reason = health.document()["log"]["refused"][f"{cells.topic}[0]"]
+        assert "the stored offset is 2 but the log continues at 4" in reason
+        update = reason[reason.index("UPDATE partition_offsets"):reason.index(";")]
+        assert not health.ready and count(settings, "SELECT count(*) FROM cells") == 2
+        execute(settings, update)  # the operator accepts the loss, as the message spells out
+        await wait_for(settings, "SELECT count(*) FROM cells", 3)  # cell-5, at offset 4
+        await until(lambda: health.ready, "ready again")
+        assert health.document()["log"] == {"state": "ok", "refused": {}}
+    assert [row[0] for row in rows(settings, "SELECT cell_id FROM cells ORDER BY 1")] == ["cell-1", "cell-2", "cell-5"]
