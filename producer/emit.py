@@ -1,7 +1,11 @@
-"""``topology emit``: publish events given as JSON, one result line per event.
+"""``topology emit``: publish events given as JSON, one result line per event (adr/0001).
 
 The whole input is validated before anything is sent, so a bad line 5,000 does
 not leave 4,999 events published: invalid input sends nothing.
+
+``event_from_json`` is the one reading of an event given as JSON: ``topology
+emit`` and the outbox relay (a row's ``payload_json``, adr/0008) both use it, so
+the same fields give the same event and the same Avro bytes.
 """
 
 from __future__ import annotations
@@ -10,13 +14,21 @@ import json
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Any, TextIO
 
 from aiokafka.errors import KafkaError
 
 from topology_store.producer.publisher import EventPublisher, PublishFailed
 from topology_store.runtime.settings import Settings
 from topology_store.schemas.models import Event, EventInputError, parse_event
+
+
+def event_from_json(data: Any, event_type: str | None = None) -> Event:
+    """The event whose fields ``data`` (decoded JSON) gives; ``event_type`` stands in for,
+    or must agree with, its ``type`` field. Raises ``EventInputError`` naming every fault."""
+    if not isinstance(data, dict):
+        raise EventInputError(f"an event must be a JSON object, not {type(data).__name__}")
+    return parse_event(data, event_type)
 
 
 @dataclass(frozen=True)
@@ -37,7 +49,7 @@ def parse_lines(lines: Iterable[str]) -> tuple[list[Event], list[InputError]]:
             errors.append(InputError(number, f"not JSON: {exc.msg} at column {exc.colno}"))
             continue
         try:
-            events.append(parse_event(data))
+            events.append(event_from_json(data))
         except EventInputError as exc:
             errors.append(InputError(number, str(exc)))
     return events, errors

@@ -19,6 +19,12 @@ the outbox database. Consequences, each relied on:
 - One active relay: ``pg_try_advisory_lock`` on the outbox database. Reads,
   marks and the lock share one session, so a relay whose session died (and so
   lost the lock) cannot mark anything any more.
+- JSON rows (``payload_json``): validated and encoded here exactly as ``topology
+  emit`` would (``emit.event_from_json``). A row that is no valid event, or whose
+  event's key is not the row's ``partition_key`` (the key its writer locked), is
+  marked ``failed_at``/``error`` before the round publishes, counted, and never
+  read again until an operator clears it; the rows behind it, of its key too, go
+  on (producer/README.md: "JSON rows").
 """
 
 from __future__ import annotations
@@ -30,20 +36,24 @@ import signal
 import time
 from collections import Counter
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 import psycopg
 from aiokafka.errors import KafkaError
 from prometheus_client import start_http_server
 from psycopg.rows import TupleRow
 
+from topology_store.producer.emit import event_from_json
 from topology_store.producer.outbox import OUTBOX_CHANNEL
 from topology_store.producer.publisher import EncodedRecord, EventPublisher
 from topology_store.producer.relay_metrics import RelayMetrics
 from topology_store.runtime.retry import backoff, sleep_unless
 from topology_store.runtime.settings import Settings
 from topology_store.runtime.topics import ensure_topics
-from topology_store.schemas.codec import EVENT_TYPE_HEADER
+from topology_store.schemas.codec import EVENT_TYPE_HEADER, EventCodec
+from topology_store.schemas.models import EventInputError
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +75,38 @@ _SESSION_SETTINGS = (
     "SET tcp_user_timeout = 30000",
 )
 
+# Failed rows are skipped, never retried by a round: only an operator clears failed_at.
 _FETCH = (
-    "SELECT id, event_type, partition_key, payload, headers FROM topology_outbox "
-    "WHERE published_at IS NULL ORDER BY id LIMIT %s"
+    "SELECT id, event_type, partition_key, payload, headers, payload_json, event_id, created_at "
+    "FROM topology_outbox WHERE published_at IS NULL AND failed_at IS NULL ORDER BY id LIMIT %s"
+)
+# An outbox table of the layout before payload_json (outbox.sql not yet re-applied): bytes only.
+_FETCH_BYTES_ONLY = (
+    "SELECT id, event_type, partition_key, payload, headers, NULL::jsonb, event_id, created_at "
+    "FROM topology_outbox WHERE published_at IS NULL ORDER BY id LIMIT %s"
+)
+_HAS_JSON_COLUMNS = (
+    "SELECT count(*) = 3 FROM pg_attribute WHERE attrelid = 'topology_outbox'::regclass "
+    "AND attname IN ('payload_json', 'failed_at', 'error') AND NOT attisdropped"
 )
 _MARK = "UPDATE topology_outbox SET published_at = now() WHERE id = ANY(%s)"
 _DELETE = "DELETE FROM topology_outbox WHERE id = ANY(%s)"
+_MARK_FAILED = (
+    "UPDATE topology_outbox o SET failed_at = now(), error = f.error "
+    "FROM unnest(%s::bigint[], %s::text[]) AS f(id, error) WHERE o.id = f.id AND o.published_at IS NULL"
+)
 _BACKLOG = (
-    "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0) "
+    "SELECT count(*) FILTER (WHERE failed_at IS NULL), "
+    "coalesce(extract(epoch FROM now() - min(created_at) FILTER (WHERE failed_at IS NULL)), 0), "
+    "count(*) FILTER (WHERE failed_at IS NOT NULL) "
     "FROM topology_outbox WHERE published_at IS NULL"
 )
+_BACKLOG_BYTES_ONLY = (
+    "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0), 0 "
+    "FROM topology_outbox WHERE published_at IS NULL"
+)
+# A validation message names every bad field; bounded so a huge payload cannot bloat the row.
+MAX_ERROR_CHARS = 2000
 _GAUGE_INTERVAL_S = 1.0
 
 
@@ -82,17 +114,28 @@ class OutboxMissing(RuntimeError):
     """The source database has no outbox table."""
 
 
+class InvalidJsonRow(ValueError):
+    """A row's ``payload_json`` is not an event the relay may publish under the row's key."""
+
+
 @dataclass(frozen=True, slots=True)
 class OutboxRow:
+    """One unpublished row; ``payload`` is None for a JSON row until ``encode_json_row``."""
+
     id: int
     event_type: str
     partition_key: str
-    payload: bytes
+    payload: bytes | None
     headers: dict[str, Any]
+    payload_json: Any = None
+    event_id: UUID | None = None
+    created_at: datetime | None = None
 
     @classmethod
     def from_row(cls, row: TupleRow) -> OutboxRow:
-        return cls(id=row[0], event_type=row[1], partition_key=row[2], payload=bytes(row[3]), headers=row[4] or {})
+        return cls(id=row[0], event_type=row[1], partition_key=row[2],
+                   payload=None if row[3] is None else bytes(row[3]), headers=row[4] or {},
+                   payload_json=row[5], event_id=row[6], created_at=row[7])
 
     def record(self, settings: Settings) -> EncodedRecord:
         headers = [(EVENT_TYPE_HEADER, self.event_type.encode("utf-8"))]
@@ -101,12 +144,65 @@ class OutboxRow:
             for name, value in self.headers.items()
             if name != EVENT_TYPE_HEADER  # the column is authoritative
         ]
+        if self.payload is None:
+            raise ValueError(f"outbox row {self.id}: a JSON row is published only once encoded (encode_json_row)")
         return EncodedRecord(
             topic=settings.topic_for(self.event_type),
             key=self.partition_key.encode("utf-8"),
             value=self.payload,
             headers=tuple(headers),
         )
+
+
+def encode_json_row(row: OutboxRow, codec: EventCodec) -> bytes:
+    """The Avro bytes of a JSON row's event, as ``topology emit`` would publish them.
+
+    ``event_id`` and ``occurred_at`` default to the row's ``event_id`` and
+    ``created_at``, so a row republished after a crash is the same bytes. Raises
+    ``InvalidJsonRow`` when the fields are no valid event of ``event_type``, when
+    they name another event id than the row, or when the event's partition key is
+    not the row's: the writer's trigger locked the row's key, and per-key order
+    holds only for the key that was locked (adr/0008)."""
+    fields = row.payload_json
+    if isinstance(fields, dict):
+        fields = dict(fields)
+        if row.event_id is not None:
+            fields.setdefault("event_id", str(row.event_id))
+        if row.created_at is not None:
+            fields.setdefault("occurred_at", row.created_at.isoformat())
+    try:
+        event = event_from_json(fields, row.event_type)
+    except EventInputError as exc:
+        raise InvalidJsonRow(str(exc)) from None
+    if row.event_id is not None and event.event_id != row.event_id:
+        raise InvalidJsonRow(f"event_id: {event.event_id} is not the row's event_id {row.event_id}")
+    if event.partition_key != row.partition_key:
+        raise InvalidJsonRow(
+            f"partition_key: the row's {row.partition_key!r} is not the event's {event.partition_key!r} "
+            "(write the key the event is published under: the writer's lock on it keeps per-key order)"
+        )
+    try:
+        return codec.encode(event.EVENT_TYPE, event.to_avro())
+    except (ValueError, TypeError, OverflowError) as exc:  # fastavro's refusals; the models should catch all
+        raise InvalidJsonRow(f"{event.EVENT_TYPE}: not encodable: {exc}") from None
+
+
+def encode_json_rows(rows: list[OutboxRow], codec: EventCodec) -> tuple[list[OutboxRow], list[tuple[OutboxRow, str]]]:
+    """Split a batch: the rows to publish (JSON rows encoded, in id order) and the failed
+    JSON rows with their errors. Encoded rows pass through untouched."""
+    ready: list[OutboxRow] = []
+    failed: list[tuple[OutboxRow, str]] = []
+    for row in rows:
+        if row.payload is not None:
+            ready.append(row)
+            continue
+        try:
+            payload = encode_json_row(row, codec)
+        except InvalidJsonRow as exc:
+            failed.append((row, str(exc)[:MAX_ERROR_CHARS]))
+            continue
+        ready.append(OutboxRow(row.id, row.event_type, row.partition_key, payload, row.headers))
+    return ready, failed
 
 
 def libpq_url(url: str) -> str:
@@ -140,7 +236,9 @@ class OutboxRelay:
         self.batch_size = settings.relay_batch_size
         self.poll_interval_s = settings.relay_poll_interval_s
         self.metrics = metrics or RelayMetrics()
+        self.codec = EventCodec()
         self._gauges_at = 0.0
+        self._fetch, self._backlog = _FETCH, _BACKLOG
 
     async def run(self, stop: asyncio.Event) -> None:
         publisher = await self._start_publisher(stop)
@@ -210,6 +308,7 @@ class OutboxRelay:
         found = await (await conn.execute("SELECT to_regclass('topology_outbox') IS NOT NULL")).fetchone()
         if not (found and found[0]):
             raise OutboxMissing("no topology_outbox table in the source database: run `topology relay --init-schema`")
+        await self._choose_layout(conn)
         said = False
         while not stop.is_set():
             row = await (await conn.execute("SELECT pg_try_advisory_lock(%s, %s)", RELAY_LOCK)).fetchone()
@@ -224,19 +323,35 @@ class OutboxRelay:
             await sleep_unless(stop, self.poll_interval_s)
         return False
 
+    async def _choose_layout(self, conn: psycopg.AsyncConnection[TupleRow]) -> None:
+        # A relay upgraded before its outbox: keep publishing the bytes rows (there
+        # can be no JSON rows yet) instead of failing on the missing columns.
+        row = await (await conn.execute(_HAS_JSON_COLUMNS)).fetchone()
+        if row and row[0]:
+            self._fetch, self._backlog = _FETCH, _BACKLOG
+        else:
+            self._fetch, self._backlog = _FETCH_BYTES_ONLY, _BACKLOG_BYTES_ONLY
+            log.warning("topology_outbox predates JSON payloads: relaying encoded rows only; apply outbox.sql "
+                        "again (`topology relay --init-schema`) to accept payload_json")
+
     def _stand_by(self) -> None:
         self.metrics.active.set(0)
         self.metrics.outbox_depth.set(0)
         self.metrics.oldest_unpublished_age.set(0)
+        self.metrics.failed_rows.set(0)
 
     async def _pump(self, conn: psycopg.AsyncConnection[TupleRow], publisher: EventPublisher, stop: asyncio.Event) -> None:
         # LISTEN before the first read: a row committed in between still wakes us.
         await conn.execute(f"LISTEN {OUTBOX_CHANNEL}")
         failures = 0
         while not stop.is_set():
-            cursor = await conn.execute(_FETCH, (self.batch_size,), binary=True)
+            cursor = await conn.execute(self._fetch, (self.batch_size,), binary=True)
             rows = [OutboxRow.from_row(row) for row in await cursor.fetchall()]
+            if self._fetch is _FETCH_BYTES_ONLY and any(row.payload is None for row in rows):
+                await self._choose_layout(conn)  # outbox.sql was applied under us: read payload_json too
+                continue
             if not rows:
+                await self._refresh_gauges(conn)  # the failed rows held, counted at most once a second
                 self.metrics.outbox_depth.set(0)
                 self.metrics.oldest_unpublished_age.set(0)
                 await self._wait_for_rows(conn, stop)
@@ -254,6 +369,9 @@ class OutboxRelay:
     async def _round(self, conn: psycopg.AsyncConnection[TupleRow], publisher: EventPublisher, rows: list[OutboxRow]) -> int:
         """Publish ``rows``, mark the acknowledged ones; return how many were not acknowledged."""
         started = time.perf_counter()
+        rows = await self._set_aside_invalid(conn, rows)
+        if not rows:
+            return 0
         outcomes = await publisher.publish_encoded([row.record(self.settings) for row in rows])
         acknowledged = [row for row, outcome in zip(rows, outcomes, strict=True) if outcome is None]
         for event_type, count in Counter(row.event_type for row in acknowledged).items():
@@ -270,16 +388,30 @@ class OutboxRelay:
         log.debug("published %d rows (ids %d..%d)", len(acknowledged), rows[0].id, rows[-1].id)
         return failed
 
+    async def _set_aside_invalid(self, conn: psycopg.AsyncConnection[TupleRow], rows: list[OutboxRow]) -> list[OutboxRow]:
+        """Encode the JSON rows; mark the invalid ones failed (before publishing, so a crash
+        after it keeps them failed) and return the rest, still in id order."""
+        ready, failed = encode_json_rows(rows, self.codec)
+        if failed:
+            await conn.execute(_MARK_FAILED, ([row.id for row, _ in failed], [error for _, error in failed]))
+            self.metrics.invalid_rows.inc(len(failed))
+            self._gauges_at = 0.0  # show the held rows at once
+            for row, error in failed:
+                log.warning("outbox row %d (%s, key %r) is not a valid event and is held, not published: %s",
+                            row.id, row.event_type, row.partition_key, error)
+        return ready
+
     async def _refresh_gauges(self, conn: psycopg.AsyncConnection[TupleRow]) -> None:
         # count(*) walks every unpublished row: at most once a second, not per round.
         now = time.monotonic()
         if now - self._gauges_at < _GAUGE_INTERVAL_S:
             return
         self._gauges_at = now
-        row = await (await conn.execute(_BACKLOG)).fetchone()
+        row = await (await conn.execute(self._backlog)).fetchone()
         if row is not None:
             self.metrics.outbox_depth.set(row[0])
             self.metrics.oldest_unpublished_age.set(float(row[1]))
+            self.metrics.failed_rows.set(row[2])
 
     async def _wait_for_rows(self, conn: psycopg.AsyncConnection[TupleRow], stop: asyncio.Event) -> None:
         """Until a NOTIFY, the poll interval, or ``stop``, whichever comes first."""

@@ -1,4 +1,4 @@
-"""The outbox relay's Prometheus metrics, on a registry of its own (no global state)."""
+"""The outbox relay's Prometheus metrics, on a registry of its own (no global state); adr/0008, adr/0011."""
 
 from __future__ import annotations
 
@@ -36,6 +36,16 @@ class RelayMetrics:
         self.publish_errors = Counter(
             "topology_relay_publish_errors",
             "Outbox rows not acknowledged in a round; they stay unpublished and are retried",
+            registry=self.registry,
+        )
+        self.invalid_rows = Counter(
+            "topology_relay_invalid_rows",
+            "JSON outbox rows found not to be a valid event; each is marked failed once and never retried",
+            registry=self.registry,
+        )
+        self.failed_rows = Gauge(
+            "topology_relay_failed_rows",
+            "Unpublished outbox rows held with an error (failed_at set), as last counted by the active relay",
             registry=self.registry,
         )
         self.database_errors = Counter(

@@ -7,6 +7,8 @@ reorder the events of one key."""
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import random
 import re
 import shutil
@@ -19,7 +21,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import psycopg
@@ -27,11 +29,13 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
+from psycopg.types.json import Jsonb
 
 from tests.conftest import AUTH, _as_url, settings_env
 from tests.integration.processes import read_api, scalar, start, stop, wait_until
 from tests.servers import PrivateBroker, Servers
 from topology_store.cli.devstack import free_port
+from topology_store.producer.emit import emit
 from topology_store.producer.outbox import create_outbox, write_events
 from topology_store.producer.publisher import EncodedRecord, EventPublisher
 from topology_store.producer.relay import OutboxRelay
@@ -657,3 +661,245 @@ def test_the_writer_refuses_invalid_events_and_transactionless_use(outbox_url: s
                      "SELECT -1, gen_random_uuid(), event_type, partition_key, payload, now() FROM topology_outbox")
     assert count(outbox_url, "SELECT count(*) FROM topology_outbox WHERE id < 0 OR published_at IS NOT NULL") == 0
     assert count(outbox_url, "SELECT count(*) FROM topology_outbox") == 2
+
+
+# --- JSON rows: a writer without an Avro library (adr/0008, producer/README.md "JSON rows") ---------
+
+
+def json_claim(value: str, cell: str = "cell-1", owner_id: int = 1, kind: str = "ClaimCreated",
+               **extra: object) -> dict[str, object]:
+    """An event's fields as ``topology emit`` takes them (and a Rails writer would put them)."""
+    return {"type": kind, "source": cell, "bucket": "NAMESPACE", "value": value, "cell_id": cell,
+            "owner_type": "GROUP", "owner_id": owner_id, **extra}
+
+
+def insert_json(conn: psycopg.Connection[Any], event_type: str, partition_key: str, fields: object,
+                event_id: uuid.UUID | None = None) -> tuple[int, uuid.UUID]:
+    """One JSON row, written with plain SQL as any language would; (outbox id, event_id)."""
+    event_id = event_id or uuid.uuid4()
+    row = conn.execute(
+        "INSERT INTO topology_outbox (event_id, event_type, partition_key, payload_json) "
+        "VALUES (%s, %s, %s, %s) RETURNING id", (event_id, event_type, partition_key, Jsonb(fields))).fetchone()
+    assert row is not None
+    return int(row[0]), event_id
+
+
+async def read_values(settings: Settings, wanted: set[uuid.UUID], copies: int = 1,
+                      timeout_s: float = 30) -> list[tuple[bytes, bytes]]:
+    """(key, value) of the claims topic's records of the ``wanted`` event ids, until each
+    was seen ``copies`` times."""
+    codec = EventCodec()
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    found: list[tuple[bytes, bytes]] = []
+    seen: dict[uuid.UUID, int] = defaultdict(int)
+    try:
+        partitions = [TopicPartition(settings.claims_topic, p) for p in range(settings.claims_partitions)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while any(seen[event_id] < copies for event_id in wanted):
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"records missing: {sorted(str(e) for e in wanted if seen[e] < copies)}")
+            for batch in (await consumer.getmany(timeout_ms=200)).values():
+                for record in batch:
+                    event_id = uuid.UUID(str(codec.decode(record.value).payload["event_id"]))
+                    if event_id in wanted:
+                        seen[event_id] += 1
+                        found.append((record.key, record.value))
+    finally:
+        await consumer.stop()
+    return found
+
+
+def held_rows(url: str) -> dict[int, str]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT id, error FROM topology_outbox WHERE failed_at IS NOT NULL "
+                            "AND published_at IS NULL ORDER BY id").fetchall()
+    return {int(outbox_id): str(error) for outbox_id, error in rows}
+
+
+class RunningRelay:
+    """An ``OutboxRelay`` in this event loop, stopped on exit."""
+
+    def __init__(self, settings: Settings, url: str) -> None:
+        self.metrics = RelayMetrics()
+        self._stop = asyncio.Event()
+        self._relay = OutboxRelay(settings, url, metrics=self.metrics)
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(self._relay.run(self._stop))
+        await until(lambda: sample(self.metrics, "topology_relay_active") == 1, what="relay active")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stop.set()
+        assert self._task is not None
+        await self._task
+
+
+async def test_a_json_row_is_published_as_the_bytes_topology_emit_publishes(topics: Settings, outbox_url: str) -> None:
+    settings = topics.model_copy(update={"relay_poll_interval_s": 0.1})
+    event_id = uuid.uuid4()
+    fields = json_claim("Json-Org", owner_id=7, event_id=str(event_id), occurred_at="2026-12-03T10:00:00.123456Z",
+                        trace_id="t-1")
+    out, err = io.StringIO(), io.StringIO()
+    assert await emit(settings, [json.dumps(fields)], out, err) == 0, err.getvalue()
+
+    async with RunningRelay(settings, outbox_url) as relay:
+        with psycopg.connect(outbox_url) as conn:
+            # The key of the canonical value: NAMESPACE values are compared in lower case.
+            insert_json(conn, "ClaimCreated", "NAMESPACE:json-org", {k: v for k, v in fields.items() if k != "type"},
+                        event_id)
+            # event_id and occurred_at left out: the row's event_id and created_at stand in.
+            _, defaulted_id = insert_json(conn, "ClaimReleased", "NAMESPACE:json-org",
+                                          json_claim("json-org", owner_id=7, kind="ClaimReleased"))
+            created_at = conn.execute("SELECT created_at FROM topology_outbox WHERE event_id = %s",
+                                      (defaulted_id,)).fetchone()
+        await until(lambda: published(outbox_url) == 2, what="JSON rows published")
+        assert sample(relay.metrics, "topology_relay_published_total", event_type="ClaimCreated") == 1
+
+    records = await read_values(settings, {event_id}, copies=2)
+    (emitted_key, emitted), (relayed_key, relayed) = records
+    assert relayed == emitted and relayed_key == emitted_key == b"NAMESPACE:json-org"
+    codec = EventCodec()
+    expected = ClaimCreated.model_validate({k: v for k, v in fields.items() if k != "type"})
+    assert ClaimCreated.model_validate(codec.decode(relayed).payload) == expected
+
+    ((_, value),) = await read_values(settings, {defaulted_id})
+    decoded = ClaimReleased.model_validate(codec.decode(value).payload)
+    assert created_at is not None
+    assert decoded.event_id == defaulted_id
+    assert decoded.occurred_at == created_at[0].replace(microsecond=created_at[0].microsecond // 1000 * 1000)
+
+
+async def test_invalid_json_rows_are_held_with_their_error_and_never_block_the_rows_behind(
+    topics: Settings, outbox_url: str
+) -> None:
+    settings = topics.model_copy(update={"relay_poll_interval_s": 0.1, "relay_batch_size": 4})
+    key = "NAMESPACE:held"
+    valid: list[uuid.UUID] = []
+    bad: dict[int, str] = {}
+    with psycopg.connect(outbox_url) as conn:
+        valid.append(insert_json(conn, "ClaimCreated", key, json_claim("held", owner_id=1))[1])
+        bad[insert_json(conn, "ClaimCreated", key, json_claim("held", colour="red"))[0]] = "colour"
+        valid.append(insert_json(conn, "ClaimReleased", key, json_claim("held", owner_id=1, kind="ClaimReleased"))[1])
+        bad[insert_json(conn, "ClaimCreated", key, json_claim("held", owner_id="seven"))[0]] = "owner_id"
+        bad[insert_json(conn, "ClaimStolen", key, json_claim("held", kind="ClaimStolen"))[0]] = "unknown event type"
+        bad[insert_json(conn, "ClaimCreated", key, json_claim("held", cell="Not A Cell"))[0]] = "cell_id"
+        # Valid fields, but not of the key the writer locked: publishing it elsewhere could reorder that key.
+        bad[insert_json(conn, "ClaimCreated", key, json_claim("elsewhere"))[0]] = "partition_key"
+        encoded = claim("held", owner_id=2)  # an encoded row between JSON rows of the key
+        write_events(conn, [encoded])
+        valid.append(encoded.event_id)
+        valid.append(insert_json(conn, "ClaimReleased", key, json_claim("held", owner_id=2, kind="ClaimReleased"))[1])
+
+    async with RunningRelay(settings, outbox_url) as relay:
+        await until(lambda: published(outbox_url) == len(valid), what="valid rows published")
+        await until(lambda: sample(relay.metrics, "topology_relay_failed_rows") == len(bad), what="held rows gauge")
+        assert sample(relay.metrics, "topology_relay_invalid_rows_total") == len(bad)
+        # Held rows are no backlog: the depth and age gauges (the alert) settle at zero.
+        await until(lambda: sample(relay.metrics, "topology_relay_outbox_depth") == 0, what="depth 0")
+        assert sample(relay.metrics, "topology_relay_oldest_unpublished_age_seconds") == 0
+
+    held = held_rows(outbox_url)
+    assert held.keys() == bad.keys()
+    for outbox_id, word in bad.items():
+        assert word in held[outbox_id], (word, held[outbox_id])
+    records = await read_log(settings, set(valid))
+    assert first_occurrences(records)[key.encode()] == valid  # in order, the held rows simply absent
+
+
+async def test_encoded_and_json_rows_of_one_key_keep_commit_order(topics: Settings, outbox_url: str) -> None:
+    settings = topics.model_copy(update={"relay_poll_interval_s": 0.1, "relay_batch_size": 16})
+    paths = [f"mixed-{n}" for n in range(4)]
+
+    def writer(number: int) -> None:
+        rng = random.Random(number)
+        with psycopg.connect(outbox_url) as conn:
+            for n in range(40):
+                path = rng.choice(paths)
+                if (n + number) % 2:
+                    write_events(conn, [claim(path, owner_id=n)])
+                else:
+                    insert_json(conn, "ClaimCreated", f"NAMESPACE:{path}", json_claim(path, owner_id=n))
+                conn.commit()
+
+    async with RunningRelay(settings, outbox_url):
+        threads = [threading.Thread(target=writer, args=(n,)) for n in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        await until(lambda: unpublished(outbox_url) == 0, what="every row published")
+    expected = outbox_order(outbox_url)
+    records = await read_log(settings, {e for ids in expected.values() for e in ids})
+    assert first_occurrences(records) == expected
+    assert count(outbox_url, "SELECT count(*) FROM topology_outbox WHERE payload_json IS NOT NULL") == 60
+
+
+async def test_failed_rows_survive_a_restart_without_being_retried_and_can_be_redriven_or_discarded(
+    topics: Settings, outbox_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = topics.model_copy(update={"relay_poll_interval_s": 0.1})
+    with psycopg.connect(outbox_url) as conn:
+        broken = [insert_json(conn, "ClaimCreated", f"NAMESPACE:r-{n}", json_claim(f"r-{n}", owner_id=-1))[0]
+                  for n in range(3)]
+        insert_json(conn, "ClaimCreated", "NAMESPACE:r-ok", json_claim("r-ok"))
+    async with RunningRelay(settings, outbox_url) as first:
+        await until(lambda: published(outbox_url) == 1, what="the valid row")
+        assert sample(first.metrics, "topology_relay_invalid_rows_total") == 3
+    with psycopg.connect(outbox_url) as conn:
+        marked = conn.execute("SELECT id, failed_at FROM topology_outbox WHERE failed_at IS NOT NULL").fetchall()
+    assert sorted(r[0] for r in marked) == broken
+    assert sum(f"outbox row {n} " in message for n in broken for message in caplog.messages) == 3
+
+    caplog.clear()
+    async with RunningRelay(settings, outbox_url) as second:
+        with psycopg.connect(outbox_url) as conn:
+            insert_json(conn, "ClaimCreated", "NAMESPACE:r-after", json_claim("r-after"))
+        await until(lambda: published(outbox_url) == 2, what="the row after the restart")
+        await asyncio.sleep(1.0)  # ten more poll rounds: none reads the held rows again
+        await until(lambda: sample(second.metrics, "topology_relay_failed_rows") == 3, what="held rows gauge")
+        assert sample(second.metrics, "topology_relay_invalid_rows_total") == 0
+        assert not [m for m in caplog.messages if "is not a valid event" in m]
+        with psycopg.connect(outbox_url) as conn:
+            assert conn.execute("SELECT id, failed_at FROM topology_outbox WHERE failed_at IS NOT NULL").fetchall() \
+                == marked
+
+            # Re-drive (the SQL of producer/README.md): fix the payload, clear the failure.
+            conn.execute("UPDATE topology_outbox SET payload_json = jsonb_set(payload_json, '{owner_id}', '5'), "
+                         "failed_at = NULL, error = NULL WHERE id = %s AND failed_at IS NOT NULL", (broken[0],))
+            # Discard: the event is never published.
+            conn.execute("DELETE FROM topology_outbox WHERE id = %s AND failed_at IS NOT NULL", (broken[1],))
+        await until(lambda: published(outbox_url) == 3, what="the re-driven row")
+        await until(lambda: sample(second.metrics, "topology_relay_failed_rows") == 1, what="one row still held")
+    assert list(held_rows(outbox_url)) == [broken[2]]
+
+
+async def test_an_outbox_of_the_old_layout_is_relayed_then_upgraded_in_place(topics: Settings, outbox_url: str) -> None:
+    settings = topics.model_copy(update={"relay_poll_interval_s": 0.1})
+    with psycopg.connect(outbox_url) as conn:  # back to the layout before payload_json, rows and all
+        write_events(conn, [claim("old-1")])
+        conn.execute("ALTER TABLE topology_outbox DROP CONSTRAINT topology_outbox_one_payload, "
+                     "DROP CONSTRAINT topology_outbox_payload_json_is_object, "
+                     "DROP CONSTRAINT topology_outbox_failure_has_error")
+        conn.execute("ALTER TABLE topology_outbox DROP COLUMN payload_json, DROP COLUMN failed_at, "
+                     "DROP COLUMN error, ALTER COLUMN payload SET NOT NULL")
+        conn.execute("CREATE OR REPLACE FUNCTION topology_outbox_before_insert() RETURNS trigger LANGUAGE plpgsql "
+                     "AS $$ BEGIN PERFORM topology_outbox_lock_key(NEW.partition_key); "
+                     "NEW.id := nextval('topology_outbox_id_seq'); NEW.published_at := NULL; RETURN NEW; END $$")
+    async with RunningRelay(settings, outbox_url):
+        await until(lambda: published(outbox_url) == 1, what="the encoded row of the old layout")
+        with psycopg.connect(outbox_url) as conn:
+            create_outbox(conn)  # the upgrade: outbox.sql once more
+            create_outbox(conn)
+            with pytest.raises(psycopg.errors.CheckViolation, match="topology_outbox_one_payload"):
+                conn.execute("INSERT INTO topology_outbox (event_id, event_type, partition_key) "
+                             "VALUES (gen_random_uuid(), 'ClaimCreated', 'k')")
+            conn.rollback()
+            _, json_id = insert_json(conn, "ClaimCreated", "NAMESPACE:old-2", json_claim("old-2"))
+        await until(lambda: published(outbox_url) == 2, what="the JSON row after the upgrade")
+    assert count(outbox_url, "SELECT count(*) FROM topology_outbox WHERE failed_at IS NOT NULL") == 0
+    assert await read_values(settings, {json_id})
