@@ -27,6 +27,8 @@ Underneath:
                         their OpenAPI description.
 - ``tls``               TLS and mutual TLS on the HTTP port; the client certificate's cell.
 - ``documents``         the response documents (pydantic, for validation and OpenAPI).
+- ``contract``          the request side of the contract: strict integers and UUIDs, the
+                        claim value formats by bucket, the document's links and exact bounds.
 - ``errors``            the one error document; exception handlers, request limits, and the
                         errors the OpenAPI document declares.
 - ``metrics``           Prometheus metrics.

@@ -17,6 +17,7 @@ from topology_store.query_api.audit_api import audit_router
 from topology_store.query_api.auth import document_bearer_auth
 from topology_store.query_api.cells_api import cells_router
 from topology_store.query_api.claims_api import ClaimsDoor, ShedEarly, claims_router
+from topology_store.query_api.contract import document_contract
 from topology_store.query_api.errors import RequestLimitsMiddleware, document_errors, install_error_handlers
 from topology_store.query_api.health_api import health_router
 from topology_store.query_api.metrics import ApiMetrics
@@ -80,6 +81,7 @@ def create_app(settings: Settings, metrics: ApiMetrics | None = None, beside: Se
     app.include_router(snapshot_router(sync))
     app.add_middleware(RouterSyncMiddleware, sync=sync)  # last: it must be the outermost
     document_bearer_auth(app)
+    document_contract(app)
     document_errors(app)  # last: it completes what the routes and the other wrappers put in the document
     return app
 

@@ -10,8 +10,9 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
+from annotated_types import Ge, Le
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter, ValidationError
@@ -21,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from topology_store.core.audit import audit_key, mask_pii
 from topology_store.query_api.auth import denied, secured
 from topology_store.query_api.claims_api import ClaimsDoor
+from topology_store.query_api.contract import CLAIM_VALUE_FORMATS, PARAM_INTEGER, TEXT_PATTERN
 from topology_store.query_api.documents import AuditDocument, ErrorDocument, any_case_pattern
 from topology_store.query_api.errors import error
 from topology_store.schemas.codec import DecodeError, EventCodec
@@ -30,6 +32,9 @@ AUDIT_READ = "audit:read"
 AUDIT_PII = "audit:pii"
 MAX_HISTORY = 1000
 AUDIT_KINDS = ("ROUTE", "CELL", "LEASE", "OWNER", *ClaimBucket)
+_VALUE = ("ROUTE: a path (its top-level namespace is looked up); CELL: a cell id; LEASE: a lease id (UUID); OWNER: "
+          f"cell/TYPE/id, e.g. cell-1/USER/42; a claim bucket: its value ({CLAIM_VALUE_FORMATS}). A value no key of "
+          "the type can have is a 404")
 
 _CELL_ID = TypeAdapter(CellId)
 # The audit index's owner key (core/audit.py): cell/TYPE/id.
@@ -52,6 +57,8 @@ def audit_router() -> APIRouter:
         "/v1/audit/history",
         response_model=AuditDocument,
         responses={400: {"model": ErrorDocument}, 401: {"model": ErrorDocument}, 403: {"model": ErrorDocument},
+                   404: {"model": ErrorDocument, "description": "No key of this type can be spelled so (`bad_key`; "
+                         "the message says why): the document cannot tie value's format to type"},
                    503: {"model": ErrorDocument}},
         summary="Every event that touched a key, in log order, with what the projector decided (the first "
         "limit of them; truncated says whether more exist)",
@@ -59,23 +66,26 @@ def audit_router() -> APIRouter:
     )
     async def history(
         request: Request,
-        type: str = Query(..., max_length=32, description="ROUTE, CELL, LEASE, OWNER or a claim bucket (any case)",  # noqa: A002
-                          json_schema_extra={"pattern": any_case_pattern(AUDIT_KINDS)}),
-        value: str = Query(..., max_length=1024),
-        limit: int = Query(MAX_HISTORY, ge=1, le=MAX_HISTORY, description="At most this many events"),
+        type: Annotated[str, Query(max_length=32, description="ROUTE, CELL, LEASE, OWNER or a claim bucket (any "
+                                   "case)", json_schema_extra={"pattern": any_case_pattern(AUDIT_KINDS)})],
+        value: Annotated[str, Query(max_length=1024, description=_VALUE, json_schema_extra={"pattern": TEXT_PATTERN})],
+        limit: Annotated[int, Ge(1), Le(MAX_HISTORY), PARAM_INTEGER, Query(description="At most this many events")
+                         ] = MAX_HISTORY,
     ) -> JSONResponse:
         service: ClaimsDoor = request.app.state.claims
         if refused := denied(request, service.authorizer, AUDIT_READ):
             return refused
+        if not type.isascii() or type.upper() not in AUDIT_KINDS:  # "ſ".upper() == "S"
+            return error(400, "bad_type", f"type must be one of {', '.join(AUDIT_KINDS)} (any case)")
         header = request.headers.get("authorization")
         pii = service.authorizer.check(header.encode("latin-1") if header else None, AUDIT_PII) is None
         try:
             _check_free_form(type, value)
             kind, key = audit_key(type, value, service.settings.claim_secret)
         except ValidationError as exc:
-            return error(400, "bad_key", f"{type.upper()}: {exc.errors()[0]['msg']}")
+            return error(404, "bad_key", f"no {type.upper()} key can be spelled so: {exc.errors()[0]['msg']}")
         except ValueError as exc:
-            return error(400, "bad_key", str(exc).splitlines()[0])
+            return error(404, "bad_key", f"no {type.upper()} key can be spelled so: {str(exc).splitlines()[0]}")
         async with service.engine.connect() as conn:
             # One more than asked for: whether there is more is known without loading it.
             entries = await key_history(conn, kind, key, service.settings.claim_secret, pii=pii, limit=limit + 1)

@@ -18,26 +18,41 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
+from annotated_types import Ge, Le
 from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from topology_store.producer.publisher import EventPublisher
 from topology_store.query_api.auth import Authorizer, denied, secured
+from topology_store.query_api.contract import (
+    ANY_CLAIM_VALUE_PATTERN,
+    CLAIM_VALUE_FORMATS,
+    PARAM_INTEGER,
+    TEXT_PATTERN,
+    ClaimInput,
+    LeaseTtlBody,
+    OwnerIdBody,
+    OwnerIdParam,
+    Uuid,
+    door_claim_value,
+    parse_bucket,
+)
 from topology_store.query_api.decisions import DecisionWaiter, lookup
 from topology_store.query_api.documents import ClaimView, ErrorDocument, any_case_pattern
 from topology_store.query_api.errors import DATABASE_DOWN, RETRY_AFTER_S, error, validation_message
 from topology_store.runtime.settings import Settings
 from topology_store.schemas.models import (
+    MAX_CLAIM_VALUE_LENGTH,
     MAX_CLAIMS_PER_REQUEST,
-    MAX_LEASE_TTL_MS,
     CellId,
     ClaimBucket,
     Event,
     OwnerType,
+    protect_value,
     stored_claim_value,
 )
 from topology_store.service import commands
@@ -56,30 +71,31 @@ from topology_store.service.claims import (
 log = logging.getLogger(__name__)
 
 
-MAX_OWNER_ID = 2**63 - 1  # a PostgreSQL bigint
 MAX_OWNER_PAGE = 1000
-
-
-class ClaimInput(BaseModel):
-    bucket: ClaimBucket
-    value: str = Field(min_length=1, max_length=255)
 
 
 class BeginRequest(BaseModel):
     """Reserve all claims for one owner under a lease, or none."""
 
-    request_id: uuid.UUID | None = Field(default=None, description="Idempotency key; generated when absent")
-    lease_id: uuid.UUID | None = Field(default=None, description="Generated when absent")
+    model_config = ConfigDict(extra="forbid")  # strict types and no unknown fields: query_api/contract.py
+
+    request_id: Uuid | None = Field(default=None, description="Idempotency key; generated when absent")
+    lease_id: Uuid | None = Field(default=None, description="Generated when absent")
     cell_id: CellId
     owner_type: OwnerType
-    owner_id: int = Field(ge=0, le=MAX_OWNER_ID)
-    claims: list[ClaimInput] = Field(min_length=1, max_length=MAX_CLAIMS_PER_REQUEST)
-    lease_ttl_ms: int = Field(default=60_000, ge=1000, le=MAX_LEASE_TTL_MS)
+    owner_id: OwnerIdBody
+    claims: list[ClaimInput] = Field(
+        min_length=1, max_length=MAX_CLAIMS_PER_REQUEST, json_schema_extra={"uniqueItems": True},
+        description="Each (bucket, value) once, also once canonical (case-insensitive buckets lower-cased): "
+        "a request naming one twice is a 400")
+    lease_ttl_ms: LeaseTtlBody = 60_000
 
 
 class LeaseAction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     cell_id: CellId
-    request_id: uuid.UUID | None = None
+    request_id: Uuid | None = None
 
 
 class RequestAnswer(BaseModel):
@@ -88,12 +104,6 @@ class RequestAnswer(BaseModel):
     outcome: str = Field(description="applied, unchanged or rejected")
     reason: str | None
     decisions: list[dict[str, Any]] = Field(description="The decision events recorded in the log")
-
-
-class PendingAnswer(BaseModel):
-    request_id: uuid.UUID
-    status: str = "pending"
-    message: str
 
 
 class OwnerClaim(BaseModel):
@@ -115,6 +125,24 @@ class OwnerDocument(BaseModel):
 
 CLAIMS_READ = "claims:read"
 CLAIMS_WRITE = "claims:write"
+
+_PATH_VALUE = (f"The value as the client spells it; canonicalized (e.g. lower-cased), e-mails hashed. Its format "
+               f"depends on the bucket ({CLAIM_VALUE_FORMATS}): a value its bucket cannot hold names no claim (404)")
+
+
+def _no_such_claim(bucket: str, value: str) -> JSONResponse | None:
+    """The 404 of a value that ``bucket`` cannot hold; None for a possible claim (or an
+    unknown bucket, which the caller refuses). No claim can have such a value, and the
+    document cannot tie the value's format to the bucket of another path parameter."""
+    try:
+        claim_bucket = parse_bucket(bucket)
+    except ValueError:
+        return None
+    try:
+        door_claim_value(claim_bucket, value)
+    except ValueError as exc:
+        return error(404, "claim_not_found", f"no {claim_bucket.value} claim can have this value: {exc}")
+    return None
 
 
 
@@ -155,13 +183,9 @@ def _respond(result: Submission, wait_s: float, created: bool = False) -> JSONRe
                          "with the same request_id", headers={"Retry-After": str(RETRY_AFTER_S)},
                          request_id=str(request_id))
         case Pending(request_id=request_id):
-            return JSONResponse(
-                PendingAnswer(
-                    request_id=request_id,
-                    message=f"no decision within {wait_s}s; poll GET /v1/requests/{request_id}",
-                ).model_dump(mode="json"),
-                status_code=504,
-            )
+            # An error document like every other non-success answer, with the id to poll.
+            return error(504, "decision_pending", f"no decision within {wait_s}s; poll GET /v1/requests/{request_id}",
+                         request_id=str(request_id))
         case RequestReused(request_id=request_id, recorded_type=recorded_type, same_type=same_type):
             what = f"another {recorded_type} (other content)" if same_type else f"a {recorded_type}"
             return error(409, "request_id_reused", f"request_id {request_id} was used for {what}; send this request "
@@ -253,7 +277,8 @@ def claims_router() -> APIRouter:
               "`lease_expired`), or `request_id_reused`: the request_id was used for another command (another "
               "type or other content); nothing was decided for this one"},
         503: {"model": ErrorDocument},
-        504: {"model": PendingAnswer},
+        504: {"model": ErrorDocument, "description": "Published, no decision yet (code `decision_pending`, "
+              "`request_id` beside the message): poll GET /v1/requests/{request_id}"},
     }
     # Commits and rollbacks are never shed (adr/0018): only the other requests document 429.
     sheddable: dict[int | str, dict[str, Any]] = {**errors, 429: {
@@ -297,28 +322,33 @@ def claims_router() -> APIRouter:
 
     @router.post("/v1/leases/{lease_id}/commit", response_model=RequestAnswer, responses=errors,
                  summary="Make a lease's claims permanent", openapi_extra=secured(CLAIMS_WRITE))
-    async def commit(request: Request, lease_id: uuid.UUID, body: LeaseAction) -> JSONResponse:
+    async def commit(request: Request, lease_id: Annotated[Uuid, Path()], body: LeaseAction) -> JSONResponse:
         return await lease_action(request, lease_id, body, commit=True)
 
     @router.post("/v1/leases/{lease_id}/rollback", response_model=RequestAnswer, responses=errors,
                  summary="Free a lease's claims", openapi_extra=secured(CLAIMS_WRITE))
-    async def rollback(request: Request, lease_id: uuid.UUID, body: LeaseAction) -> JSONResponse:
+    async def rollback(request: Request, lease_id: Annotated[Uuid, Path()], body: LeaseAction) -> JSONResponse:
         return await lease_action(request, lease_id, body, commit=False)
 
-    @router.delete("/v1/claims/{bucket}/{value:path}", response_model=RequestAnswer, responses=sheddable,
+    @router.delete("/v1/claims/{bucket}/{value:path}", response_model=RequestAnswer,
+                   responses={**sheddable, 404: {"model": ErrorDocument, "description": "No claim of the bucket "
+                                                 "can have this value (nothing is published)"}},
                    summary="Destroy: free a committed claim of its owner", openapi_extra=secured(CLAIMS_WRITE))
     async def destroy(
         request: Request,
         owner_type: OwnerType,
         cell_id: Annotated[CellId, Query()],
+        owner_id: Annotated[OwnerIdParam, Query()],
         bucket: str = Path(min_length=1, max_length=32, description="A claim bucket (any case)",
                            json_schema_extra={"pattern": any_case_pattern(ClaimBucket)}),
-        value: str = Path(min_length=1, max_length=1024, description="The value as the client spells it (canonicalized)"),
-        owner_id: int = Query(ge=0, le=MAX_OWNER_ID),
-        request_id: uuid.UUID | None = None,
+        value: str = Path(min_length=1, max_length=MAX_CLAIM_VALUE_LENGTH, description=_PATH_VALUE,
+                          json_schema_extra={"pattern": ANY_CLAIM_VALUE_PATTERN}),
+        request_id: Annotated[Uuid | None, Query()] = None,
     ) -> JSONResponse:
         if refused := denied(request, service(request).authorizer, CLAIMS_WRITE, cell=cell_id):
             return refused
+        if missing := _no_such_claim(bucket, value):
+            return missing
         try:
             command = commands.destroy(
                 request_id=request_id, source=f"http:{cell_id}", cell_id=cell_id, owner_type=owner_type,
@@ -342,20 +372,20 @@ def claims_router() -> APIRouter:
                            + ", ".join(b.value for b in ClaimBucket),
                            # Documented, checked below: the message then lists the buckets.
                            json_schema_extra={"pattern": any_case_pattern(ClaimBucket)}),
-        value: str = Path(min_length=1, max_length=1024, description="The value as the client spells it; canonicalized "
-                          "(e.g. lower-cased) before the lookup, e-mails hashed"),
+        value: str = Path(min_length=1, max_length=MAX_CLAIM_VALUE_LENGTH, description=_PATH_VALUE,
+                          json_schema_extra={"pattern": ANY_CLAIM_VALUE_PATTERN}),
     ) -> JSONResponse | Response:
         if refused := denied(request, service(request).authorizer, CLAIMS_READ):
             return refused
         try:
-            claim_bucket = ClaimBucket(bucket.upper())
+            claim_bucket = parse_bucket(bucket)
         except ValueError:
             return error(400, "bad_bucket", f"bucket must be one of {', '.join(b.value for b in ClaimBucket)}")
-        try:
-            # E-mails are stored only as keyed hashes; look them up the same way.
-            canonical = stored_claim_value(claim_bucket, value, service(request).settings.claim_secret)
-        except ValueError as exc:
-            return error(400, "bad_value", f"{claim_bucket.value} value: {exc}")
+        if missing := _no_such_claim(bucket, value):
+            return missing
+        # E-mails are stored only as keyed hashes; look them up the same way.
+        canonical = protect_value(claim_bucket, door_claim_value(claim_bucket, value),
+                                  service(request).settings.claim_secret)
         async with service(request).engine.connect() as conn:
             row = (
                 await conn.execute(
@@ -374,7 +404,7 @@ def claims_router() -> APIRouter:
                 responses={404: {"model": ErrorDocument}, 409: {"model": ErrorDocument},
                            503: {"model": ErrorDocument}},
                 summary="The decision on a request (after a 504)", openapi_extra=secured(CLAIMS_READ))
-    async def get_request(request: Request, request_id: uuid.UUID) -> JSONResponse:
+    async def get_request(request: Request, request_id: Annotated[Uuid, Path()]) -> JSONResponse:
         if refused := denied(request, service(request).authorizer, CLAIMS_READ):
             return refused
         decision = (await lookup(service(request).engine, [request_id])).get(request_id)
@@ -390,10 +420,11 @@ def claims_router() -> APIRouter:
         request: Request,
         owner_type: OwnerType,
         cell_id: Annotated[CellId, Query()],
-        owner_id: int = Path(ge=0, le=MAX_OWNER_ID),
-        limit: int = Query(MAX_OWNER_PAGE, ge=1, le=MAX_OWNER_PAGE, description="Claims per page"),
+        owner_id: Annotated[OwnerIdParam, Path()],
+        limit: Annotated[int, Ge(1), Le(MAX_OWNER_PAGE), PARAM_INTEGER, Query(description="Claims per page")
+                         ] = MAX_OWNER_PAGE,
         after: str | None = Query(None, max_length=300, description="next_after of the previous page",
-                                  pattern="^(" + "|".join(ClaimBucket) + "):"),
+                                  pattern="^(" + "|".join(ClaimBucket) + "):" + TEXT_PATTERN.removeprefix("^")),
     ) -> JSONResponse:
         if refused := denied(request, service(request).authorizer, CLAIMS_READ):
             return refused

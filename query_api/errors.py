@@ -15,15 +15,19 @@ import re
 from collections.abc import Iterable, Mapping
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import parse_qsl
 
 import psycopg
 import sqlalchemy.exc
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from topology_store.schemas.models import CONTROL_CHARACTERS
 from topology_store.schemas.router_sync import error_document
 
 log = logging.getLogger(__name__)
@@ -96,9 +100,22 @@ async def _on_validation_error(request: Request, exc: Exception) -> Response:
     return error(400, "invalid_request", validation_message(exc.errors()))
 
 
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(app: Starlette, scope: Scope) -> list[str]:
+    """Every method some route serves at the request's path, asked of the routes themselves
+    (Starlette's own 405 names only the first route whose path matches, e.g. DELETE of a
+    path that also has a GET)."""
+    return [method for method in _METHODS
+            if any(route.matches({**scope, "method": method})[0] is Match.FULL for route in app.router.routes)]
+
+
 async def _on_http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(allowed_methods(request.app, request.scope))
     if exc.status_code in (204, 304) or exc.status_code < 200:
         return Response(status_code=exc.status_code, headers=headers)
     try:
@@ -132,7 +149,26 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _on_unexpected)
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(f"[{CONTROL_CHARACTERS}]")
+
+
+def query_control_character(query: bytes) -> str | None:
+    """The name of a query parameter (or "a query parameter name") holding a control
+    character, after percent-decoding; None when there is none. No value the API
+    reads has one, and a line break would reach a parser that skips whitespace."""
+    if not query:
+        return None
+    for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+        if _CONTROL.search(name):
+            return "a query parameter name"
+        if _CONTROL.search(value):
+            return name if len(name) <= 64 else name[:64] + "..."
+    return None
+
+
+def control_character_answer(where: str) -> dict[str, Any]:
+    """The error document of :func:`query_control_character`'s refusal (a 400)."""
+    return error_body("bad_query", f"{where}: must not contain control characters (e.g. a line break or NUL)")
 
 
 class RequestLimitsMiddleware:
@@ -158,6 +194,9 @@ class RequestLimitsMiddleware:
         if _CONTROL.search(scope["path"]):
             await error(400, "bad_path", "the path must not contain control characters (e.g. a line break or NUL)")(
                 scope, receive, send)
+            return
+        if (where := query_control_character(scope["query_string"])) is not None:
+            await JSONResponse(control_character_answer(where), status_code=400)(scope, receive, send)
             return
         for name, value in scope["headers"]:
             if name == b"content-length":

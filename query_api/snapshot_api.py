@@ -20,7 +20,7 @@ import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
 import orjson
@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from topology_store.query_api.auth import Authorizer, refusals, secured
 from topology_store.query_api.claims_api import login_cell
+from topology_store.query_api.contract import TEXT_PATTERN, VersionParam, parse_version
 from topology_store.query_api.documents import (
     ClassifyDocument,
     DeltaDocument,
@@ -38,10 +39,11 @@ from topology_store.query_api.documents import (
     any_case_pattern,
 )
 from topology_store.query_api.encodings import Compression
-from topology_store.query_api.errors import error_body
+from topology_store.query_api.errors import control_character_answer, error_body, query_control_character
 from topology_store.query_api.metrics import ApiMetrics
 from topology_store.query_api.snapshot import DeltaCache, Snapshot, SnapshotCache
 from topology_store.runtime.settings import Settings
+from topology_store.schemas.models import MAX_BIGINT
 from topology_store.schemas.router_sync import (
     AGE_HEADER,
     CLASSIFY_TYPES,
@@ -154,20 +156,18 @@ class SnapshotEndpoint:
         min_version: int | None = None
         wait_s = 0.0
         if query:
+            if (where := query_control_character(query)) is not None:
+                return Answer.json(400, orjson.dumps(control_character_answer(where)))
             for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
                 try:
                     if name == "since":
-                        since = int(value)
-                        if since < 0:
-                            raise ValueError
+                        since = parse_version(value)
                     elif name == "min_version":
-                        min_version = int(value)
-                        if min_version < 0:
-                            raise ValueError
+                        min_version = parse_version(value)
                     elif name == "wait":
                         wait_s = min(parse_wait(value), self.max_wait_s)
                 except ValueError:
-                    hint = "30s, 500ms, 1m or 30" if name == "wait" else "a non-negative integer"
+                    hint = "30s, 500ms, 1m or 30" if name == "wait" else f"an integer from 0 to {MAX_BIGINT}"
                     return error_answer(400, "bad_parameter", f"{name} must be {hint}")
         fmt = choose_format(accept)
         if fmt is None:
@@ -312,13 +312,13 @@ def snapshot_router(sync: RouterSync) -> APIRouter:
     )
     async def get_snapshot(
         request: Request,
-        since: int | None = Query(None, ge=0, description="Answer the changes from this version (a delta)"),
+        since: Annotated[VersionParam | None, Query(description="Answer the changes from this version (a delta)")] = None,
         wait: str | None = Query(None, pattern=WAIT_PATTERN,
                                  description="Long-poll: hold the request up to this long (30s, 500ms; "
                                  "bounded by TOPOLOGY_API_MAX_WAIT_S) until a version newer than the "
                                  "client's exists"),
-        min_version: int | None = Query(None, ge=0, description="Full snapshot at this version or newer "
-                                        "(never an older one)"),
+        min_version: Annotated[VersionParam | None, Query(description="Full snapshot at this version or newer "
+                                                          "(never an older one)")] = None,
     ) -> Response:
         answer = await sync.answer(
             request.scope["query_string"], request.headers.get("if-none-match", ""),
@@ -337,10 +337,14 @@ def snapshot_router(sync: RouterSync) -> APIRouter:
     )
     async def get_classify(
         request: Request,
-        type: str = Query(..., description="ROUTE, SESSION_PREFIX, CELL_ID or LOGIN (any case)",  # noqa: A002
+        type: str = Query(..., description="ROUTE, SESSION_PREFIX, CELL_ID or LOGIN (any case)",
                           json_schema_extra={"pattern": any_case_pattern((*CLASSIFY_TYPES, "LOGIN"))}),
-        value: str = Query(..., description="e.g. gitlab-org/gitlab for a ROUTE, a username or e-mail for a LOGIN"),
+        value: str = Query(..., description="e.g. gitlab-org/gitlab for a ROUTE, a username or e-mail for a LOGIN",
+                           json_schema_extra={"pattern": TEXT_PATTERN}),
     ) -> Response:
+        if not type.isascii() or type.upper() not in (*CLASSIFY_TYPES, "LOGIN"):  # "ı".upper() == "I"
+            return starlette_response(error_answer(
+                400, "bad_type", f"type must be one of {', '.join(CLASSIFY_TYPES)} or LOGIN (any case)"))
         snapshot = sync.cache.current if sync.cache is not None else None
         if snapshot is None:
             return starlette_response(error_answer(503, "not_loaded", "no snapshot loaded yet"))

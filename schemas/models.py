@@ -50,16 +50,100 @@ class OwnerType(StrEnum):
     ORGANIZATION = "ORGANIZATION"
 
 
-# GitLab's rule for a path segment: starts with a letter, digit or underscore.
-_PATH_SEGMENT = re.compile(r"^[a-z0-9_][a-z0-9_.-]*$")
-_CELL_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+$")
-_IMAGE = re.compile(r"^[a-z0-9][a-z0-9._/-]*$")
-_DIGITS = re.compile(r"^[1-9][0-9]{0,18}$")
-# A sensitive value may arrive already protected: the keyed hash of its canonical form.
+# Claim value formats. Each is one regular expression over the value *as given* (before
+# lower-casing), written in the subset that Python's ``re`` and ECMA-262 (OpenAPI/JSON
+# Schema ``pattern``) read alike: no ``\s``, ``\d`` or ``\w`` (their sets differ), only
+# explicit classes and ``\uXXXX`` escapes, matched whole (``re.fullmatch``: Python's ``$``
+# also matches before a final line break). ``canonical_claim_value`` decides with these
+# patterns and the read API declares the same ones (``claim_value_pattern``).
+MAX_CLAIM_VALUE_LENGTH = 255
+MAX_BIGINT = 2**63 - 1
 PROTECTED_PREFIX = "hmac-sha256:"
-_PROTECTED = re.compile(r"^hmac-sha256:[0-9a-f]{64}$")
 SENSITIVE_BUCKETS = frozenset({"EMAIL"})
+# A sensitive value may arrive already protected: the keyed hash of its canonical form.
+_PROTECTED = re.compile(r"^hmac-sha256:[0-9a-f]{64}$")
+_CELL_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+# Class bodies (regex syntax) of characters a value may not hold.
+NUL = r"\u0000"
+CONTROL_CHARACTERS = r"\u0000-\u001f\u007f-\u009f"  # Unicode's Cc: C0, DEL and C1
+
+
+def _escaped(chars: str) -> str:
+    """Characters for a regex class, each as a ``\\uXXXX`` escape."""
+    return "".join(f"\\u{ord(c):04x}" for c in chars)
+
+
+# str.isspace(): what str.strip() strips, hence what "surrounding whitespace" means.
+_WHITESPACE = _escaped("".join(chr(c) for c in range(0x3001) if chr(c).isspace()))
+
+
+def _any_case(text: str) -> str:
+    """``text`` in any letter case; its other characters must need no escaping."""
+    assert re.fullmatch("[A-Za-z0-9:-]*", text), text
+    return "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in text)
+
+
+def _not_starting_with(prefix: str, excluded: str) -> str:
+    """A regex of the non-empty strings of characters outside the class body ``excluded``
+    that do not start with ``prefix`` in any letter case (without a lookahead: not every
+    regex engine that reads OpenAPI patterns has one)."""
+    parts = [_any_case(prefix[:k]) for k in range(1, len(prefix))]  # a proper prefix, whole
+    for k, c in enumerate(prefix):  # equal up to k, another character at k, anything after
+        parts.append(f"{_any_case(prefix[:k])}[^{excluded}{_escaped(c.upper() + c.lower())}][^{excluded}]*")
+    return "(" + "|".join(parts) + ")"
+
+
+def _decimal_at_most(limit: int) -> str:
+    """A regex of the decimal numbers 1..``limit`` without leading zeros."""
+    digits = str(limit)
+    parts = [f"[1-9][0-9]{{0,{len(digits) - 2}}}"] if len(digits) > 1 else []
+    for k, d in enumerate(digits):  # same length: equal up to k, smaller at k, anything after
+        low = "1" if k == 0 else "0"
+        if int(d) > int(low):
+            rest = len(digits) - k - 1
+            parts.append(digits[:k] + f"[{low}-{int(d) - 1}]" + (f"[0-9]{{{rest}}}" if rest else ""))
+    parts.append(digits)
+    return "(" + "|".join(parts) + ")"
+
+
+def claim_value_pattern(bucket: ClaimBucket | str, forbidden: str = NUL) -> str:
+    """The format of a ``bucket`` value as given, as a regular expression (see above).
+    ``forbidden`` (a class body): characters no value may hold; events forbid NUL
+    (PostgreSQL text cannot store it), the read API every control character (as in
+    its paths)."""
+    bucket = ClaimBucket(bucket)
+    if bucket in (ClaimBucket.NAMESPACE, ClaimBucket.USERNAME):
+        # GitLab's rule for a path segment: starts with a letter, digit or underscore.
+        return "^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
+    if bucket is ClaimBucket.IMAGE:
+        return "^[A-Za-z0-9][A-Za-z0-9._/-]*$"
+    if bucket is ClaimBucket.ORGANIZATION_ID:
+        return f"^{_decimal_at_most(MAX_BIGINT)}$"
+    if bucket is ClaimBucket.EMAIL:
+        # local@domain, or the protected form (its prefix, in any case, means that form).
+        excluded = f"@{_WHITESPACE}{forbidden}"
+        return f"^(hmac-sha256:[0-9a-f]{{64}}|{_not_starting_with(PROTECTED_PREFIX, excluded)}@[^{excluded}]+)$"
+    # KEY, PACKAGE: anything without surrounding whitespace.
+    edge, inner = f"[^{_WHITESPACE}{forbidden}]", f"[^{forbidden}]"
+    return f"^{edge}({inner}*{edge})?$"
+
+
+CLAIM_VALUE_RULES: dict[ClaimBucket, str] = {
+    ClaimBucket.NAMESPACE: "one path segment of letters, digits, '_', '-' or '.', not starting with '-' or '.' "
+    "(a top-level namespace, not a full path); case-insensitive",
+    ClaimBucket.USERNAME: "one path segment of letters, digits, '_', '-' or '.', not starting with '-' or '.'; "
+    "case-insensitive",
+    ClaimBucket.EMAIL: "local@domain (no whitespace, one '@'), case-insensitive; or the protected form "
+    "hmac-sha256: and 64 lower-case hex digits",
+    ClaimBucket.KEY: "any text without surrounding whitespace; case-sensitive",
+    ClaimBucket.PACKAGE: "any text without surrounding whitespace; case-sensitive",
+    ClaimBucket.IMAGE: "letters, digits, '.', '_', '-' and '/', starting with a letter or digit; case-insensitive",
+    ClaimBucket.ORGANIZATION_ID: f"a positive integer up to {MAX_BIGINT}, in decimal without leading zeros",
+}
+
+_CLAIM_VALUE_FORMATS = {bucket: re.compile(claim_value_pattern(bucket)) for bucket in ClaimBucket}
+_PATH_SEGMENT = _CLAIM_VALUE_FORMATS[ClaimBucket.NAMESPACE]
 
 CellId = Annotated[str, Field(pattern=_CELL_ID.pattern, description="Lower-case DNS label, e.g. cell-1")]
 
@@ -80,7 +164,9 @@ def canonical_claim_value(bucket: ClaimBucket | str, value: str) -> str:
     canonical form is lower-case; keys (fingerprints) and package names are
     compared as given. A sensitive value may also be given already protected
     (``hmac-sha256:<hex>``, see :func:`protect_value`).
-    Raises ValueError with a readable reason for a value the bucket cannot hold.
+    Raises ValueError with a readable reason for a value the bucket cannot hold:
+    one that does not match :func:`claim_value_pattern`, is longer than 255
+    characters once canonical, or is not valid Unicode.
     """
     bucket = ClaimBucket(bucket)
     if not value or value != value.strip():
@@ -88,26 +174,18 @@ def canonical_claim_value(bucket: ClaimBucket | str, value: str) -> str:
     if "\x00" in value:
         raise ValueError("must not contain NUL characters")
     _require_unicode_text(value)
-    if bucket.value in SENSITIVE_BUCKETS and value.startswith(PROTECTED_PREFIX):
-        if not _PROTECTED.match(value):
+    if bucket.value in SENSITIVE_BUCKETS and value[:len(PROTECTED_PREFIX)].lower() == PROTECTED_PREFIX:
+        if not _PROTECTED.fullmatch(value):
             raise ValueError(f"a protected {bucket.value} must be {PROTECTED_PREFIX} and 64 lower-case hex digits")
         return value
     canonical = value if bucket in (ClaimBucket.KEY, ClaimBucket.PACKAGE) else value.lower()
     # Measured after lower-casing, which can lengthen some Unicode text.
-    if len(canonical) > 255:
-        raise ValueError("must be at most 255 characters")
-    if bucket in (ClaimBucket.NAMESPACE, ClaimBucket.USERNAME):
-        if not _PATH_SEGMENT.match(canonical):
-            raise ValueError(
-                f"{bucket.value} must be one path segment of letters, digits, '_', '-' or '.', "
-                "not starting with '-' or '.' (a top-level namespace, not a full path)"
-            )
-    elif bucket is ClaimBucket.EMAIL and not _EMAIL.match(canonical):
-        raise ValueError("EMAIL must look like local@domain")
-    elif bucket is ClaimBucket.IMAGE and not _IMAGE.match(canonical):
-        raise ValueError("IMAGE must be lower-case letters, digits, '.', '_', '-' and '/'")
-    elif bucket is ClaimBucket.ORGANIZATION_ID and (not _DIGITS.match(canonical) or int(canonical) > 2**63 - 1):
-        raise ValueError("ORGANIZATION_ID must be a positive integer below 2**63")
+    if len(canonical) > MAX_CLAIM_VALUE_LENGTH:
+        raise ValueError(f"must be at most {MAX_CLAIM_VALUE_LENGTH} characters")
+    if not _CLAIM_VALUE_FORMATS[bucket].fullmatch(value):
+        what = {ClaimBucket.EMAIL: "look like local@domain", ClaimBucket.ORGANIZATION_ID:
+                "be a positive integer below 2**63"}.get(bucket, "be " + CLAIM_VALUE_RULES[bucket])
+        raise ValueError(f"{bucket.value} must {what}")
     return canonical
 
 
@@ -115,7 +193,7 @@ def protect_value(bucket: ClaimBucket | str, canonical: str, secret: bytes) -> s
     """The value as stored and compared: sensitive buckets keep only a keyed hash
     (HMAC-SHA256 with the deployment's secret), so a clear e-mail never reaches
     PostgreSQL, logs, metrics or snapshots, while equal e-mails still collide."""
-    if ClaimBucket(bucket).value not in SENSITIVE_BUCKETS or canonical.startswith(PROTECTED_PREFIX):
+    if ClaimBucket(bucket).value not in SENSITIVE_BUCKETS or _PROTECTED.fullmatch(canonical):
         return canonical
     return PROTECTED_PREFIX + hmac.new(secret, canonical.encode("utf-8"), hashlib.sha256).hexdigest()
 
@@ -209,7 +287,7 @@ class _ClaimEvent(Event):
     value: str
     cell_id: CellId
     owner_type: OwnerType
-    owner_id: int = Field(ge=0, le=2**63 - 1)
+    owner_id: int = Field(ge=0, le=MAX_BIGINT)
 
     @field_validator("value")
     @classmethod
@@ -259,7 +337,7 @@ MAX_SEQUENCE_RANGE = 2**40
 
 ClaimRefs = Annotated[tuple[ClaimRef, ...], Field(min_length=1, max_length=MAX_CLAIMS_PER_REQUEST)]
 LeaseId = uuid.UUID
-OwnerId = Annotated[int, Field(ge=0, le=2**63 - 1)]
+OwnerId = Annotated[int, Field(ge=0, le=MAX_BIGINT)]
 
 
 def _distinct(claims: tuple[ClaimRef, ...]) -> tuple[ClaimRef, ...]:

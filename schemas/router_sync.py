@@ -74,16 +74,18 @@ def namespace_digest(namespaces: Mapping[str, str]) -> int:
     return sum(map(zlib.crc32, map(str.encode, map("\t".join, namespaces.items())))) % DIGEST_MODULUS
 
 
-WAIT_PATTERN = r"^\s*\d+(\.\d+)?\s*(ms|s|m)?\s*$"  # what parse_wait reads (OpenAPI)
+# What parse_wait reads, and the OpenAPI pattern of ?wait=: ASCII digits and spaces only (a
+# line break or a non-ASCII digit is not a number of seconds).
+WAIT_PATTERN = r"^ *([0-9]+(\.[0-9]+)?) *(ms|s|m)? *$"
 
 
 def parse_wait(value: str) -> float:
     """``30s``, ``500ms``, ``2m`` or a bare number of seconds."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*", value)
+    match = re.fullmatch(WAIT_PATTERN, value)
     if match is None:
         raise ValueError("wait must look like 30s, 500ms, 1m or 30")
     number = float(match.group(1))
-    return number / 1000 if match.group(2) == "ms" else number * 60 if match.group(2) == "m" else number
+    return number / 1000 if match.group(3) == "ms" else number * 60 if match.group(3) == "m" else number
 
 
 _FORMAT_NAMES = {JSON: "json", MSGPACK: "msgpack"}
