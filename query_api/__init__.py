@@ -7,6 +7,8 @@ Resources, one module each:
                         ``GET /v1/classify``: the one snapshot endpoint and its 304
                         decision, the version headers, the error answer in bytes.
 - ``cells_api``         ``GET /v1/cells`` and ``GET /v1/cells/{cell_id}``.
+- ``gitlab_api``        ``POST /v1/classify``: GitLab's Classify over REST (its HTTP Router's
+                        call), protobuf's JSON mapping, the gRPC door's decision.
 - ``audit_api``         ``GET /v1/audit/history``, and reading a key's history.
 - ``health_api``        ``/healthz``, ``/readyz``, ``/metrics``.
 - ``claims_api``        the claims door: claim requests with a synchronous answer over the

@@ -19,6 +19,7 @@ from topology_store.query_api.cells_api import cells_router
 from topology_store.query_api.claims_api import ClaimsDoor, ShedEarly, claims_router
 from topology_store.query_api.contract import document_contract
 from topology_store.query_api.errors import RequestLimitsMiddleware, document_errors, install_error_handlers
+from topology_store.query_api.gitlab_api import gitlab_router
 from topology_store.query_api.health_api import health_router
 from topology_store.query_api.metrics import ApiMetrics
 from topology_store.query_api.snapshot_api import RouterSync, snapshot_router
@@ -79,6 +80,7 @@ def create_app(settings: Settings, metrics: ApiMetrics | None = None, beside: Se
 
     app.include_router(health_router(api_metrics))
     app.include_router(snapshot_router(sync))
+    app.include_router(gitlab_router(sync))  # GitLab's Classify over REST (adr/0021)
     app.add_middleware(RouterSyncMiddleware, sync=sync)  # last: it must be the outermost
     document_bearer_auth(app)
     document_contract(app)

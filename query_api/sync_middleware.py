@@ -21,8 +21,10 @@ from topology_store.schemas.router_sync import SNAPSHOT_READ
 
 
 def _protected(method: str, path: str) -> bool:
-    """Routing data needs ``snapshot:read``: snapshots, classification, cells. (The claim
+    """Routing data needs ``snapshot:read``: snapshots, classification (GET and GitLab's POST), cells. (The claim
     endpoints get scopes of their own with the issue that owns them, adr/0009.)"""
+    if method == "POST":
+        return path == "/v1/classify"  # GitLab's Classify (query_api/gitlab_api.py): the same data, the same scope
     if method != "GET":
         return False
     return path.startswith(("/v1/snapshot", "/v1/classify", "/v1/cells"))

@@ -112,6 +112,10 @@ class Settings(BaseSettings):
     snapshot_poll_interval_s: float = Field(
         default=5.0, gt=0, description="Fallback refresh when no NOTIFY arrives (e.g. after a reconnect)"
     )
+    classify_max_age_s: int = Field(
+        default=30, ge=0, le=86400, description="Cache-Control max-age of a POST /v1/classify answer (GitLab's HTTP "
+        "Router keeps classify answers in its own cache, adr/0021): how long a cell move may go unseen; 0: no-cache"
+    )
 
     # gRPC door (adr/0021): GitLab's Topology Service contract, beside the HTTP API in `topology serve`
     grpc_port: int = Field(

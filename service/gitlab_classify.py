@@ -199,8 +199,13 @@ class Tables:
 
     def classify(self, request: classify_service_pb2.ClassifyRequest) -> classify_service_pb2.ClassifyResponse:
         """GitLab's Classify over the current snapshot, or a :class:`Refusal`."""
+        return self.classify_at(request)[0]
+
+    def classify_at(self, request: classify_service_pb2.ClassifyRequest
+                    ) -> tuple[classify_service_pb2.ClassifyResponse, RoutingTables]:
+        """:meth:`classify`, and the snapshot that decided (its version is the answer's)."""
         tables, numbers = self.current()
-        return classify(request, tables, numbers).response()
+        return classify(request, tables, numbers).response(), tables
 
     def get_cells(self) -> cell_info_pb2.GetCellsResponse:
         tables, numbers = self.current()
