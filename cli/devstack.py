@@ -143,16 +143,22 @@ def port_holders(port: int) -> list[str]:
             fields = line.split()
             if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
                 inodes.add(fields[9])
+    sockets = {f"socket:[{inode}]" for inode in inodes}
     holders = []
-    for entry in Path("/proc").iterdir():
+    for entry in Path("/proc").iterdir() if sockets else ():
         if not entry.name.isdigit():
             continue
         try:
-            links = {os.readlink(fd) for fd in (entry / "fd").iterdir()}
+            fds = list((entry / "fd").iterdir())
         except OSError:
             continue
-        if any(f"socket:[{inode}]" in links for inode in inodes):
-            holders.append(f"pid {entry.name} ({cmdline(int(entry.name))[:120]})")
+        for fd in fds:
+            try:
+                if os.readlink(fd) in sockets:
+                    holders.append(f"pid {entry.name} ({cmdline(int(entry.name))[:120]})")
+                    break
+            except OSError:  # closed meanwhile (the listing's own descriptor, for one)
+                continue
     return holders
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -128,7 +129,7 @@ def test_sigterm_and_kill_9_leave_no_server_running_and_the_next_run_gets_the_sa
         assert_nothing_left(data_dir, (first_port, port), descendants, "SIGTERM")
 
         up, log_path, broker_port, descendants = run(2)
-        assert broker_port == first_port  # nothing held it
+        same_port(first_port, broker_port, log_path)  # nothing of ours held it
         os.kill(up.pid, signal.SIGKILL)  # no teardown at all: the watchdog's work
         up.wait(10)
         assert_nothing_left(data_dir, (broker_port, port), descendants, "kill -9")
@@ -147,7 +148,7 @@ def test_sigterm_and_kill_9_leave_no_server_running_and_the_next_run_gets_the_sa
         up, log_path, broker_port, descendants = run(4)
         text = log_path.read_text()
         assert "left running by an earlier run" in text and "stopped PostgreSQL" in text, text[-3000:]
-        assert broker_port == first_port, text[-3000:]  # not quietly another port
+        same_port(first_port, broker_port, log_path)  # not quietly another port
         os.killpg(up.pid, signal.SIGINT)
         assert up.wait(60) == 0
         assert_nothing_left(data_dir, (broker_port, port), descendants, "Ctrl-C after reaping")
@@ -157,6 +158,31 @@ def test_sigterm_and_kill_9_leave_no_server_running_and_the_next_run_gets_the_sa
             up.wait()
         for line in stack_processes(data_dir, ()):  # never leave a server to the next test
             os.kill(int(line.split()[1].rstrip(":")), signal.SIGKILL)
+
+
+def test_a_taken_broker_port_is_named_with_its_holder_not_quietly_replaced(capsys: pytest.CaptureFixture[str]) -> None:
+    from topology_store.cli.up import _broker_port
+
+    with socket.socket() as holder:
+        try:
+            holder.bind(("127.0.0.1", 9092))
+        except OSError:
+            pytest.skip("port 9092 is in use here already")
+        holder.listen()
+        assert f"pid {os.getpid()} " in port_holders(9092)[0]
+        port = _broker_port()
+    assert port != 9092
+    said = capsys.readouterr().out
+    assert f"port 9092 is taken by pid {os.getpid()}" in said and f"listens on {port} instead" in said
+
+
+def same_port(first: int, now: int, log_path: Path) -> None:
+    """A run gets 9092 back once the earlier servers are gone; when something else holds
+    9092 (another broker on this machine), it says who, and takes a free port."""
+    if first == 9092:
+        assert now == 9092, log_path.read_text()[-3000:]
+    else:
+        assert "port 9092 is taken by" in log_path.read_text()
 
 
 def _descendants(pid: int) -> list[int]:
