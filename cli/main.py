@@ -110,8 +110,8 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             # The gRPC door over the same snapshot, checking the same tokens (adr/0021).
             from topology_store.grpc_api.server import grpc_door
 
-            check = Authorizer.from_settings(settings).check
-            beside.append(lambda api: grpc_door(settings, api.cache, check))
+            authorizer = Authorizer.from_settings(settings)
+            beside.append(lambda api: grpc_door(settings, api.cache, authorizer.check, authorizer.binding))
         serve(settings, beside=beside)
     except TokenConfigError as exc:
         raise SystemExit(f"topology serve: bad configuration: {exc}") from None

@@ -3,6 +3,7 @@ on ``TOPOLOGY_GRPC_PORT`` beside the HTTP API, over the same snapshot.
 
 - ``server``     the grpc.aio server: GitLab's services, health checking, reflection, tokens.
 - ``services``   the servicers: cells, classification, GetCells, GitLab's probes.
+- ``access``     TLS and mutual TLS on the port; per-cell authorization of the claim RPCs.
 - ``generate``   regenerates ``schemas/generated/`` from the ``.proto`` files in ``proto/``.
 
 GitLab's Classify and our cells in GitLab's shape are shared with the HTTP door:

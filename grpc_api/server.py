@@ -11,8 +11,9 @@ Credentials: the HTTP API's bearer tokens, sent as ``authorization: Bearer <toke
 metadata (Rails' topology service client adds configured metadata to every call); cells,
 classification and GetCells need the ``snapshot:read`` scope, as the routing data does over
 HTTP. Health checking, GitLab's probes and reflection need none. No credential:
-UNAUTHENTICATED; a token without the scope: PERMISSION_DENIED. (GitLab deploys mutual TLS
-with per-cell certificates; that is not built yet, adr/0021.)
+UNAUTHENTICATED; a token without the scope: PERMISSION_DENIED. TLS and mutual TLS with
+``TOPOLOGY_TLS_*`` (:mod:`topology_store.grpc_api.access`): under mutual TLS the verified
+client certificate is a credential of its own, and per-cell authorization applies to both.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from topology_store.grpc_api.access import TokenBinding, authorization, server_credentials
 from topology_store.grpc_api.services import PARTLY_SERVED, SERVED, add_services
 from topology_store.runtime.settings import Settings
 from topology_store.schemas.router_sync import SNAPSHOT_READ
@@ -49,16 +51,18 @@ HEALTH_POLL_S = 0.25
 class BearerTokens(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Refuses an RPC outside :data:`OPEN_SERVICES` without a token holding ``snapshot:read``."""
 
-    def __init__(self, authorize: Authorize) -> None:
+    def __init__(self, authorize: Authorize, mutual_tls: bool = False) -> None:
         self._authorize = authorize
+        self._mutual_tls = mutual_tls
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:
         service = details.method.lstrip("/").split("/", 1)[0]
         if service in OPEN_SERVICES:
             return await continuation(details)
-        presented = next((value for key, value in details.invocation_metadata or () if key == "authorization"), None)
-        header = presented.encode("latin-1") if isinstance(presented, str) else presented
+        header = authorization(details.invocation_metadata)
+        if header is None and self._mutual_tls:  # the handshake verified the client's certificate
+            return await continuation(details)
         refused = self._authorize(header, SNAPSHOT_READ)
         if refused is None:
             return await continuation(details)
@@ -92,30 +96,37 @@ def listen_address(host: str, port: int) -> str:
 
 
 @asynccontextmanager
-async def grpc_door(settings: Settings, snapshots: SnapshotSource, authorize: Authorize) -> AsyncIterator[str]:
-    """The server on ``TOPOLOGY_API_HOST:TOPOLOGY_GRPC_PORT`` while the block runs; yields its address."""
+async def grpc_door(settings: Settings, snapshots: SnapshotSource, authorize: Authorize,
+                    token_binding: TokenBinding | None = None) -> AsyncIterator[str]:
+    """The server on ``TOPOLOGY_API_HOST:TOPOLOGY_GRPC_PORT`` while the block runs; yields its address.
+    ``token_binding``: the cell a bearer token is bound to (``Authorizer.binding``)."""
+    credentials = server_credentials(settings)
     server = grpc.aio.server(
-        interceptors=[BearerTokens(authorize)],
+        interceptors=[BearerTokens(authorize, mutual_tls=bool(settings.tls_client_ca))],
         options=[
             ("grpc.so_reuseport", 0),  # a port in use is an error, not a second server sharing it
             ("grpc.max_receive_message_length", settings.api_max_body_bytes),  # the HTTP API's body limit
         ],
     )
-    add_services(server, snapshots, settings.grpc_cell_numbers)
+    add_services(server, snapshots, settings.grpc_cell_numbers, token_binding)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVED, *PARTLY_SERVED, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                         server)
     address = listen_address(settings.api_host, settings.grpc_port)
     try:
-        server.add_insecure_port(address)
+        if credentials is None:
+            server.add_insecure_port(address)
+        else:
+            server.add_secure_port(address, credentials)
     except RuntimeError as exc:
         raise RuntimeError(f"gRPC: cannot listen on {address} (TOPOLOGY_GRPC_PORT): {exc}") from None
     serving = snapshots.current is not None
     await _report(health_servicer, serving)  # before the first call can come in
     await server.start()
     follower = asyncio.create_task(_follow_readiness(health_servicer, snapshots, serving), name="grpc-health")
-    log.info("gRPC (GitLab's Topology Service contract) on %s", address)
+    log.info("gRPC (GitLab's Topology Service contract) on %s (%s)", address,
+             "mutual TLS" if settings.tls_client_ca else "TLS" if credentials is not None else "plain TCP")
     try:
         yield address
     finally:

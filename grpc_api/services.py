@@ -11,7 +11,9 @@ Read-only, from the snapshot the HTTP API holds (the same object, in the same pr
 
 ``ClaimService``'s other RPCs (GetRecord, BeginUpdate, CommitUpdate, RollbackUpdate,
 ListLeases, ListRecords) answer UNIMPLEMENTED with a pointer to the ADR: they need GitLab's
-lease model in the claims decider first.
+lease model in the claims decider first. GitLab's access rule of each is checked before
+(:mod:`topology_store.grpc_api.access`): a credential bound to another cell than the
+request's ``cell_id`` gets PERMISSION_DENIED, GetRecord wants an admin's.
 
 Every answer other than OK is a :class:`~topology_store.service.gitlab_classify.Refusal` turned
 into its status and message; nothing a client sends can make one INTERNAL.
@@ -25,6 +27,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from topology_store.grpc_api.access import CellAccess, TokenBinding
 from topology_store.schemas.generated.proto import (
     cell_info_pb2,
     cell_service_pb2,
@@ -97,8 +100,16 @@ class SequenceService(sequence_service_pb2_grpc.SequenceServiceServicer):
         return self._tables.get_cells()
 
 
-def _not_served(rpc: str) -> Callable[..., Awaitable[Any]]:
-    async def refuse(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+def _not_served(rpc: str, rule: str) -> Callable[..., Awaitable[Any]]:
+    """UNIMPLEMENTED, after GitLab's access ``rule`` (``cell``: the request's ``cell_id`` must
+    match the credentials', grpc_api/access.py; ``admin``: admin credentials only)."""
+
+    @answers
+    async def refuse(self: ClaimService, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if rule == "cell":
+            self._access.require_cell(context, request.cell_id)
+        else:
+            self._access.require_admin(context)
         await context.abort(grpc.StatusCode.UNIMPLEMENTED,
                             f"ClaimService.{rpc} is not served yet (adr/0021): GitLab's lease model is not in the "
                             "claims decider yet; claim through the HTTP claims API (docs/protocol.md)")
@@ -110,20 +121,21 @@ def _not_served(rpc: str) -> Callable[..., Awaitable[Any]]:
 class ClaimService(claims_service_pb2_grpc.ClaimServiceServicer):
     """GetCells only, so far."""
 
-    def __init__(self, tables: Tables) -> None:
+    def __init__(self, tables: Tables, access: CellAccess) -> None:
         self._tables = tables
+        self._access = access
 
     @answers
     async def GetCells(self, request: cell_info_pb2.GetCellsRequest,
                        context: grpc.aio.ServicerContext) -> cell_info_pb2.GetCellsResponse:
         return self._tables.get_cells()
 
-    GetRecord = _not_served("GetRecord")
-    BeginUpdate = _not_served("BeginUpdate")
-    CommitUpdate = _not_served("CommitUpdate")
-    RollbackUpdate = _not_served("RollbackUpdate")
-    ListLeases = _not_served("ListLeases")
-    ListRecords = _not_served("ListRecords")
+    GetRecord = _not_served("GetRecord", "admin")
+    BeginUpdate = _not_served("BeginUpdate", "cell")
+    CommitUpdate = _not_served("CommitUpdate", "cell")
+    RollbackUpdate = _not_served("RollbackUpdate", "cell")
+    ListLeases = _not_served("ListLeases", "cell")
+    ListRecords = _not_served("ListRecords", "cell")
 
 
 class HealthService(health_service_pb2_grpc.HealthServiceServicer):
@@ -155,11 +167,13 @@ SERVED = (
 PARTLY_SERVED = (_name(claims_service_pb2, "ClaimService"),)
 
 
-def add_services(server: grpc.aio.Server, snapshots: SnapshotSource, configured_numbers: dict[str, int]) -> None:
-    """Register every servicer on ``server`` (:data:`SERVED` and :data:`PARTLY_SERVED`)."""
+def add_services(server: grpc.aio.Server, snapshots: SnapshotSource, configured_numbers: dict[str, int],
+                 token_binding: TokenBinding | None = None) -> None:
+    """Register every servicer on ``server`` (:data:`SERVED` and :data:`PARTLY_SERVED`);
+    ``token_binding``: the cell a bearer token is bound to (per-cell authorization)."""
     tables = Tables(snapshots, configured_numbers)
     cell_service_pb2_grpc.add_CellServiceServicer_to_server(CellService(tables), server)
     classify_service_pb2_grpc.add_ClassifyServiceServicer_to_server(ClassifyService(tables), server)
     sequence_service_pb2_grpc.add_SequenceServiceServicer_to_server(SequenceService(tables), server)
-    claims_service_pb2_grpc.add_ClaimServiceServicer_to_server(ClaimService(tables), server)
+    claims_service_pb2_grpc.add_ClaimServiceServicer_to_server(ClaimService(tables, CellAccess(tables, token_binding)), server)
     health_service_pb2_grpc.add_HealthServiceServicer_to_server(HealthService(snapshots), server)

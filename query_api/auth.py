@@ -134,6 +134,11 @@ class Authorizer:
                 found = grant
         return found
 
+    def binding(self, authorization: bytes | None) -> Binding | None:
+        """The cell binding of the presented token; None when it is missing or unknown."""
+        grant = self.grant(authorization)
+        return grant.binding if grant is not None else None
+
     def scopes(self, authorization: bytes | None) -> frozenset[str] | None:
         """The scopes of the presented token; None when it is missing or unknown."""
         grant = self.grant(authorization)
