@@ -106,7 +106,7 @@ def claim_value_schema(bucket: ClaimBucket) -> dict[str, Any]:
     """What the document says of a ``bucket`` value (the server decides with the same rule)."""
     return {"pattern": claim_value_pattern(bucket, CONTROL_CHARACTERS),
             "description": f"{bucket.value}: {CLAIM_VALUE_RULES[bucket]}; at most {MAX_CLAIM_VALUE_LENGTH} "
-            "characters (also once lower-cased), no control characters"}
+            "characters (also once lower-cased), no control characters, valid Unicode (no lone surrogate)"}
 
 
 # The union of every bucket's format: KEY's, the loosest (every other bucket's values are

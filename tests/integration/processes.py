@@ -59,7 +59,7 @@ def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout_s:
 
 
 @contextmanager
-def read_api(settings: Settings, log_path: Path) -> Iterator[str]:
+def read_api(settings: Settings, log_path: Path, ready_timeout_s: float = 30) -> Iterator[str]:
     port = free_port()
     process = start(["serve"], settings, log_path, TOPOLOGY_API_PORT=str(port))
     url = f"http://127.0.0.1:{port}"
@@ -73,7 +73,7 @@ def read_api(settings: Settings, log_path: Path) -> Iterator[str]:
             return False
 
     try:
-        wait_until(ready, timeout_s=30, what="read API ready")
+        wait_until(ready, timeout_s=ready_timeout_s, what="read API ready")
         yield url
     finally:
         stop(process)

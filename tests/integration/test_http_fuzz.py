@@ -65,7 +65,8 @@ def fuzz_stack(topics: Settings, tmp_path: Path) -> Iterator[str]:
     api_log = tmp_path / "api.log"
     projector = start(["project"], settings_, tmp_path / "projector.log")
     try:
-        with read_api(settings_, api_log) as url:
+        # Started beside a projector: on a loaded machine their imports alone take half a minute.
+        with read_api(settings_, api_log, ready_timeout_s=120) as url:
             asyncio.run(_register(settings_, "cell-1"))
             granted = httpx.post(f"{url}/v1/claims", headers=CLAIMS_AUTH, timeout=30, json={
                 "cell_id": "cell-1", "owner_type": "GROUP", "owner_id": 1,
