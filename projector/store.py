@@ -134,6 +134,10 @@ class ProjectionStore:
                    for p in events if isinstance(p.event, DOOR_REQUESTS)}
         async with self._engine.begin() as conn:
             await _advance_offsets(conn, advances)
+            # What needs no decision is written before the claim lock is taken, so the
+            # lock is held for less (adr/0018): the records as received, the dead letters.
+            await _write_dead_letters(conn, dead_letters)
+            await write_archive(conn, archive)
             cells = await _load_cells(conn) if any(_is_cell_event(p) for p in events) else {}
             decided_at = None
             if commands:
@@ -171,8 +175,6 @@ class ProjectionStore:
             await write_registry(conn, result.registry, version)
             await _append_to_outbox(conn, self._codec, result.claim_decisions)
             recorded = await _record_decisions(conn, result, version, digests)
-            await _write_dead_letters(conn, dead_letters)
-            await write_archive(conn, archive)
             await write_audit_keys(conn, audit_rows(result, self._secret))
             if commands:
                 await _notify_decisions(conn, recorded)
@@ -346,9 +348,11 @@ async def _append_to_outbox(conn: AsyncConnection, codec: EventCodec, decisions:
     (producer/outbox.sql: such rows skip the per-row trigger and its per-key locks)."""
     if not decisions:
         return
-    await conn.execute(text("SELECT set_config('topology.outbox_ids_drawn_under_lock', 'on', true)"))
+    # The flag and the ids in one round trip (the lock is held meanwhile).
     drawn = await conn.execute(
-        text("SELECT nextval('topology_outbox_id_seq') FROM generate_series(1, :count)"), {"count": len(decisions)}
+        text("WITH flag AS MATERIALIZED (SELECT set_config('topology.outbox_ids_drawn_under_lock', 'on', true)) "
+             "SELECT nextval('topology_outbox_id_seq') FROM flag, generate_series(1, :count)"),
+        {"count": len(decisions)},
     )
     ids = sorted(row[0] for row in drawn)
     await copy_rows(

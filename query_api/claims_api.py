@@ -259,7 +259,10 @@ class ClaimsDoor:
     async def _started_publisher(self) -> EventPublisher:
         async with self._publisher_lock:
             if self._publisher is None:
-                publisher = EventPublisher(self.settings)
+                # No linger: a claim call waits for its acknowledgement, and aiokafka sends one
+                # request per broker at a time, so what arrives meanwhile is batched anyway
+                # (adr/0018).
+                publisher = EventPublisher(self.settings.model_copy(update={"producer_linger_ms": 0}))
                 await publisher.start()
                 self._publisher = publisher
             return self._publisher
