@@ -78,9 +78,14 @@ def parse_request(body: bytes) -> classify_service_pb2.ClassifyRequest:
 
 
 def response_json(response: classify_service_pb2.ClassifyResponse) -> bytes:
-    """The answer in protobuf's JSON mapping; fields without presence are written even at
-    their default, as grpc-gateway writes them."""
-    return orjson.dumps(json_format.MessageToDict(response, always_print_fields_with_no_presence=True))
+    """The answer in protobuf's JSON mapping, every field written as grpc-gateway's default
+    marshaler writes it (``EmitUnpopulated``): scalars at their default, an unset message
+    field as ``null`` (``"matchedClaim": null`` when no claim answered)."""
+    document = json_format.MessageToDict(response, always_print_fields_with_no_presence=True)
+    for field in response.DESCRIPTOR.fields:
+        if field.message_type is not None and not field.is_repeated and field.containing_oneof is None:
+            document.setdefault(field.json_name, None)
+    return orjson.dumps(document)
 
 
 class _SnapshotOf:
@@ -127,7 +132,7 @@ class GitLabClassifyResponse(BaseModel):
     action: str = Field(description="PROXY: send the request to proxy.address",
                         json_schema_extra={"enum": ["ACTION_UNSPECIFIED", "PROXY"]})
     proxy: GitLabProxyInfo
-    matchedClaim: GitLabClaim | None = Field(None, description="With claims: the claim that answered")
+    matchedClaim: GitLabClaim | None = Field(description="With claims: the claim that answered; else null")
 
 
 CLASSIFY_REQUEST_SCHEMA: dict[str, Any] = {
@@ -160,7 +165,6 @@ def gitlab_router(sync: RouterSync) -> APIRouter:
     @router.post(
         "/v1/classify",
         response_model=GitLabClassifyResponse,
-        response_model_exclude_none=True,
         responses={
             200: {"description": "The cell that serves the request. Headers: Cache-Control: public, max-age="
                   "TOPOLOGY_CLASSIFY_MAX_AGE_S (no-cache when 0), X-Topology-Version (the snapshot version that "

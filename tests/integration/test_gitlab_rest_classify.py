@@ -62,7 +62,8 @@ def grpc_answer(door: Door, request: ClassifyRequest) -> tuple[int, Any]:
             answer = classify_service_pb2_grpc.ClassifyServiceStub(channel).Classify(request, metadata=READ, timeout=5)
         except grpc.RpcError as error:
             return HTTP_STATUS[error.code()], error.details()
-    return 200, json_format.MessageToDict(answer)
+    # grpc-gateway writes an unset message field as null (EmitUnpopulated)
+    return 200, {"matchedClaim": None, **json_format.MessageToDict(answer)}
 
 
 def rest(door: Door, body: str | bytes, headers: dict[str, str] | None = None) -> httpx.Response:
@@ -92,7 +93,8 @@ def test_every_classify_answers_over_rest_what_grpc_answers(stack: Door) -> None
 
     # The answers themselves, as GitLab's router reads them.
     status, first = rest_answer(stack, '{"type": "FIRST_CELL"}')
-    assert (status, first) == (200, {"action": "PROXY", "proxy": {"address": "legacy.example.com:443"}})
+    assert (status, first) == (200, {"action": "PROXY", "proxy": {"address": "legacy.example.com:443"},
+                                     "matchedClaim": None})
     _, by_route = rest_answer(stack, '{"claims": [{"route": "gitlab-org/gitlab"}]}')
     assert by_route == {"action": "PROXY", "proxy": {"address": "cell-2.example.com:8443"},
                         "matchedClaim": {"route": "gitlab-org"}}
@@ -114,7 +116,7 @@ def test_first_cell_falls_back_past_a_decommissioned_cell_on_both_doors(stack: D
 
     wait_until(moved, timeout_s=60, interval_s=0.2, what="FIRST_CELL past the decommissioned legacy cell")
     # cell-2 is the next numbered cell (3 is ambiguous, "nonumber" has none); gRPC agrees.
-    expected = (200, {"action": "PROXY", "proxy": {"address": "cell-2.example.com:8443"}})
+    expected = (200, {"action": "PROXY", "proxy": {"address": "cell-2.example.com:8443"}, "matchedClaim": None})
     assert rest_answer(stack, '{"type": "FIRST_CELL"}') == expected
     assert grpc_answer(stack, ClassifyRequest(type=Type.FIRST_CELL)) == expected
 
