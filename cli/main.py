@@ -140,7 +140,7 @@ def _cmd_router(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from topology_store.cli.up import up
 
-    return up(data_dir=args.data_dir, api_port=args.api_port or settings.api_port, demo=args.demo)
+    return up(data_dir=args.data_dir, api_port=args.api_port or settings.api_port, demo=args.demo, tls=args.tls)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--demo", action="store_true", help="emit a small realistic topology")
     up.add_argument("--data-dir", type=Path, default=Path(".topology"), help="embedded servers' data (default .topology)")
     up.add_argument("--api-port", type=int, default=None, help="read API port (default TOPOLOGY_API_PORT or 8080)")
+    up.add_argument("--tls", action="store_true",
+                    help="mutual TLS on the HTTP and gRPC ports, with the development CA and certificates made under "
+                         "<data dir>/tls (made either way)")
     up.set_defaults(run=_cmd_up)
     return parser
 

@@ -3,7 +3,9 @@
 Servers named by ``TOPOLOGY_KAFKA_BOOTSTRAP`` / ``TOPOLOGY_DATABASE_URL`` are used
 when set; otherwise the embedded broker and database start here. The projector and
 the read API run as child processes, exactly as ``topology project`` and
-``topology serve`` would; Ctrl-C stops all of them.
+``topology serve`` would; Ctrl-C stops all of them. A development CA and client
+certificates (each demo cell's, an admin's) are made under ``<data dir>/tls``
+(``devpki.py``); ``--tls`` serves both ports with mutual TLS using them (adr/0021).
 
 Nothing outlives it: Ctrl-C and SIGTERM stop everything in order; should it die
 without doing so (SIGKILL, a crash), its watchdog (``watchdog.py``), told about each
@@ -17,6 +19,7 @@ import asyncio
 import os
 import secrets
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -24,7 +27,8 @@ from pathlib import Path
 
 import httpx
 
-from topology_store.cli.demo import demo_events
+from topology_store.cli.demo import DEMO_CELLS, demo_events
+from topology_store.cli.devpki import DevPki, dev_pki
 from topology_store.cli.devstack import (
     EmbeddedKafka,
     EmbeddedPostgres,
@@ -55,14 +59,15 @@ def _reset_database(libpq_url: str) -> None:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-def _wait_ready(url: str, children: list[subprocess.Popen[bytes]], timeout_s: float = 60) -> None:
+def _wait_ready(url: str, children: list[subprocess.Popen[bytes]], timeout_s: float = 60,
+                verify: ssl.SSLContext | bool = True) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for child in children:
             if child.poll() is not None:
                 raise RuntimeError(f"{' '.join(map(str, child.args))} exited with status {child.returncode}")
         try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+            if httpx.get(f"{url}/readyz", timeout=1, verify=verify).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -95,11 +100,13 @@ def _dev_tokens(token: str) -> str:
     return json.dumps({**(tokens if isinstance(tokens, dict) else {}), token: list(DEV_SCOPES)})
 
 
-def _wait_for_demo(url: str, token: str, timeout_s: float = 120) -> dict[str, object]:
+def _wait_for_demo(url: str, token: str, timeout_s: float = 120,
+                   verify: ssl.SSLContext | bool = True) -> dict[str, object]:
     deadline = time.monotonic() + timeout_s
     expected = sum(1 for e in demo_events() if isinstance(e, ClaimCreated) and e.bucket is ClaimBucket.NAMESPACE)
     while time.monotonic() < deadline:
-        document = httpx.get(f"{url}/v1/snapshot", headers={"Authorization": f"Bearer {token}"}, timeout=5).json()
+        document = httpx.get(f"{url}/v1/snapshot", headers={"Authorization": f"Bearer {token}"}, timeout=5,
+                             verify=verify).json()
         if len(document.get("namespaces", {})) >= expected:
             return document  # type: ignore[no-any-return]
         time.sleep(0.3)
@@ -174,7 +181,28 @@ def _grpc_port() -> str:
     return str(port)
 
 
-def up(data_dir: Path, api_port: int, demo: bool) -> int:
+def _admin_tls(pki: DevPki) -> ssl.SSLContext:
+    """What this command's own HTTP checks present under mutual TLS: the admin's certificate."""
+    context = ssl.create_default_context(cafile=pki.ca)
+    context.load_cert_chain(pki.clients["admin"].cert, pki.clients["admin"].key)
+    return context
+
+
+def _say_tls(pki: DevPki, tls: bool, url: str, grpc_address: str | None, token: str) -> None:
+    cells = ", ".join(f"{name}.pem" for name in pki.clients if name != "admin")
+    _say(f"TLS files   {pki.directory}   (development CA ca.pem; server.pem; a client certificate per demo "
+         f"cell: {cells}; admin.pem acts for any cell)")
+    if not tls:
+        _say("            mutual TLS on both ports with them: topology up --tls")
+        return
+    c, k = pki.clients["cell-1"].cert.name, pki.clients["cell-1"].key.name
+    _say(f"            cd {pki.directory} && curl --cacert ca.pem --cert admin.pem --key admin-key.pem "
+         f"-H 'Authorization: Bearer {token}' {url}/v1/cells")
+    if grpc_address:
+        _say(f"            cd {pki.directory} && grpcurl -cacert ca.pem -cert {c} -key {k} {grpc_address} list")
+
+
+def up(data_dir: Path, api_port: int, demo: bool, tls: bool = False) -> int:
     env_kafka = os.environ.get("TOPOLOGY_KAFKA_BOOTSTRAP")
     env_database = os.environ.get("TOPOLOGY_DATABASE_URL")
     kafka: EmbeddedKafka | None = None
@@ -195,6 +223,8 @@ def up(data_dir: Path, api_port: int, demo: bool) -> int:
         data_dir = data_dir.resolve()
         watchdog = Watchdog()
         _reap_leftovers(data_dir)
+        # A development CA and certificates for the demo cells and an admin (adr/0021).
+        pki = dev_pki(data_dir / "tls", [name for name, _ in DEMO_CELLS])
         if env_kafka:
             bootstrap = env_kafka
             _say(f"using Kafka at {bootstrap}")
@@ -228,6 +258,9 @@ def up(data_dir: Path, api_port: int, demo: bool) -> int:
             "TOPOLOGY_API_PORT": str(api_port),
             "TOPOLOGY_GRPC_PORT": _grpc_port(),  # GitLab's Topology Service contract (adr/0021)
         }
+        if tls:  # mutual TLS on both ports, with the development PKI
+            overrides |= {"TOPOLOGY_TLS_CERT": str(pki.server.cert), "TOPOLOGY_TLS_KEY": str(pki.server.key),
+                          "TOPOLOGY_TLS_CLIENT_CA": str(pki.ca)}
         if kafka is not None:
             overrides["TOPOLOGY_PRODUCER_IDEMPOTENCE"] = "off"
         # The children share this terminal: human-readable logs unless asked otherwise (adr/0011).
@@ -245,11 +278,12 @@ def up(data_dir: Path, api_port: int, demo: bool) -> int:
             children.append(child)
             watchdog.guard(child.pid)
             PidFile(data_dir / f"{command[0]}.pid").write(child.pid)
-        url = f"http://{settings.api_host}:{api_port}"
-        _wait_ready(url, children)
+        url = f"{'https' if tls else 'http'}://{settings.api_host}:{api_port}"
+        verify: ssl.SSLContext | bool = _admin_tls(pki) if tls else True
+        _wait_ready(url, children, verify=verify)
         if demo:
             count = asyncio.run(_emit_demo(settings))
-            document = _wait_for_demo(url, dev_token)
+            document = _wait_for_demo(url, dev_token, verify=verify)
             _say(f"demo: {count} events emitted; snapshot version {document['version']} "
                  f"with {len(document['cells'])} cells and {len(document['namespaces'])} namespaces")  # type: ignore[arg-type]
         _say(f"read API    {url}/v1/snapshot   (OpenAPI: {url}/docs)")
@@ -259,7 +293,9 @@ def up(data_dir: Path, api_port: int, demo: bool) -> int:
         if settings.grpc_port:
             grpc_address = f"{settings.api_host}:{settings.grpc_port}"
             _say(f"gRPC        {grpc_address}   (GitLab's Topology Service contract; cell ids: the names' digits)")
-            _say(f"            grpcurl -plaintext -H 'authorization: Bearer {dev_token}' {grpc_address} list")
+            if not tls:
+                _say(f"            grpcurl -plaintext -H 'authorization: Bearer {dev_token}' {grpc_address} list")
+        _say_tls(pki, tls, url, f"{settings.api_host}:{settings.grpc_port}" if settings.grpc_port else None, dev_token)
         _say(f"Kafka       {bootstrap}")
         _say(f"PostgreSQL  {database_url}")
         _say("Ctrl-C stops everything")

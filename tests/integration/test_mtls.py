@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
+import signal
 import ssl
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +24,7 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from tests.conftest import AUTH, CLAIMS_AUTH, TEST_CLAIMS_TOKEN, TEST_TOKEN
+from tests.conftest import AUTH, CLAIMS_AUTH, TEST_CLAIMS_TOKEN, TEST_TOKEN, settings_env
 from tests.integration.processes import start, stop, wait_until
 from topology_store.cli.devpki import KeyPair, issue, new_ca, write_pair
 from topology_store.cli.devstack import free_port
@@ -252,3 +256,49 @@ def test_bearer_tokens_bound_to_a_cell_over_plain_http(topics: Settings, tmp_pat
         # The list form of the token configuration is still valid: unbound, an admin.
         assert begin(client, door, "cell-2", 3, "linus", headers=CLAIMS_AUTH).status_code == 201
         assert published(door.settings) == before + 4
+
+
+def test_topology_up_makes_a_development_ca_and_serves_mutual_tls_with_it(topics: Settings, tmp_path: Path) -> None:
+    """``topology up --demo --tls`` on the tests' broker and database: it prints where the
+    development CA and certificates are; a demo cell's certificate reads over gRPC and may not
+    act for another cell; HTTPS wants a certificate, and the admin's works."""
+    grpc_port, api_port = free_port(), free_port()
+    env = {**settings_env(topics), "TOPOLOGY_GRPC_PORT": str(grpc_port)}
+    data_dir = tmp_path / "data"
+    log = tmp_path / "up.log"
+    with open(log, "wb") as out:
+        up = subprocess.Popen([sys.executable, "-m", "topology_store.cli", "up", "--demo", "--tls", "--data-dir",
+                               str(data_dir), "--api-port", str(api_port)],
+                              env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: "Ctrl-C stops everything" in log.read_text() or up.poll() is not None, timeout_s=150,
+                   interval_s=0.5, what="topology up to start")
+        text = log.read_text()
+        printed = re.search(r"TLS files\s+(\S+)", text)
+        token = re.search(r"dev token\s+(\S+)", text)
+        assert printed is not None and token is not None, text[-3000:]
+        tls = Path(printed.group(1))
+        assert tls == (data_dir / "tls").resolve()
+        names = {"ca", "server", "admin", "cell-1", "cell-2", "cell-3", "cell-4"}
+        assert {p.name for p in tls.glob("*.pem")} >= {f"{n}.pem" for n in names} | {f"{n}-key.pem" for n in names}
+        assert (tls / "cell-1-key.pem").stat().st_mode & 0o077 == 0  # keys readable by their owner only
+        pki = Pki(tls / "ca.pem", KeyPair(tls / "server.pem", tls / "server-key.pem"),
+                  {n: KeyPair(tls / f"{n}.pem", tls / f"{n}-key.pem") for n in ("admin", "cell-1")})
+        door = Stack(topics, f"https://127.0.0.1:{api_port}", f"127.0.0.1:{grpc_port}", pki)
+        with grpc_channel(door, "cell-1") as channel:
+            stub = claims_pb2_grpc.ClaimServiceStub(channel)
+            assert [c.id for c in stub.GetCells(cell_info_pb2.GetCellsRequest(), timeout=10).cells] == [1, 2, 3, 4]
+            with pytest.raises(grpc.RpcError) as other_cell:
+                stub.ListLeases(claims_pb2.ListLeasesRequest(cell_id=3), timeout=10)
+            assert other_cell.value.code() == Code.PERMISSION_DENIED
+        bearer = {"Authorization": f"Bearer {token.group(1)}"}
+        with http_client(door, None) as anonymous, pytest.raises(httpx.TransportError):
+            anonymous.get(f"{door.http}/v1/cells", headers=bearer, timeout=10)
+        with http_client(door, "admin") as admin:
+            assert len(admin.get(f"{door.http}/v1/cells", headers=bearer, timeout=10).json()["cells"]) == 4
+        os.killpg(up.pid, signal.SIGINT)
+        assert up.wait(60) == 0
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
