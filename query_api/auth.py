@@ -96,6 +96,16 @@ def parse_tokens(raw: str, source: str) -> dict[str, Grant]:
     return tokens
 
 
+def _scope_refusal(grant: Grant | None, authorization: bytes | None, scope: str) -> tuple[int, str, str] | None:
+    if grant is None:
+        if not authorization:
+            return 401, "unauthenticated", "a bearer token is required (Authorization: Bearer <token>)"
+        return 401, "invalid_token", "the bearer token is not valid"
+    if scope not in grant.scopes:
+        return 403, "insufficient_scope", f"the token lacks the {scope} scope"
+    return None
+
+
 @dataclass(frozen=True)
 class Authorizer:
     """Verifies ``Authorization: Bearer <token>`` against the configured tokens."""
@@ -146,23 +156,15 @@ class Authorizer:
 
     def check(self, authorization: bytes | None, scope: str) -> tuple[int, str, str] | None:
         """None when allowed; else (status, code, message) of the error to answer."""
-        scopes = self.scopes(authorization)
-        if scopes is None:
-            if not authorization:
-                return 401, "unauthenticated", "a bearer token is required (Authorization: Bearer <token>)"
-            return 401, "invalid_token", "the bearer token is not valid"
-        if scope not in scopes:
-            return 403, "insufficient_scope", f"the token lacks the {scope} scope"
-        return None
+        return _scope_refusal(self.grant(authorization), authorization, scope)
 
     def check_cell(self, authorization: bytes | None, scope: str, cell: str,
                    certificate: Binding | None = None) -> tuple[int, str, str] | None:
         """:meth:`check`, then per-cell authorization: may the token (and the client
         certificate, when one was presented) act for ``cell``? Else 403 ``wrong_cell``."""
-        if (refused := self.check(authorization, scope)) is not None:
+        grant = self.grant(authorization)  # hashed once for both checks: this is the claim path
+        if (refused := _scope_refusal(grant, authorization, scope)) is not None or grant is None:
             return refused
-        grant = self.grant(authorization)
-        assert grant is not None  # check passed
         bindings = (grant.binding,) if certificate is None else (grant.binding, certificate)
         if (reason := refusal(bindings, cell)) is not None:
             return 403, "wrong_cell", reason

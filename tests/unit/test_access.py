@@ -58,3 +58,15 @@ def test_tokens_can_be_bound_to_a_cell_and_the_list_form_stays_an_admin() -> Non
         with pytest.raises(TokenConfigError) as error:
             parse_tokens(bad, "TOPOLOGY_API_TOKENS")
         assert says in str(error.value) and "zq" not in str(error.value)
+
+
+def test_tls_settings_go_together() -> None:
+    from pydantic import ValidationError
+
+    from topology_store.runtime.settings import Settings
+
+    with pytest.raises(ValidationError, match="TOPOLOGY_TLS_CERT and TOPOLOGY_TLS_KEY go together"):
+        Settings(tls_cert="server.pem")
+    with pytest.raises(ValidationError, match="TOPOLOGY_TLS_CLIENT_CA needs TOPOLOGY_TLS_CERT"):
+        Settings(tls_client_ca="ca.pem")
+    assert Settings(tls_cert="s.pem", tls_key="k.pem", tls_client_ca="ca.pem").tls_client_ca == "ca.pem"
