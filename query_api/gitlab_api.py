@@ -9,9 +9,11 @@ does). The decision is the gRPC door's own: :meth:`topology_store.service.gitlab
 ``GET /v1/classify`` (our document) stays as it was.
 
 A refusal carries the read API's error document, with the HTTP status GitLab's
-grpc-gateway gives its gRPC code (INVALID_ARGUMENT and FAILED_PRECONDITION 400, NOT_FOUND
-404, UNAVAILABLE 503), except UNIMPLEMENTED (a claim kind not classified yet): 422, not
-501, since the request, not the server, is what cannot be answered.
+grpc-gateway gives its gRPC code (INVALID_ARGUMENT 400, NOT_FOUND 404, UNAVAILABLE 503),
+except two whose cause is not the request's form: UNIMPLEMENTED (a claim kind this store does
+not classify by yet) is 400 ``not_served``, not 501 (the server is not failing), and
+FAILED_PRECONDITION (a cell id two cells end with) 409, not 400. The OpenAPI document states
+exactly the requests that are answered (``CLASSIFY_REQUEST_SCHEMA``).
 
 Caching: a CDN does not cache a POST, and GitLab's router caches classify answers itself,
 in the Cloudflare cache, keyed on the request. An answer says how long it may be kept
@@ -29,51 +31,68 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from google.protobuf import json_format
 from grpc import StatusCode
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from topology_store.query_api.auth import refusals, secured
 from topology_store.query_api.documents import ErrorDocument
 from topology_store.query_api.errors import error_body
 from topology_store.query_api.snapshot_api import RouterSync
 from topology_store.schemas.generated.proto import classify_service_pb2
+from topology_store.schemas.generated.proto.types.v1 import claim_pb2
 from topology_store.schemas.router_sync import JSON, SNAPSHOT_READ, VERSION_HEADER
-from topology_store.service.gitlab_classify import CLAIM_KINDS, ClassifyType, Refusal, RoutingTables, Tables
+from topology_store.service.gitlab_classify import MAX_VALUE_CHARS, ClassifyType, Refusal, RoutingTables, Tables
 
-# GitLab's grpc-gateway's status for each gRPC code a classification can end with.
+# The HTTP status of each gRPC code a classification can end with: grpc-gateway's, but for two (module docstring).
 HTTP_STATUS: dict[StatusCode, tuple[int, str]] = {
     StatusCode.INVALID_ARGUMENT: (400, "invalid_argument"),
-    StatusCode.FAILED_PRECONDITION: (400, "failed_precondition"),
+    StatusCode.FAILED_PRECONDITION: (409, "failed_precondition"),
     StatusCode.NOT_FOUND: (404, "not_found"),
-    StatusCode.UNIMPLEMENTED: (422, "not_served"),
+    StatusCode.UNIMPLEMENTED: (400, "not_served"),
     StatusCode.UNAVAILABLE: (503, "not_loaded"),
 }
 _TYPE_NAMES = frozenset(ClassifyType.keys())
+# Both spellings protobuf's parser reads: the proto's names and lowerCamelCase.
+_REQUEST_FIELDS = frozenset(name for field in classify_service_pb2.ClassifyRequest.DESCRIPTOR.fields
+                            for name in (field.name, field.json_name))
+_CLAIM_FIELDS = frozenset(name for field in claim_pb2.Claim.DESCRIPTOR.fields for name in (field.name, field.json_name))
 _NO_STORE = (b"cache-control", b"no-store")
 _JSON_TYPE = (b"content-type", JSON.encode())
 _VERSION = VERSION_HEADER.lower().encode()
 
 
+def _known(document: dict[str, Any], names: frozenset[str]) -> dict[str, Any]:
+    """``document`` without the fields the message does not have: ignored, as grpc-gateway's
+    ``DiscardUnknown`` ignores them (``[name]`` keys included, which protobuf's parser would
+    read as extensions)."""
+    return {name: value for name, value in document.items() if name in names}
+
+
 def parse_request(body: bytes) -> classify_service_pb2.ClassifyRequest:
-    """The request body as a ``ClassifyRequest`` (protobuf's JSON parser), or an
-    INVALID_ARGUMENT :class:`Refusal` saying what is wrong."""
+    """The request body as a ``ClassifyRequest`` (protobuf's JSON parser over the known
+    fields), or an INVALID_ARGUMENT :class:`Refusal` saying what is wrong."""
     try:
-        document = orjson.loads(body)  # depth-bounded; the parser below then reads it exactly
+        document = orjson.loads(body)  # depth-bounded
     except orjson.JSONDecodeError as exc:
         raise Refusal(StatusCode.INVALID_ARGUMENT, f"the body is not JSON: {exc}") from None
     if not isinstance(document, dict):
         raise Refusal(StatusCode.INVALID_ARGUMENT,
                       "the body must be a JSON object: a ClassifyRequest in protobuf's JSON mapping")
+    document = _known(document, _REQUEST_FIELDS)
     kind = document.get("type")
-    # protobuf's parser would let an unknown enum name pass as UNSPECIFIED (unknown fields are
-    # ignored) and read 1.5 as 1: name the mistake instead.
-    if isinstance(kind, bool) or not isinstance(kind, str | int | None):
-        raise Refusal(StatusCode.INVALID_ARGUMENT, f"type must be a classify type (its name, or its number), got {json.dumps(kind)[:64]}")
+    # protobuf's parser would read 1.5 as 1, and true as a number: name the mistake instead.
+    if isinstance(kind, bool) or not isinstance(kind, str | int | float | None) or (
+            isinstance(kind, float) and not kind.is_integer()):
+        raise Refusal(StatusCode.INVALID_ARGUMENT,
+                      f"type must be a classify type (its name, or its number), got {json.dumps(kind)[:64]}")
     if isinstance(kind, str) and kind not in _TYPE_NAMES:
         raise Refusal(StatusCode.INVALID_ARGUMENT,
                       f"unknown classify type {kind[:64]!r}: one of {', '.join(ClassifyType.keys())}")
+    claims = document.get("claims")
+    if isinstance(claims, list):
+        document["claims"] = [_known(claim, _CLAIM_FIELDS) if isinstance(claim, dict) else claim for claim in claims]
     try:
-        return json_format.Parse(body, classify_service_pb2.ClassifyRequest(), ignore_unknown_fields=True)
-    except (json_format.ParseError, UnicodeDecodeError, RecursionError) as exc:
+        return json_format.ParseDict(document, classify_service_pb2.ClassifyRequest())
+    except (json_format.ParseError, RecursionError) as exc:
         raise Refusal(StatusCode.INVALID_ARGUMENT, f"not a ClassifyRequest: {str(exc)[:300]}") from None
 
 
@@ -99,20 +118,55 @@ class _SnapshotOf:
         return self._sync.cache.current if self._sync.cache is not None else None
 
 
-# -- the OpenAPI document: protobuf's JSON mapping of the two messages -----------------------
+# -- the OpenAPI document: exactly the requests this store answers ---------------------------
+# Four shapes, by type: FIRST_CELL; SESSION_PREFIX and CELL_ID with their value; claims (route
+# claims: the kind this store classifies by). Any other field is ignored, so allowed. Patterns
+# use Python's \s, the whitespace str.strip() removes, which is what the server checks.
 
-def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"anyOf": [schema, {"type": "null"}]}  # protobuf's JSON mapping reads null as the default
+_NONE: dict[str, Any] = {"type": "null"}
+_NO_CLAIMS = {"anyOf": [_NONE, {"type": "array", "maxItems": 0}], "description": "absent, null or []"}
+_VALUE = {"type": "string", "maxLength": MAX_VALUE_CHARS}
 
 
-_INT64 = {"anyOf": [{"type": "string", "pattern": r"^-?[0-9]{1,19}$"}, {"type": "integer"}],
-          "description": "int64: a decimal string (as written) or a number"}
-_INT64_KINDS = {"project_id", "namespace_id", "user_id", "organization_id", "snippet_id"}
+def _typed(names: tuple[str, ...], numbers: tuple[int, ...]) -> dict[str, Any]:
+    return {"enum": [*names, *numbers]}
 
 
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(part.capitalize() for part in rest)
+def _shape(title: str, kind: dict[str, Any], value: dict[str, Any], claims: dict[str, Any],
+           required: tuple[str, ...]) -> dict[str, Any]:
+    return {"title": title, "type": "object", "required": list(required),
+            "properties": {"type": kind, "value": value, "claims": claims}}
+
+
+_ROUTE_CLAIM = {
+    "type": "object", "required": ["route"],
+    "description": "types.v1.Claim with its route (a path: its top-level namespace answers). Other claim kinds "
+    "are GitLab's too, but not classified by this store yet: 400 not_served (adr/0021)",
+    "properties": {"route": {**_VALUE, "pattern": r"^(?!\s*$)(?!/*$)",
+                             "description": "A path with a segment (not only slashes or whitespace)"}},
+    "propertyNames": {"not": {"enum": sorted(_CLAIM_FIELDS - {"route"})}},
+}
+
+CLASSIFY_REQUEST_SCHEMA: dict[str, Any] = {
+    "title": "ClassifyRequest",
+    "description": "gitlab.cells.topology_service.ClassifyRequest in protobuf's JSON mapping: lowerCamelCase or "
+    "the proto's snake_case names, enums by name or number, null for a field's default; unknown fields are "
+    "ignored. Either a type (FIRST_CELL; SESSION_PREFIX or CELL_ID with a value) or route claims.",
+    "type": "object",
+    "anyOf": [
+        _shape("FirstCell", _typed(("FIRST_CELL",), (1,)), {"anyOf": [{"type": "string"}, _NONE],
+               "description": "ignored"}, _NO_CLAIMS, ("type",)),
+        _shape("SessionPrefix", _typed(("SESSION_PREFIX",), (2,)), {
+            **_VALUE, "pattern": r"\S", "description": "The session value (its prefix names the cell)"},
+            _NO_CLAIMS, ("type", "value")),
+        _shape("CellId", _typed(("CELL_ID",), (3,)), {
+            **_VALUE, "pattern": r"^\s*0*[1-9][0-9]{0,17}\s*$",
+            "description": "GitLab's numeric cell id, in decimal (an int64 above 0)"}, _NO_CLAIMS, ("type", "value")),
+        _shape("Claims", {"enum": ["UNSPECIFIED", 0, None]}, {"enum": ["", None], "description": "empty"},
+               {"type": "array", "minItems": 1, "items": _ROUTE_CLAIM,
+                "description": "The first claim that matches answers, as matchedClaim"}, ("claims",)),
+    ],
+}
 
 
 class GitLabProxyInfo(BaseModel):
@@ -120,40 +174,18 @@ class GitLabProxyInfo(BaseModel):
 
 
 class GitLabClaim(BaseModel):
-    """``gitlab.cells.topology_service.types.v1.Claim``: one of its kinds. Answered: ``route``."""
+    """``gitlab.cells.topology_service.types.v1.Claim``: the claim that answered."""
 
-    model_config = ConfigDict(extra="allow")
-    route: str | None = Field(None, description="The top-level namespace that matched (GitLab sends a full path)")
+    route: str = Field(description="The top-level namespace that matched (the request's path starts with it)")
 
 
 class GitLabClassifyResponse(BaseModel):
     """``gitlab.cells.topology_service.ClassifyResponse`` in protobuf's JSON mapping."""
 
     action: str = Field(description="PROXY: send the request to proxy.address",
-                        json_schema_extra={"enum": ["ACTION_UNSPECIFIED", "PROXY"]})
+                        json_schema_extra={"enum": ["PROXY"]})
     proxy: GitLabProxyInfo
     matchedClaim: GitLabClaim | None = Field(description="With claims: the claim that answered; else null")
-
-
-CLASSIFY_REQUEST_SCHEMA: dict[str, Any] = {
-    "title": "ClassifyRequest",
-    "description": "gitlab.cells.topology_service.ClassifyRequest in protobuf's JSON mapping: lowerCamelCase or "
-    "the proto's snake_case names, enums by name (or number), int64 as a string or a number, null for a default; "
-    "unknown fields are ignored. Either a type (FIRST_CELL; SESSION_PREFIX or CELL_ID with a value) or claims.",
-    "type": "object",
-    "properties": {
-        "type": _nullable({"anyOf": [{"type": "string", "enum": list(ClassifyType.keys())},
-                                     {"type": "integer", "minimum": 0, "maximum": 2**31 - 1}]}),
-        "value": _nullable({"type": "string", "description": "SESSION_PREFIX: the session value (its prefix names "
-                            "the cell); CELL_ID: GitLab's numeric cell id in decimal; FIRST_CELL: ignored"}),
-        "claims": _nullable({"type": "array", "items": {
-            "type": "object", "maxProperties": 1,
-            "description": "types.v1.Claim: one kind (route is classified; other kinds: 422 not_served)",
-            "properties": {_camel(kind): _nullable(_INT64 if kind in _INT64_KINDS else {"type": "string"})
-                           for kind in CLAIM_KINDS},
-        }}),
-    },
-}
 
 
 def gitlab_router(sync: RouterSync) -> APIRouter:
@@ -170,10 +202,11 @@ def gitlab_router(sync: RouterSync) -> APIRouter:
                   "TOPOLOGY_CLASSIFY_MAX_AGE_S (no-cache when 0), X-Topology-Version (the snapshot version that "
                   "decided)"},
             400: {"model": ErrorDocument, "description": "Not JSON, not a ClassifyRequest, an unknown type, a "
-                  "missing or malformed value (invalid_argument); an ambiguous cell id (failed_precondition)"},
+                  "missing or malformed value (invalid_argument); a claim kind not classified yet (not_served; "
+                  "GitLab answers 501 UNIMPLEMENTED)"},
             404: {"model": ErrorDocument, "description": "No cell has this session prefix, cell id or route"},
-            422: {"model": ErrorDocument, "description": "A claim kind not classified yet (not_served; GitLab "
-                  "answers 501)"},
+            409: {"model": ErrorDocument, "description": "Two cells end with this cell id (failed_precondition: "
+                  "name each cell's id in TOPOLOGY_GRPC_CELL_IDS)"},
             503: {"model": ErrorDocument, "description": "No snapshot loaded yet (Retry-After)"},
             **refusals(SNAPSHOT_READ),
         },

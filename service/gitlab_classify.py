@@ -157,10 +157,13 @@ def _by_claims(request: classify_service_pb2.ClassifyRequest, tables: RoutingTab
             raise Refusal(grpc.StatusCode.UNIMPLEMENTED,
                           f"claims[{position}]: classifying by {kind} is not served yet (adr/0021); "
                           f"served: {', '.join(SERVED_CLAIM_KINDS)}")
-    for position, claim in enumerate(request.claims):
+    routes = []
+    for position, claim in enumerate(request.claims):  # every claim checked before any answers
         route = _value(claim.route, f"claims[{position}].route needs a path").strip("/")
         if not route:
             raise invalid(f"claims[{position}].route has no path segment")
+        routes.append(route)
+    for route in routes:
         status, document = classify_in(tables.version, tables.namespaces, tables.cells_by_id, "ROUTE", route)
         if status == 200:
             return Classified(document["cell"], claim_pb2.Claim(route=document["key"]))

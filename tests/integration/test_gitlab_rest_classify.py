@@ -46,12 +46,13 @@ REQUESTS = [
     *(request for request, _ in BAD_CLASSIFY[:-1]),  # the last one is long: below
     ClassifyRequest(type=Type.SESSION_PREFIX, value="x" * 5000),
 ]
-# GitLab's grpc-gateway's HTTP status of each code (UNIMPLEMENTED: 422 here, 501 there).
+# The HTTP status of each code: grpc-gateway's, but UNIMPLEMENTED 400 (GitLab: 501) and
+# FAILED_PRECONDITION 409 (GitLab: 400), adr/0021.
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 409,
     grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.UNIMPLEMENTED: 422,
+    grpc.StatusCode.UNIMPLEMENTED: 400,
 }
 
 
@@ -89,7 +90,7 @@ def test_every_classify_answers_over_rest_what_grpc_answers(stack: Door) -> None
         # GitLab's router writes protobuf's JSON mapping: lowerCamelCase, enums by name.
         assert rest_answer(stack, json_format.MessageToJson(request)) == expected, request
         seen.add(expected[0])
-    assert seen == {200, 400, 404, 422}  # not vacuous: answers and every kind of refusal compared
+    assert seen == {200, 400, 404, 409}  # not vacuous: answers and every kind of refusal compared
 
     # The answers themselves, as GitLab's router reads them.
     status, first = rest_answer(stack, '{"type": "FIRST_CELL"}')
@@ -123,16 +124,18 @@ def test_first_cell_falls_back_past_a_decommissioned_cell_on_both_doors(stack: D
 
 def test_camel_case_snake_case_numbers_and_unknown_fields_read_as_protobuf_reads_them(stack: Door) -> None:
     unserved = rest_answer(stack, '{"claims": [{"projectId": "7"}]}')
-    assert unserved[0] == 422 and "project_id" in unserved[1]
+    assert unserved[0] == 400 and "project_id" in unserved[1] and "not served" in unserved[1]
     # The proto's own names and lowerCamelCase read alike; int64 as a string or a number.
     assert rest_answer(stack, '{"claims": [{"project_id": 7}]}') == unserved
     assert rest_answer(stack, '{"claims": [{"namespaceId": "12"}]}')[0] == \
-        rest_answer(stack, '{"claims": [{"namespace_id": 12}]}')[0] == 422
+        rest_answer(stack, '{"claims": [{"namespace_id": 12}]}')[0] == 400
     by_number = rest_answer(stack, '{"type": 3, "value": "2"}')  # CELL_ID by its number
     assert by_number == rest_answer(stack, '{"type": "CELL_ID", "value": "2"}')
     assert by_number[1]["proxy"]["address"] == "cell-2.example.com:8443"
     # Unknown fields are ignored (grpc-gateway's DiscardUnknown): a newer router still works.
     assert rest_answer(stack, '{"type": "FIRST_CELL", "target": "web"}')[0] == 200
+    assert rest_answer(stack, '{"type": "FIRST_CELL", "[ext]": 1}')[0] == 200  # not read as an extension
+    assert rest_answer(stack, '{"claims": [{"route": "acme", "note": "x"}]}')[0] == 200
     # null is a field's default, as in protobuf's JSON mapping.
     assert rest_answer(stack, '{"type": "FIRST_CELL", "value": null, "claims": null}')[0] == 200
     # Any content type is read as JSON, as grpc-gateway's default marshaler does.
@@ -156,7 +159,6 @@ BAD_BODIES = [
     (b'{"claims": [null]}', "claims"),
     (b'{"claims": [{"route": "a", "username": "b"}]}', "oneof"),
     (b'{"claims": [{"projectId": "99999999999999999999"}]}', "out of range"),
-    (b'{"type": "FIRST_CELL", "type": "CELL_ID"}', "duplicate key"),
     (b"[" * 5000 + b"]" * 5000, "not JSON"),
 ]
 
@@ -192,4 +194,4 @@ def test_answers_carry_cache_headers_a_cdn_worker_can_use(stack: Door) -> None:
     assert "set-cookie" not in answered.headers  # Cloudflare's cache keeps no answer with a cookie
     for body in ('{"type": "SESSION_PREFIX", "value": "zzz-1"}', '{"claims": [{"username": "root"}]}'):
         refused = rest(stack, body)
-        assert refused.status_code in (404, 422) and refused.headers["cache-control"] == "no-store"
+        assert refused.status_code in (404, 400) and refused.headers["cache-control"] == "no-store"
