@@ -184,3 +184,20 @@ def test_an_early_refusal_is_counted_and_takes_no_place() -> None:
     assert admission.in_flight == 1 and admission.shed["in_flight"] == 1 and admission.admitted == 1
     admission.release(ticket)
     assert admission.refuse() is None
+
+
+def test_topology_claim_says_it_was_refused_and_exits_5() -> None:
+    import argparse
+    import io
+
+    from topology_store.cli.claim import report
+    from topology_store.runtime.settings import Settings
+
+    command = _begin()
+    out, err = io.StringIO(), io.StringIO()
+    status = report(Overloaded(retry_after_s=3, reason="wait_age"), command, Settings(),  # type: ignore[arg-type]
+                    argparse.Namespace(wait=10.0), out, err)
+    assert status == 5 and out.getvalue() == ""
+    message = err.getvalue()
+    assert "refused, not published" in message and "retry in 3s" in message
+    assert str(command.event_id) in message  # type: ignore[attr-defined]
