@@ -120,9 +120,12 @@ class _SnapshotOf:
 
 # -- the OpenAPI document: exactly the requests this store answers ---------------------------
 # Four shapes, by type: FIRST_CELL; SESSION_PREFIX and CELL_ID with their value; claims (route
-# claims: the kind this store classifies by). Any other field is ignored, so allowed. Patterns
-# use Python's \s, the whitespace str.strip() removes, which is what the server checks.
+# claims: the kind this store classifies by). Any other field is ignored, so allowed.
 
+# str.strip()'s whitespace (str.isspace), spelled out: what \s means differs between regex
+# engines (Python's takes U+001C..U+001F, ECMAScript's and Rust's do not), and the server strips these.
+_SPACE = r"[\t\n\u000b\u000c\r\u001c-\u001f \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+_NOT_SPACE = "[^" + _SPACE[1:]
 _NONE: dict[str, Any] = {"type": "null"}
 _NO_CLAIMS = {"anyOf": [_NONE, {"type": "array", "maxItems": 0}], "description": "absent, null or []"}
 _VALUE = {"type": "string", "maxLength": MAX_VALUE_CHARS}
@@ -142,7 +145,7 @@ _ROUTE_CLAIM = {
     "type": "object", "required": ["route"],
     "description": "types.v1.Claim with its route (a path: its top-level namespace answers). Other claim kinds "
     "are GitLab's too, but not classified by this store yet: 400 not_served (adr/0021)",
-    "properties": {"route": {**_VALUE, "pattern": r"^(?!\s*$)(?!/*$)",
+    "properties": {"route": {**_VALUE, "pattern": rf"^(?!{_SPACE}*$)(?!/*$)",
                              "description": "A path with a segment (not only slashes or whitespace)"}},
     "propertyNames": {"not": {"enum": sorted(_CLAIM_FIELDS - {"route"})}},
 }
@@ -157,10 +160,10 @@ CLASSIFY_REQUEST_SCHEMA: dict[str, Any] = {
         _shape("FirstCell", _typed(("FIRST_CELL",), (1,)), {"anyOf": [{"type": "string"}, _NONE],
                "description": "ignored"}, _NO_CLAIMS, ("type",)),
         _shape("SessionPrefix", _typed(("SESSION_PREFIX",), (2,)), {
-            **_VALUE, "pattern": r"\S", "description": "The session value (its prefix names the cell)"},
+            **_VALUE, "pattern": _NOT_SPACE, "description": "The session value (its prefix names the cell)"},
             _NO_CLAIMS, ("type", "value")),
         _shape("CellId", _typed(("CELL_ID",), (3,)), {
-            **_VALUE, "pattern": r"^\s*0*[1-9][0-9]{0,17}\s*$",
+            **_VALUE, "pattern": rf"^{_SPACE}*0*[1-9][0-9]{{0,17}}{_SPACE}*$",
             "description": "GitLab's numeric cell id, in decimal (an int64 above 0)"}, _NO_CLAIMS, ("type", "value")),
         _shape("Claims", {"enum": ["UNSPECIFIED", 0, None]}, {"enum": ["", None], "description": "empty"},
                {"type": "array", "minItems": 1, "items": _ROUTE_CLAIM,
