@@ -17,6 +17,7 @@ from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
 from tests.integration.routing import cell
 from tests.integration.test_projector import Member, claim, count, publish, wait_for
+from tests.servers import APACHE, Servers
 from topology_store.projector.consumer import LogRewrittenError
 from topology_store.runtime.settings import Settings
 from topology_store.runtime.topics import ensure_topics
@@ -59,6 +60,7 @@ def state(settings: Settings) -> dict[str, Any]:
     }
 
 
+@pytest.mark.both_brokers
 async def test_stored_offsets_moved_backwards_are_read_again_and_skipped_against_the_archive(
     topics: Settings,
 ) -> None:
@@ -129,8 +131,11 @@ async def _recreate(settings: Settings, topic: str) -> None:
 
 
 async def test_a_topic_recreated_behind_the_stored_offsets_is_refused_named_and_never_overwrites_the_archive(
-    topics: Settings,
+    topics: Settings, servers: Servers
 ) -> None:
+    if servers.broker_kind != APACHE:
+        pytest.skip("recreating a topic on the embedded Tansu broker does not restart its log at offset 0 "
+                    "(the member never saw a restarted log here)")
     settings = topics
     cells = TopicPartition(settings.cells_topic, 0)
     await publish(settings, [cell(1), cell(2), cell(3)])
@@ -180,6 +185,7 @@ def waiting(settings: Settings, statement: str) -> int:
     return int(found[0][0])
 
 
+@pytest.mark.both_brokers
 async def test_a_revoke_while_a_seek_waits_on_the_database_cannot_crash_the_member(topics: Settings) -> None:
     """The interleaving, forced with real locks on a real group: member A is fenced on a
     partition and seeks to its stored offsets, which waits on a lock this test holds; B
@@ -240,6 +246,7 @@ async def test_a_revoke_while_a_seek_waits_on_the_database_cannot_crash_the_memb
     assert outcomes == [("applied", 21)]
 
 
+@pytest.mark.both_brokers
 async def test_an_archived_position_the_member_did_not_expect_is_never_blamed_on_a_record(topics: Settings) -> None:
     """The stored offset moves back under a running member (here: the archive gains the
     position it is about to read). The archive's COPY then collides on its primary key;
@@ -281,10 +288,12 @@ async def test_an_archived_position_the_member_did_not_expect_is_never_blamed_on
 
 
 async def test_records_deleted_before_they_were_read_are_refused_until_the_named_update_skips_them(
-    topics: Settings,
+    topics: Settings, servers: Servers
 ) -> None:
     """Retention (here DeleteRecords on the broker) removed records the projection never read:
     the partition is refused with the UPDATE that skips them; run, the member goes on by itself."""
+    if servers.broker_kind != APACHE:
+        pytest.skip("the embedded Tansu broker closes the connection on DeleteRecords")
     settings = topics
     cells = TopicPartition(settings.cells_topic, 0)
     await publish(settings, [cell(1), cell(2)])
