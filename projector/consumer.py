@@ -146,8 +146,7 @@ class Projector:
     ) -> None:
         self.settings = settings
         self.store = store
-        # The archive is read outside a batch's transaction (adr/0019), on the store's pool.
-        self._engine = store._engine
+        self._engine = store.engine  # the archive is read outside a batch's transaction (adr/0019)
         self.metrics = metrics or ProjectorMetrics()
         self.codec = codec or EventCodec()
         self.health = health or Health(self.metrics)

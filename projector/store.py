@@ -91,6 +91,11 @@ class ProjectionStore:
         self._secret = secret  # keys the hashes of sensitive claim values
         self._codec = codec or EventCodec()
 
+    @property
+    def engine(self) -> AsyncEngine:
+        """The projection's engine: the consumer reads the archive on it outside a batch (adr/0019)."""
+        return self._engine
+
     async def stored_offsets(self, partitions: Sequence[TopicPartitionKey]) -> dict[TopicPartitionKey, int]:
         """The next offset to read for each partition, creating 0 for a new one."""
         if not partitions:
