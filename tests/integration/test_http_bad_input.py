@@ -133,7 +133,7 @@ def failed(check: Callable[[], object], case: object) -> list[str]:
 
 
 def test_claim_bodies_that_break_a_rule_are_400_naming_the_field(api: str) -> None:
-    failures = [line for body, mention in BAD_BODIES for line in failed(lambda: assert_error(
+    failures = [line for body, mention in BAD_BODIES for line in failed(lambda body=body, mention=mention: assert_error(
         httpx.post(f"{api}/v1/claims", json=body, headers=CLAIMS_AUTH, timeout=10),
         400, "invalid_request", mention), body)]
     assert not failures, "\n".join(failures)
@@ -143,8 +143,8 @@ UNREADABLE_BODIES: list[tuple[bytes, str, str]] = [
     (b'{"cell_id": "cell-1",', "application/json", "JSON"),
     (b'{"cell_id": "\xff"}', "application/json", "body"),  # not UTF-8
     (b"[" * 2000 + b"]" * 2000, "application/json", "body"),  # deeper than the JSON parser recurses
-    (b'{"cell_id": "cell-1", "owner_type": "USER", "owner_id": 1, "claims": [{"bucket": "KEY", '
-     b'"value": "\\ud800"}]}', "application/json", "value"),  # a lone surrogate
+    ((b'{"cell_id": "cell-1", "owner_type": "USER", "owner_id": 1, "claims": [{"bucket": "KEY", '
+      b'"value": "\\ud800"}]}'), "application/json", "value"),  # a lone surrogate
     (json.dumps(VALID_BEGIN).encode(), "text/plain", "body"),
 ]
 
@@ -156,7 +156,7 @@ def test_unreadable_bodies_are_400(api: str) -> None:
         code = "bad_request" if response.json()["error"]["code"] == "bad_request" else "invalid_request"
         assert_error(response, 400, code, mention)
 
-    failures = [line for case in UNREADABLE_BODIES for line in failed(lambda: check(*case), case[:2])]
+    failures = [line for case in UNREADABLE_BODIES for line in failed(lambda case=case: check(*case), case[:2])]
     assert not failures, "\n".join(failures)
 
 
@@ -250,7 +250,7 @@ def test_bad_paths_and_query_values_are_4xx_naming_the_problem(api: str) -> None
         response = httpx.get(f"{api}{path}", params=params, headers=headers, timeout=10)
         assert_error(response, 404 if code in NOT_FOUND_CODES else 400, code, mention)
 
-    failures = [line for case in BAD_REQUESTS for line in failed(lambda: check(*case), case[:2])]
+    failures = [line for case in BAD_REQUESTS for line in failed(lambda case=case: check(*case), case[:2])]
     assert len(BAD_REQUESTS) > 20 and not failures, "\n".join(failures)
 
 
