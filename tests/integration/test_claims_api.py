@@ -143,7 +143,10 @@ def test_cells_racing_for_the_same_values_get_exactly_one_winner_each(stack: tup
                 async with in_flight:
                     return await client.post(f"{url}/v1/claims", json={
                         "cell_id": cell, "owner_type": "GROUP", "owner_id": n,
-                        "claims": [{"bucket": "NAMESPACE", "value": value}]})
+                        "claims": [{"bucket": "NAMESPACE", "value": value}],
+                        # The race is about uniqueness, not expiry: no winner's lease may end
+                        # while the race is still being decided on a loaded machine.
+                        "lease_ttl_ms": 3_600_000})
 
             return await asyncio.gather(*(claim(cell, n, value) for n, value in enumerate(values) for cell in cells))
 

@@ -97,9 +97,19 @@ async def clean_run(settings: Settings, database_url: str, work: Workload) -> Se
     return clean
 
 
+LEASE_END = 6  # expires_at's place in table_rows' leases rows
+
+
+def decided_again(rows: dict[str, list[tuple[str, ...]]]) -> dict[str, list[tuple[str, ...]]]:
+    """The tables as a second decider of the same log must reproduce them: everything
+    but a grant's end, which counts from the decider's clock when that is later than the
+    request's log time (adr/0017), so a clean run deciding later grants later ends."""
+    return {**rows, "leases": [row[:LEASE_END] + row[LEASE_END + 1:] for row in rows["leases"]]}
+
+
 def same_tables(live: Settings, clean: Settings) -> None:
     with psycopg.connect(live.libpq_url) as a, psycopg.connect(clean.libpq_url) as b:
-        assert table_rows(a, LIVE_SCHEMA) == table_rows(b, LIVE_SCHEMA)
+        assert decided_again(table_rows(a, LIVE_SCHEMA)) == decided_again(table_rows(b, LIVE_SCHEMA))
         decisions = "SELECT event_id FROM topology_outbox"
         assert {r[0] for r in a.execute(decisions)} == {r[0] for r in b.execute(decisions)}
 

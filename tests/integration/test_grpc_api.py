@@ -136,6 +136,13 @@ def stack(topics: Settings, tmp_path: Path) -> Iterator[Door]:
                 return len(body["cells"]) == len(CELLS) and body["namespaces"] == NAMESPACES
 
             wait_until(projected, timeout_s=90, interval_s=0.2, what="cells and namespaces in the snapshot")
+
+            def serving() -> bool:  # the door follows the snapshot every HEALTH_POLL_S, not at once
+                with door.channel() as channel:
+                    status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+                return status.status == health_pb2.HealthCheckResponse.SERVING
+
+            wait_until(serving, timeout_s=10, interval_s=0.1, what="the gRPC door reporting SERVING")
             yield door
     finally:
         stop(projector)
