@@ -183,7 +183,8 @@ dead_letters = Table(
     Column("error", Text, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     # Life cycle (`topology dlq`): open until re-driven (resolved) or discarded with a
-    # reason; the row itself is never deleted, so no discard is silent.
+    # reason; an open or discarded row is never deleted, so no discard is silent; a resolved
+    # one goes after TOPOLOGY_RETAIN_RESOLVED_DEAD_LETTERS_S (topology compact, adr/0020).
     Column("status", Text, nullable=False, server_default="open"),
     Column("resolved_at", DateTime(timezone=True)),
     Column("resolved_by", Text),
