@@ -1,0 +1,619 @@
+"""Open-loop harness of GitLab's claim calls over gRPC (issue 12): BeginUpdate + CommitUpdate
+pairs for new users at fixed offered rates, next to the same-run floor of a no-op unary RPC
+on the same server, with the CPU per call of every process, the load client's included.
+
+    python -m bench.grpc_claims [--broker apache|tansu|both] [--rounds 1] [--rates 50,150,300]
+                                [--seconds 10] [--channels 4] [--deadline 30] [--calls pairs|getcells]
+                                [--env TOPOLOGY_X=value ...] [--json FILE]
+
+Opt-in and slow; not part of the test run. For each broker (Apache Kafka unless ``--broker``
+says otherwise), the stack as ``topology up`` runs it (bench/stack.py: a fresh broker and
+scratch database, ``topology project``, ``topology serve`` with ``TOPOLOGY_GRPC_PORT`` set,
+``topology relay``; every setting at its default unless ``--env`` names it), one cell
+registered (``cell-1``, GitLab's cell id 1 unless TOPOLOGY_GRPC_CELL_IDS says otherwise: the
+id is read back from ``ClaimService.GetCells``); then:
+
+1. the floor: 500 ``HealthService.LivenessProbe`` calls (GitLab's no-op unary, on the same
+   gRPC server), one at a time;
+2. one step per ``--rates`` value (pairs/s; a pair is two calls): new users, each a
+   ``BeginUpdate`` creating the three records Rails writes for a sign-up (ROUTES
+   ``user-<n>``, USERNAMES ``user-<n>``, EMAILS ``user-<n>@example.com``; Subject USER n;
+   Source RAILS_TABLE_ROUTES / _USERS / _EMAILS with the primary key n as 8 bytes big-endian),
+   then on OK a ``CommitUpdate`` of the lease it returned. Beside every step one
+   LivenessProbe at a time, 20 a second: the floor under the same load.
+
+Reported per step: p50 / p99 / max of each call (OK answers only; BeginUpdate timed from
+when it was due, CommitUpdate from the BeginUpdate's answer), the count of OK /
+ALREADY_EXISTS / RESOURCE_EXHAUSTED / UNAVAILABLE / DEADLINE_EXCEEDED / other of each call
+(the first message of each non-OK status is printed), the CPU milliseconds per answered call
+of each process (the load client, the server, the projector, the relay, the broker, the
+scratch database's PostgreSQL backends; from /proc) and the machine's busy share, and the
+issue's target: p99 of each call <= 200 ms at 150 pairs/s (300 calls/s), all answered OK.
+
+The load client is a process of its own (``--client``, driven over a pipe one command at a
+time), so its CPU is measured apart from the harness's: a raw ``grpc.aio`` channel per
+connection (``--channels``, each with its own HTTP/2 connection) and ``unary_unary`` with no
+serializers, so every request is bytes built before the clock starts and an answer is never
+parsed. A CommitUpdate is the BeginUpdate answer's bytes followed by the request's
+``cell_id`` field: BeginUpdateResponse and CommitUpdateRequest number their fields alike
+(cell_id 1, lease_uuid 2), and of a scalar field given twice the last one counts.
+
+Open loop: pair k is due at k / rate after the start whatever became of the earlier ones
+(bench.steady_latency's ``due``/``scheduled_at``), and its latency is timed from when it
+was due, so a late pacer cannot hide a slow server. ``--calls getcells`` offers pairs of
+``ClaimService.GetCells`` instead (a read RPC through the same authorization), for a server
+that does not serve BeginUpdate yet. ``--deadline`` is each call's gRPC deadline (Rails gives
+a claim call about 0.3 s; the default is long, so the figures show the whole distribution).
+
+Figures from a shared machine are noisy: the load average is printed with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from bench import add_broker_argument, best_per_broker, interleaved, load_average
+from bench.claims_latency import CLIENT, MACHINE, CpuMeter, cpu_share, quantiles, rates
+from bench.steady_latency import due, percentile, scheduled_at
+
+TOKEN = f"bench-{uuid.uuid4().hex}"
+HOST = "127.0.0.1"
+CELL_NAME = "cell-1"
+clock = time.perf_counter
+
+CLAIMS = "gitlab.cells.topology_service.claims.v1.ClaimService"
+HEALTH = "gitlab.cells.topology_service.HealthService"
+BEGIN = f"/{CLAIMS}/BeginUpdate"
+COMMIT = f"/{CLAIMS}/CommitUpdate"
+GET_CELLS = f"/{CLAIMS}/GetCells"
+LIVENESS = f"/{HEALTH}/LivenessProbe"
+
+#: The statuses counted apart (issue 12); any other is "other".
+COUNTED = ("OK", "ALREADY_EXISTS", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED")
+CALLS = ("begin", "commit")
+CALL_NAMES = {"begin": "BeginUpdate", "commit": "CommitUpdate"}
+PROBE_EVERY_S = 0.05  # the floor under load: 20 LivenessProbe calls a second beside the claims
+TARGET_P99_MS = 200.0  # issue 12 (the HTTP path's target of issue 13): each call at 150 pairs/s
+TARGET_PAIRS_PER_S = 150.0
+SETTLE_QUICK_S = 0.25
+
+
+# --- pure helpers (tests/unit/test_grpc_claims_bench.py) ---------------------------------------------
+
+
+def rails_key(n: int) -> bytes:
+    """A Rails primary key as Rails sends it in ``Source.rails_primary_key_id``: 8 bytes, big-endian."""
+    return n.to_bytes(8, "big", signed=True)
+
+
+def signup(n: int, cell_id: int) -> Any:
+    """The BeginUpdateRequest of user ``n``'s sign-up: route, username and e-mail in one lease."""
+    from topology_store.schemas.generated.proto.claims.v1 import messages_pb2 as m
+    from topology_store.schemas.generated.proto.claims.v1 import service_pb2 as s
+
+    name = f"user-{n}"
+    subject = m.Subject(type=m.Subject.USER, id=n)
+    records = [
+        m.Metadata(bucket=m.Bucket(type=bucket, value=value), subject=subject,
+                   source=m.Source(type=source, rails_primary_key_id=rails_key(n)))
+        for bucket, value, source in ((m.Bucket.ROUTES, name, m.Source.RAILS_TABLE_ROUTES),
+                                      (m.Bucket.USERNAMES, name, m.Source.RAILS_TABLE_USERS),
+                                      (m.Bucket.EMAILS, f"{name}@example.com", m.Source.RAILS_TABLE_EMAILS))
+    ]
+    return s.BeginUpdateRequest(create_records=records, cell_id=cell_id)
+
+
+def signup_bytes(first: int, count: int, cell_id: int) -> list[bytes]:
+    """The serialized sign-ups of users ``first`` .. ``first + count - 1``."""
+    return [signup(n, cell_id).SerializeToString() for n in range(first, first + count)]
+
+
+def commit_suffix(cell_id: int) -> bytes:
+    """What follows a BeginUpdate answer's bytes to make them the CommitUpdateRequest of its lease."""
+    from topology_store.schemas.generated.proto.claims.v1 import service_pb2 as s
+
+    return s.CommitUpdateRequest(cell_id=cell_id).SerializeToString()
+
+
+def status_group(name: str) -> str:
+    """A gRPC status name (or a client-side failure) as the report counts it."""
+    return name if name in COUNTED else "other"
+
+
+def tally(statuses: Counter[str], call: str) -> list[int]:
+    """The counts of ``call``'s answers in :data:`COUNTED` order, then other."""
+    groups: Counter[str] = Counter()
+    for key, n in statuses.items():
+        who, _, status = key.partition(" ")
+        if who == call:
+            groups[status_group(status)] += n
+    return [groups[name] for name in (*COUNTED, "other")]
+
+
+def release_plan(rate: float, total: int, elapsed: Sequence[float]) -> list[int]:
+    """How many of ``total`` calls an open-loop pacer has released at each of the ``elapsed``
+    seconds since the start (what :func:`offer` does between its sleeps)."""
+    released, plan = 0, []
+    for at in elapsed:
+        released = max(released, due(rate, at, total))
+        plan.append(released)
+    return plan
+
+
+@dataclass
+class Step:
+    """One offered step as the load client measured it; latencies in seconds."""
+
+    label: str
+    rate: float  # pairs per second
+    offered: int
+    begin: list[float] = field(default_factory=list)  # OK answers, from the due time
+    commit: list[float] = field(default_factory=list)  # OK answers, from the begin's answer
+    pair: list[float] = field(default_factory=list)  # from the due time to the commit's OK
+    probe: list[float] = field(default_factory=list)  # LivenessProbe beside the step
+    statuses: Counter[str] = field(default_factory=Counter)  # "begin OK", "commit ALREADY_EXISTS", ...
+    messages: dict[str, str] = field(default_factory=dict)  # the first message of each non-OK status
+    lag: float = 0.0  # the latest any pair went out after it was due
+    wall_s: float = 0.0
+    client_cpu_s: float = 0.0  # the client's own count (process_time, its threads included)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds per process over the step
+    cpu: dict[str, float] = field(default_factory=dict)  # percent of one core
+
+    @property
+    def answered(self) -> int:
+        """Calls answered with any status (claims only, not the probes): what the servers handled."""
+        return sum(n for key, n in self.statuses.items() if key.split(" ", 1)[0] in CALLS)
+
+    @property
+    def failed(self) -> int:
+        return sum(n for key, n in self.statuses.items() if not key.endswith(" OK"))
+
+    @classmethod
+    def from_json(cls, label: str, rate: float, data: dict[str, Any]) -> Step:
+        return cls(label, rate, data["offered"], data["begin"], data["commit"], data["pair"], data["probe"],
+                   Counter(data["statuses"]), data["messages"], data["lag"], data["wall_s"], data["cpu_s"])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"offered": self.offered, "begin": self.begin, "commit": self.commit, "pair": self.pair,
+                "probe": self.probe, "statuses": dict(self.statuses), "messages": self.messages, "lag": self.lag,
+                "wall_s": self.wall_s, "cpu_s": self.client_cpu_s}
+
+
+def within_target(step: Step) -> bool:
+    """Both calls' p99 within the target, and every call answered OK."""
+    return (bool(step.begin) and bool(step.commit) and step.failed == 0
+            and percentile(step.begin, 99) * 1000 <= TARGET_P99_MS
+            and percentile(step.commit, 99) * 1000 <= TARGET_P99_MS)
+
+
+def verdict(steps: Sequence[Step], calls: str = "pairs") -> str:
+    at = next((s for s in steps if s.rate == TARGET_PAIRS_PER_S), None)
+    what = f"{TARGET_PAIRS_PER_S:g} pairs/s ({2 * TARGET_PAIRS_PER_S:g} calls/s), p99 of each call <= " \
+           f"{TARGET_P99_MS:g} ms, all OK"
+    if calls != "pairs":
+        return f"{what}: not measured (--calls {calls} offers GetCells, not claims)"
+    if at is None:
+        return f"{what}: not measured (no step at {TARGET_PAIRS_PER_S:g} pairs/s)"
+    return f"{what}: {'met' if within_target(at) else 'NOT met'} ({describe(at)})"
+
+
+def describe(step: Step) -> str:
+    parts = [step.label]
+    for call in CALLS:
+        values = getattr(step, call)
+        if values:
+            parts.append(f"{CALL_NAMES[call]} p50 {percentile(values, 50) * 1000:.1f} / "
+                         f"p99 {percentile(values, 99) * 1000:.1f} ms")
+    parts.append(", ".join(f"{k} {n}" for k, n in sorted(step.statuses.items())))
+    return "; ".join(parts)
+
+
+def step_table(steps: Sequence[Step], names: tuple[str, str] = ("BeginUpdate", "CommitUpdate")) -> list[str]:
+    """The latency and status table of one run, in Markdown."""
+    counted = "OK / EXISTS / EXHAUSTED / UNAVAILABLE / DEADLINE / other"
+    lines = [(f"| offered | {names[0]} p50 / p99 / max ms | {names[1]} p50 / p99 / max ms | LivenessProbe beside it, "
+              f"p50 / p99 / max ms | {names[0]} {counted} | {names[1]} {counted} | pacer lag max ms |"),
+             "|---|---|---|---|---|---|---|"]
+    for s in steps:
+        lines.append(f"| {s.label} | {quantiles(s.begin)} | {quantiles(s.commit)} | {quantiles(s.probe)} | "
+                     f"{' / '.join(map(str, tally(s.statuses, 'begin')))} | "
+                     f"{' / '.join(map(str, tally(s.statuses, 'commit')))} | {s.lag * 1000:.1f} |")
+    return lines
+
+
+def cpu_table(steps: Sequence[Step]) -> list[str]:
+    """CPU milliseconds per answered call of each process, and the machine's busy share."""
+    names = [n for n in steps[0].cpu_s if n != MACHINE]
+    lines = ["| offered | calls answered | " + " | ".join(names) + " | machine |",
+             "|---|---|" + "---|" * (len(names) + 1)]
+    for s in steps:
+        answered = max(1, s.answered)
+        lines.append(f"| {s.label} | {s.answered:,} | "
+                     + " | ".join(f"{s.cpu_s[n] / answered * 1000:.2f}" for n in names)
+                     + f" | {s.cpu.get(MACHINE, float('nan')):.0f}% |")
+    return lines
+
+
+# --- the load client (its own process: ``--client``) -------------------------------------------------
+
+
+class Client:
+    """Raw ``grpc.aio`` calls on bytes; one instance per client process."""
+
+    def __init__(self, target: str, token: str, channels: int, cell_id: int, first_user: int) -> None:
+        import grpc
+
+        self.grpc = grpc
+        # A subchannel pool of each channel's own: every channel its own HTTP/2 connection.
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        self.channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(max(1, channels))]
+        self.probe_channel = grpc.aio.insecure_channel(target, options=options)
+        self.metadata = (("authorization", f"Bearer {token}"),)
+        self.cell_id = cell_id
+        self.next_user = first_user
+        self.suffix = commit_suffix(cell_id)
+        self.liveness = self.probe_channel.unary_unary(LIVENESS)
+        self.liveness_request = b""  # LivenessProbeRequest has no fields
+
+    def methods(self, calls: str) -> list[tuple[Callable[..., Awaitable[bytes]], Callable[..., Awaitable[bytes]]]]:
+        first, second = (BEGIN, COMMIT) if calls == "pairs" else (GET_CELLS, GET_CELLS)
+        return [(c.unary_unary(first), c.unary_unary(second)) for c in self.channels]
+
+    def requests(self, calls: str, count: int) -> list[bytes]:
+        if calls != "pairs":
+            return [b""] * count  # GetCellsRequest has no fields
+        first, self.next_user = self.next_user, self.next_user + count
+        return signup_bytes(first, count, self.cell_id)
+
+    async def floor(self, count: int) -> list[float]:
+        latencies = []
+        for _ in range(count):
+            started = clock()
+            await self.liveness(self.liveness_request, timeout=10)
+            latencies.append(clock() - started)
+        return latencies
+
+    async def probe(self, into: list[float], every_s: float) -> None:
+        while True:
+            started = clock()
+            try:
+                await self.liveness(self.liveness_request, timeout=10)
+                into.append(clock() - started)
+            except self.grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(max(0.0, every_s - (clock() - started)))
+
+    async def offer(self, calls: str, rate: float, count: int, deadline_s: float, probe_every_s: float) -> Step:
+        """Offer ``count`` pairs open loop at ``rate`` pairs/s: pair k is released at k / rate
+        after the start, never later because earlier ones are unanswered."""
+        requests = self.requests(calls, count)  # every request built before the clock starts
+        methods = self.methods(calls)
+        suffix = self.suffix if calls == "pairs" else None
+        step = Step("", rate, count)
+        error = self.grpc.aio.AioRpcError
+        metadata = self.metadata
+
+        def failed(call: str, exc: BaseException) -> None:
+            name = exc.code().name if isinstance(exc, error) else type(exc).__name__
+            key = f"{call} {name}"
+            step.statuses[key] += 1
+            if key not in step.messages:
+                step.messages[key] = (exc.details() if isinstance(exc, error) else str(exc)) or ""
+
+        async def one(k: int, at: float) -> None:
+            step.lag = max(step.lag, clock() - at)
+            begin, commit = methods[k % len(methods)]
+            try:
+                answer = await begin(requests[k], timeout=deadline_s, metadata=metadata)
+            except (error, OSError) as exc:
+                failed("begin", exc)
+                return
+            begun = clock()
+            step.statuses["begin OK"] += 1
+            step.begin.append(begun - at)
+            try:
+                await commit(answer + suffix if suffix is not None else b"", timeout=deadline_s, metadata=metadata)
+            except (error, OSError) as exc:
+                failed("commit", exc)
+                return
+            done = clock()
+            step.statuses["commit OK"] += 1
+            step.commit.append(done - begun)
+            step.pair.append(done - at)
+
+        probing = asyncio.create_task(self.probe(step.probe, probe_every_s)) if probe_every_s > 0 else None
+        tasks: list[asyncio.Task[None]] = []
+        cpu_started = time.process_time()
+        start = clock() + 0.005
+        released = 0
+        while released < count:
+            upto = due(rate, clock() - start, count)
+            for k in range(released, upto):
+                tasks.append(asyncio.create_task(one(k, start + scheduled_at(k, rate))))
+            released = max(released, upto)
+            if released < count:
+                await asyncio.sleep(max(0.0, start + scheduled_at(released, rate) - clock()))
+        await asyncio.gather(*tasks)
+        step.wall_s = clock() - start
+        step.client_cpu_s = time.process_time() - cpu_started
+        if probing is not None:
+            probing.cancel()
+        return step
+
+    async def settle(self, calls: str, deadline_s: float, limit_s: float = 90.0) -> float:
+        """Wait until the pipeline is idle again (a lone pair answered within 250 ms a call, twice
+        in a row), so one step's backlog does not count against the next. Returns the wait."""
+        started = clock()
+        quick = 0
+        while quick < 2 and clock() - started < limit_s:
+            step = await self.offer(calls, 1.0, 1, deadline_s, probe_every_s=0)
+            quick = quick + 1 if step.wall_s < 2 * SETTLE_QUICK_S else 0
+            if quick < 2:
+                await asyncio.sleep(0.2)
+        return clock() - started
+
+    async def serve(self, commands: IO[str], answers: IO[str]) -> None:
+        """One JSON command a line on ``commands``, one JSON answer a line on ``answers``."""
+        loop = asyncio.get_running_loop()
+        while line := await loop.run_in_executor(None, commands.readline):
+            command = json.loads(line)
+            op = command["op"]
+            if op == "floor":
+                answer: Any = await self.floor(command["count"])
+            elif op == "settle":
+                answer = await self.settle(command["calls"], command["deadline_s"])
+            elif op == "step":
+                answer = (await self.offer(command["calls"], command["rate"], command["count"],
+                                           command["deadline_s"], command["probe_every_s"])).to_json()
+            else:
+                raise ValueError(f"unknown command {op!r}")
+            answers.write(json.dumps(answer) + "\n")
+            answers.flush()
+        for channel in (*self.channels, self.probe_channel):
+            await channel.close()
+
+
+def client_main(args: argparse.Namespace) -> None:
+    async def serve() -> None:  # grpc.aio channels belong to the loop they are made in
+        client = Client(args.client, args.token, args.channels, args.cell_id, args.first_user)
+        await client.serve(sys.stdin, sys.stdout)
+
+    asyncio.run(serve())
+
+
+class ClientProcess:
+    """The harness's end of the pipe to a load client."""
+
+    def __init__(self, target: str, token: str, channels: int, cell_id: int, log: Path) -> None:
+        self._log = open(log, "wb")  # noqa: SIM115 -- the client's stderr for its life; close() closes it
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bench.grpc_claims", "--client", target, "--token", token,
+             "--channels", str(channels), "--cell-id", str(cell_id), "--first-user", "1"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
+            cwd=Path(__file__).resolve().parent.parent)
+        self.pid = self.process.pid
+
+    def ask(self, **command: Any) -> Any:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the load client exited ({self.process.wait()}): see {self._log.name}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
+
+
+# --- one broker ------------------------------------------------------------------------------------
+
+
+def register_cell(settings: Any, name: str) -> None:
+    from topology_store.producer.publisher import EventPublisher, PublishFailed
+    from topology_store.schemas.models import CellRegistered
+
+    async def publish() -> None:
+        async with EventPublisher(settings) as publisher:
+            async for outcome in publisher.publish_many([CellRegistered(
+                    source="bench", cell_id=name, address=f"http://{name}.example.com", session_prefix=f"{name}-",
+                    region="bench")]):
+                if isinstance(outcome, PublishFailed):
+                    raise outcome
+
+    asyncio.run(publish())
+
+
+def wait_for_cell(target: str, alive: Callable[[], None], timeout_s: float = 120) -> int:
+    """GitLab's id of the one cell, once the door is SERVING and GetCells lists it."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from topology_store.schemas.generated.proto import cell_info_pb2
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        get_cells = channel.unary_unary(GET_CELLS, request_serializer=cell_info_pb2.GetCellsRequest.SerializeToString,
+                                        response_deserializer=cell_info_pb2.GetCellsResponse.FromString)
+        while time.monotonic() < deadline:
+            alive()
+            try:
+                serving = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if serving.status == health_pb2.HealthCheckResponse.SERVING:
+                    cells = get_cells(cell_info_pb2.GetCellsRequest(), timeout=2,
+                                      metadata=(("authorization", f"Bearer {TOKEN}"),)).cells
+                    if cells:
+                        return int(cells[0].id)
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise RuntimeError(f"the gRPC door did not list the registered cell within {timeout_s:g} s")
+
+
+def measured(meter: CpuMeter, client: ClientProcess, label: str, rate: float, count: int,
+             args: argparse.Namespace) -> Step:
+    meter.start()
+    started = time.process_time()
+    step = Step.from_json(label, rate, client.ask(op="step", calls=args.calls, rate=rate, count=count,
+                                                  deadline_s=args.deadline, probe_every_s=PROBE_EVERY_S))
+    used = meter.stop(time.process_time() - started)
+    used["harness (waiting on the pipe)"] = used.pop(CLIENT)
+    step.cpu_s = used
+    step.cpu = {name: cpu_share(seconds, step.wall_s) for name, seconds in used.items()}
+    return step
+
+
+LOAD_CLIENT = "load client (own process)"
+
+
+def on_broker(broker_name: str, args: argparse.Namespace, admin: str) -> dict[str, Any]:
+    from bench.stack import scratch_stack, tokens
+    from topology_store.cli.devstack import free_port
+
+    logs = Path(tempfile.mkdtemp(prefix=f"bench-grpc-claims-{broker_name}-"))
+    result: dict[str, Any] = {"broker": broker_name, "logs": str(logs), "load_before": load_average()}
+    print(f"[{broker_name}] starting; load average {result['load_before']}; logs in {logs}", flush=True)
+    overrides = dict(item.split("=", 1) for item in args.env)
+    grpc_port = free_port()
+    env = {"TOPOLOGY_GRPC_PORT": str(grpc_port), "TOPOLOGY_API_TOKENS": tokens(TOKEN), **overrides}
+    result["settings"] = overrides
+    target = f"{HOST}:{grpc_port}"
+    with scratch_stack(broker_name, admin, logs, env) as stack:
+        register_cell(stack.settings, CELL_NAME)
+        cell_id = wait_for_cell(target, stack.alive)
+        result["cell"] = f"{CELL_NAME} (GitLab's cell id {cell_id})"
+        client = ClientProcess(target, TOKEN, args.channels, cell_id, logs / "client.log")
+        try:
+            meter = CpuMeter({LOAD_CLIENT: lambda: [client.pid], **stack.processes(admin)})
+            # Warm-up, unmeasured: the projector joins its group, the door's producer connects.
+            client.ask(op="step", calls=args.calls, rate=5, count=20, deadline_s=args.deadline, probe_every_s=0)
+            result["settle_s"] = [client.ask(op="settle", calls=args.calls, deadline_s=args.deadline)]
+            result["floor"] = client.ask(op="floor", count=500)
+            print(f"[{broker_name}] floor (LivenessProbe, one at a time): p50 / p99 / max "
+                  f"{quantiles(result['floor'])} ms", flush=True)
+            steps: list[Step] = []
+            for rate in args.rates:
+                result["settle_s"].append(client.ask(op="settle", calls=args.calls, deadline_s=args.deadline))
+                steps.append(measured(meter, client, f"{rate:g} pairs/s ({2 * rate:g} calls/s)", rate,
+                                      max(1, int(rate * args.seconds)), args))
+                print(f"[{broker_name}] {describe(steps[-1])}", flush=True)
+                stack.alive()
+            result["steps"] = steps
+        finally:
+            client.close()
+        result["load_after"] = load_average()
+    return result
+
+
+# --- the report ------------------------------------------------------------------------------------
+
+
+def report(results: list[dict[str, Any]], calls: str) -> dict[str, Any]:
+    names = ("BeginUpdate", "CommitUpdate") if calls == "pairs" else ("GetCells", "GetCells (2nd)")
+    for result in results:
+        steps: list[Step] = result["steps"]
+        print()
+        print(f"{result['broker']}: load average before {result['load_before']}, after {result['load_after']}; "
+              f"{result['cell']}; settings {result['settings'] or 'defaults'}")
+        print(f"floor (LivenessProbe, one at a time, idle): p50 / p99 / max {quantiles(result['floor'])} ms")
+        print()
+        print("\n".join(step_table(steps, names)))
+        messages = {k: v for s in steps for k, v in s.messages.items()}
+        for key, message in sorted(messages.items()):
+            print(f"  {key}: {message[:200]}")
+        print()
+        print("CPU ms per call answered (every call answered, whatever its status; the probes not counted), and "
+              "the machine's busy share (2 cores = 200%):")
+        print("\n".join(cpu_table(steps)))
+        print()
+        print(verdict(steps, calls))
+    return {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "calls": calls,
+        "runs": [{
+            "broker": r["broker"], "load_before": r["load_before"], "load_after": r["load_after"],
+            "cell": r["cell"], "settings": r["settings"],
+            "floor_ms": {f"p{q}": round(percentile(r["floor"], q) * 1000, 2) for q in (50, 99)}
+            | {"max": round(max(r["floor"]) * 1000, 2)},
+            "steps": [{
+                "label": s.label, "pairs_per_s": s.rate, "offered_pairs": s.offered, "statuses": dict(s.statuses),
+                "messages": s.messages, "wall_s": round(s.wall_s, 2), "pacer_lag_max_ms": round(s.lag * 1000, 1),
+                "cpu_ms_per_call": {k: round(v / max(1, s.answered) * 1000, 3) for k, v in s.cpu_s.items()},
+                "cpu_percent_of_a_core": {k: round(v, 1) for k, v in s.cpu.items()},
+                **{f"{what}_ms": {"p50": round(percentile(values, 50) * 1000, 1),
+                                  "p99": round(percentile(values, 99) * 1000, 1),
+                                  "max": round(max(values) * 1000, 1)}
+                   for what, values in (("begin", s.begin), ("commit", s.commit), ("pair", s.pair),
+                                        ("liveness", s.probe)) if values},
+            } for s in r["steps"]],
+            "verdict": verdict(r["steps"], calls),
+        } for r in results],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_broker_argument(parser)
+    parser.set_defaults(broker="apache")
+    parser.add_argument("--rates", type=rates, default=[50.0, 150.0, 300.0],
+                        help="offered BeginUpdate + CommitUpdate pairs per second, one step each")
+    parser.add_argument("--seconds", type=float, default=10, help="length of each step")
+    parser.add_argument("--channels", type=int, default=4, help="gRPC channels (HTTP/2 connections) of the load")
+    parser.add_argument("--deadline", type=float, default=30.0, help="each call's gRPC deadline, seconds")
+    parser.add_argument("--calls", choices=("pairs", "getcells"), default="pairs",
+                        help="pairs: BeginUpdate + CommitUpdate; getcells: two ClaimService.GetCells instead")
+    parser.add_argument("--env", action="append", default=[], metavar="TOPOLOGY_X=value",
+                        help="a setting for the servers (repeatable)")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    # The load client's own process (started by the harness, not by hand).
+    parser.add_argument("--client", metavar="HOST:PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--token", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--cell-id", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--first-user", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.client:
+        client_main(args)
+        return
+    for item in args.env:
+        if not item.startswith("TOPOLOGY_") or "=" not in item:
+            parser.error(f"--env takes TOPOLOGY_NAME=value, not {item!r}")
+    from bench import selected_brokers
+
+    brokers = selected_brokers(args.broker)
+    admin = os.environ.get("TOPOLOGY_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+          f"brokers: {', '.join(brokers)}; calls: {args.calls}; load average {load_average()}", flush=True)
+    runs = [on_broker(name, args, admin) for name in interleaved(brokers, args.rounds)]
+    # The best round per broker: the lowest median first call of the first step.
+    results = best_per_broker(runs, lambda r: r["broker"],
+                              lambda r: -percentile(r["steps"][0].begin, 50) if r["steps"][0].begin else -math.inf)
+    summary = report(results, args.calls)
+    summary["rounds"] = args.rounds
+    if args.json is not None:
+        args.json.write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
