@@ -4,6 +4,7 @@ on the same server, with the CPU per call of every process, the load client's in
 
     python -m bench.grpc_claims [--broker apache|tansu|both] [--rounds 1] [--rates 50,150,300]
                                 [--seconds 10] [--channels 4] [--deadline 30] [--calls pairs|getcells]
+                                [--load-client go|python]
                                 [--env TOPOLOGY_X=value ...] [--json FILE]
 
 Opt-in and slow; not part of the test run. For each broker (Apache Kafka unless ``--broker``
@@ -30,13 +31,20 @@ of each process (the load client, the server, the projector, the relay, the brok
 scratch database's PostgreSQL backends; from /proc) and the machine's busy share, and the
 issue's target: p99 of each call <= 200 ms at 150 pairs/s (300 calls/s), all answered OK.
 
-The load client is a process of its own (``--client``, driven over a pipe one command at a
-time), so its CPU is measured apart from the harness's: a raw ``grpc.aio`` channel per
-connection (``--channels``, each with its own HTTP/2 connection) and ``unary_unary`` with no
-serializers, so every request is bytes built before the clock starts and an answer is never
-parsed. A CommitUpdate is the BeginUpdate answer's bytes followed by the request's
-``cell_id`` field: BeginUpdateResponse and CommitUpdateRequest number their fields alike
-(cell_id 1, lease_uuid 2), and of a scalar field given twice the last one counts.
+The load client is a process of its own, driven over a pipe one command at a time, so its
+CPU is measured apart from the harness's and the servers'. By default it is compiled
+(bench/grpcload/main.go: Go and grpc-go, built with ``go build`` at the start; the module
+proxy serves its modules the first time; run with GOMAXPROCS=1 unless the environment sets
+it, which halves its cross-thread wake-ups): a Python gRPC client costs about as much CPU
+per call as the Python server it measures, and on two cores that CPU is taken from the
+server; on this machine (a virtual machine where every system call and wake-up is dear) the
+Go client costs about half the Python one's, 0.4-0.6 ms a call against a stub server.
+``--load-client python`` runs the same protocol on a raw ``grpc.aio`` channel instead. Both
+open ``--channels`` HTTP/2 connections, send requests the harness built and serialized
+before the clock starts (bytes through a pass-through codec) and never parse an answer: a
+CommitUpdate is the BeginUpdate answer's bytes followed by the request's ``cell_id`` field;
+BeginUpdateResponse and CommitUpdateRequest number their fields alike (cell_id 1,
+lease_uuid 2), and of a scalar field given twice the last one counts.
 
 Open loop: pair k is due at k / rate after the start whatever became of the earlier ones
 (bench.steady_latency's ``due``/``scheduled_at``), and its latency is timed from when it
@@ -52,17 +60,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -249,13 +259,47 @@ def cpu_table(steps: Sequence[Step]) -> list[str]:
     return lines
 
 
-# --- the load client (its own process: ``--client``) -------------------------------------------------
+# --- the load clients (each its own process) ---------------------------------------------------------
+#
+# Two speak the same protocol over a pipe (one JSON command a line in, one JSON answer a line
+# out): the compiled one (bench/grpcload/main.go, Go and grpc-go; the default) and this Python
+# one (``--load-client python``; ``grpc.aio``). Commands: ``{"op": "floor", "count": n}``,
+# answered with the LivenessProbe round trips; ``{"op": "step", ...}`` (:func:`step_command`),
+# answered with :meth:`Step.to_json`.
+
+
+@dataclass(frozen=True)
+class Calls:
+    """What a step offers: the methods of a pair's two calls, and the bytes of its requests."""
+
+    first: str
+    second: str
+    requests: list[bytes]  # one a pair; empty: every first request is empty (no fields)
+    suffix: bytes  # appended to the first call's answer: the second call's request
+
+
+def pair_calls(calls: str, first_user: int, count: int, cell_id: int) -> Calls:
+    """The calls of ``count`` pairs: sign-ups of new users from ``first_user`` (``pairs``), or
+    two GetCells (``getcells``: their requests have no fields, the second gets the first's
+    answer, which GetCells ignores)."""
+    if calls == "pairs":
+        return Calls(BEGIN, COMMIT, signup_bytes(first_user, count, cell_id), commit_suffix(cell_id))
+    if calls == "getcells":
+        return Calls(GET_CELLS, GET_CELLS, [], b"")
+    raise ValueError(f"unknown calls {calls!r}")
+
+
+def step_command(calls: Calls, rate: float, count: int, deadline_s: float, probe_every_s: float) -> dict[str, Any]:
+    return {"op": "step", "rate": rate, "count": count, "deadline_s": deadline_s, "probe_every_s": probe_every_s,
+            "first": calls.first, "second": calls.second,
+            "requests": [base64.b64encode(r).decode() for r in calls.requests],
+            "suffix": base64.b64encode(calls.suffix).decode()}
 
 
 class Client:
-    """Raw ``grpc.aio`` calls on bytes; one instance per client process."""
+    """The Python load client: raw ``grpc.aio`` calls on bytes, one instance a process."""
 
-    def __init__(self, target: str, token: str, channels: int, cell_id: int, first_user: int) -> None:
+    def __init__(self, target: str, token: str, channels: int) -> None:
         import grpc
 
         self.grpc = grpc
@@ -264,21 +308,12 @@ class Client:
         self.channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(max(1, channels))]
         self.probe_channel = grpc.aio.insecure_channel(target, options=options)
         self.metadata = (("authorization", f"Bearer {token}"),)
-        self.cell_id = cell_id
-        self.next_user = first_user
-        self.suffix = commit_suffix(cell_id)
         self.liveness = self.probe_channel.unary_unary(LIVENESS)
         self.liveness_request = b""  # LivenessProbeRequest has no fields
 
-    def methods(self, calls: str) -> list[tuple[Callable[..., Awaitable[bytes]], Callable[..., Awaitable[bytes]]]]:
-        first, second = (BEGIN, COMMIT) if calls == "pairs" else (GET_CELLS, GET_CELLS)
-        return [(c.unary_unary(first), c.unary_unary(second)) for c in self.channels]
-
-    def requests(self, calls: str, count: int) -> list[bytes]:
-        if calls != "pairs":
-            return [b""] * count  # GetCellsRequest has no fields
-        first, self.next_user = self.next_user, self.next_user + count
-        return signup_bytes(first, count, self.cell_id)
+    async def close(self) -> None:
+        for channel in (*self.channels, self.probe_channel):
+            await channel.close()
 
     async def floor(self, count: int) -> list[float]:
         latencies = []
@@ -298,12 +333,12 @@ class Client:
                 pass
             await asyncio.sleep(max(0.0, every_s - (clock() - started)))
 
-    async def offer(self, calls: str, rate: float, count: int, deadline_s: float, probe_every_s: float) -> Step:
+    async def offer(self, calls: Calls, rate: float, count: int, deadline_s: float, probe_every_s: float) -> Step:
         """Offer ``count`` pairs open loop at ``rate`` pairs/s: pair k is released at k / rate
         after the start, never later because earlier ones are unanswered."""
-        requests = self.requests(calls, count)  # every request built before the clock starts
-        methods = self.methods(calls)
-        suffix = self.suffix if calls == "pairs" else None
+        methods = [(c.unary_unary(calls.first), c.unary_unary(calls.second)) for c in self.channels]
+        requests = calls.requests or [b""] * count
+        suffix = calls.suffix
         step = Step("", rate, count)
         error = self.grpc.aio.AioRpcError
         metadata = self.metadata
@@ -327,7 +362,7 @@ class Client:
             step.statuses["begin OK"] += 1
             step.begin.append(begun - at)
             try:
-                await commit(answer + suffix if suffix is not None else b"", timeout=deadline_s, metadata=metadata)
+                await commit(answer + suffix, timeout=deadline_s, metadata=metadata)
             except (error, OSError) as exc:
                 failed("commit", exc)
                 return
@@ -355,60 +390,70 @@ class Client:
             probing.cancel()
         return step
 
-    async def settle(self, calls: str, deadline_s: float, limit_s: float = 90.0) -> float:
-        """Wait until the pipeline is idle again (a lone pair answered within 250 ms a call, twice
-        in a row), so one step's backlog does not count against the next. Returns the wait."""
-        started = clock()
-        quick = 0
-        while quick < 2 and clock() - started < limit_s:
-            step = await self.offer(calls, 1.0, 1, deadline_s, probe_every_s=0)
-            quick = quick + 1 if step.wall_s < 2 * SETTLE_QUICK_S else 0
-            if quick < 2:
-                await asyncio.sleep(0.2)
-        return clock() - started
-
     async def serve(self, commands: IO[str], answers: IO[str]) -> None:
-        """One JSON command a line on ``commands``, one JSON answer a line on ``answers``."""
+        """The pipe protocol: one JSON command a line on ``commands``, one JSON answer a line on ``answers``."""
         loop = asyncio.get_running_loop()
         while line := await loop.run_in_executor(None, commands.readline):
             command = json.loads(line)
-            op = command["op"]
-            if op == "floor":
+            if command["op"] == "floor":
                 answer: Any = await self.floor(command["count"])
-            elif op == "settle":
-                answer = await self.settle(command["calls"], command["deadline_s"])
-            elif op == "step":
-                answer = (await self.offer(command["calls"], command["rate"], command["count"],
-                                           command["deadline_s"], command["probe_every_s"])).to_json()
+            elif command["op"] == "step":
+                calls = Calls(command["first"], command["second"],
+                              [base64.b64decode(r) for r in command["requests"]], base64.b64decode(command["suffix"]))
+                answer = (await self.offer(calls, command["rate"], command["count"], command["deadline_s"],
+                                           command["probe_every_s"])).to_json()
             else:
-                raise ValueError(f"unknown command {op!r}")
+                raise ValueError(f"unknown command {command['op']!r}")
             answers.write(json.dumps(answer) + "\n")
             answers.flush()
-        for channel in (*self.channels, self.probe_channel):
-            await channel.close()
+        await self.close()
 
 
-def client_main(args: argparse.Namespace) -> None:
+def python_client_main(target: str, token: str, channels: int) -> None:
     async def serve() -> None:  # grpc.aio channels belong to the loop they are made in
-        client = Client(args.client, args.token, args.channels, args.cell_id, args.first_user)
-        await client.serve(sys.stdin, sys.stdout)
+        await Client(target, token, channels).serve(sys.stdin, sys.stdout)
 
     asyncio.run(serve())
+
+
+GRPCLOAD = Path(__file__).resolve().parent / "grpcload"
+
+
+def go_tool() -> str | None:
+    return shutil.which("go") or next((p for p in ("/usr/local/go/bin/go",) if os.access(p, os.X_OK)), None)
+
+
+def build_grpcload(into: Path) -> Path:
+    """``go build`` of bench/grpcload (its modules come from the Go module proxy the first time)."""
+    go = go_tool()
+    if go is None:
+        raise RuntimeError("--load-client go needs the Go toolchain (go on PATH or /usr/local/go/bin/go); "
+                           "or run with --load-client python")
+    binary = into / "grpcload"
+    subprocess.run([go, "build", "-o", str(binary), "."], cwd=GRPCLOAD, check=True)
+    return binary
+
+
+def client_command(kind: str, target: str, token: str, channels: int, binary: Path | None) -> list[str]:
+    if kind == "go":
+        assert binary is not None
+        return [str(binary), target, token, str(channels)]
+    return [sys.executable, "-m", "bench.grpc_claims", "--serve-load", target, "--token", token,
+            "--channels", str(channels)]
 
 
 class ClientProcess:
     """The harness's end of the pipe to a load client."""
 
-    def __init__(self, target: str, token: str, channels: int, cell_id: int, log: Path) -> None:
+    def __init__(self, command: list[str], log: Path) -> None:
         self._log = open(log, "wb")  # noqa: SIM115 -- the client's stderr for its life; close() closes it
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.grpc_claims", "--client", target, "--token", token,
-             "--channels", str(channels), "--cell-id", str(cell_id), "--first-user", "1"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
-            cwd=Path(__file__).resolve().parent.parent)
+        # One Go thread running goroutines: fewer futex wake-ups between threads, less CPU per call.
+        env = {"GOMAXPROCS": "1", **os.environ}
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+                                        text=True, cwd=Path(__file__).resolve().parent.parent, env=env)
         self.pid = self.process.pid
 
-    def ask(self, **command: Any) -> Any:
+    def ask(self, command: dict[str, Any]) -> Any:
         assert self.process.stdin is not None and self.process.stdout is not None
         self.process.stdin.write(json.dumps(command) + "\n")
         self.process.stdin.flush()
@@ -426,6 +471,17 @@ class ClientProcess:
             self.process.kill()
             self.process.wait()
         self._log.close()
+
+
+class Users:
+    """Numbers of new users, never one twice in a run."""
+
+    def __init__(self) -> None:
+        self.next = 1
+
+    def take(self, count: int) -> int:
+        first, self.next = self.next, self.next + count
+        return first
 
 
 # --- one broker ------------------------------------------------------------------------------------
@@ -472,17 +528,29 @@ def wait_for_cell(target: str, alive: Callable[[], None], timeout_s: float = 120
     raise RuntimeError(f"the gRPC door did not list the registered cell within {timeout_s:g} s")
 
 
-def measured(meter: CpuMeter, client: ClientProcess, label: str, rate: float, count: int,
-             args: argparse.Namespace) -> Step:
+def measured(meter: CpuMeter, client: ClientProcess, label: str, rate: float, calls: Calls, count: int,
+             deadline_s: float) -> Step:
     meter.start()
     started = time.process_time()
-    step = Step.from_json(label, rate, client.ask(op="step", calls=args.calls, rate=rate, count=count,
-                                                  deadline_s=args.deadline, probe_every_s=PROBE_EVERY_S))
+    step = Step.from_json(label, rate, client.ask(step_command(calls, rate, count, deadline_s, PROBE_EVERY_S)))
     used = meter.stop(time.process_time() - started)
     used["harness (waiting on the pipe)"] = used.pop(CLIENT)
     step.cpu_s = used
     step.cpu = {name: cpu_share(seconds, step.wall_s) for name, seconds in used.items()}
     return step
+
+
+def settle(client: ClientProcess, make: Callable[[int], Calls], deadline_s: float, limit_s: float = 90.0) -> float:
+    """Wait until the pipeline is idle again (a lone pair answered within 250 ms a call, twice in
+    a row), so one step's backlog does not count against the next. Returns the wait."""
+    started = time.monotonic()
+    quick = 0
+    while quick < 2 and time.monotonic() - started < limit_s:
+        lone = client.ask(step_command(make(1), 1.0, 1, deadline_s, 0))
+        quick = quick + 1 if lone["wall_s"] < 2 * SETTLE_QUICK_S else 0
+        if quick < 2:
+            time.sleep(0.2)
+    return time.monotonic() - started
 
 
 LOAD_CLIENT = "load client (own process)"
@@ -493,31 +561,40 @@ def on_broker(broker_name: str, args: argparse.Namespace, admin: str) -> dict[st
     from topology_store.cli.devstack import free_port
 
     logs = Path(tempfile.mkdtemp(prefix=f"bench-grpc-claims-{broker_name}-"))
-    result: dict[str, Any] = {"broker": broker_name, "logs": str(logs), "load_before": load_average()}
+    result: dict[str, Any] = {"broker": broker_name, "logs": str(logs), "load_before": load_average(),
+                              "load_client": args.load_client}
     print(f"[{broker_name}] starting; load average {result['load_before']}; logs in {logs}", flush=True)
+    binary = build_grpcload(logs) if args.load_client == "go" else None
     overrides = dict(item.split("=", 1) for item in args.env)
     grpc_port = free_port()
     env = {"TOPOLOGY_GRPC_PORT": str(grpc_port), "TOPOLOGY_API_TOKENS": tokens(TOKEN), **overrides}
     result["settings"] = overrides
     target = f"{HOST}:{grpc_port}"
+    users = Users()
     with scratch_stack(broker_name, admin, logs, env) as stack:
         register_cell(stack.settings, CELL_NAME)
         cell_id = wait_for_cell(target, stack.alive)
         result["cell"] = f"{CELL_NAME} (GitLab's cell id {cell_id})"
-        client = ClientProcess(target, TOKEN, args.channels, cell_id, logs / "client.log")
+
+        def make(count: int) -> Calls:
+            return pair_calls(args.calls, users.take(count), count, cell_id)
+
+        client = ClientProcess(client_command(args.load_client, target, TOKEN, args.channels, binary),
+                               logs / "client.log")
         try:
             meter = CpuMeter({LOAD_CLIENT: lambda: [client.pid], **stack.processes(admin)})
             # Warm-up, unmeasured: the projector joins its group, the door's producer connects.
-            client.ask(op="step", calls=args.calls, rate=5, count=20, deadline_s=args.deadline, probe_every_s=0)
-            result["settle_s"] = [client.ask(op="settle", calls=args.calls, deadline_s=args.deadline)]
-            result["floor"] = client.ask(op="floor", count=500)
+            client.ask(step_command(make(20), 5, 20, args.deadline, 0))
+            result["settle_s"] = [settle(client, make, args.deadline)]
+            result["floor"] = client.ask({"op": "floor", "count": 500})
             print(f"[{broker_name}] floor (LivenessProbe, one at a time): p50 / p99 / max "
                   f"{quantiles(result['floor'])} ms", flush=True)
             steps: list[Step] = []
             for rate in args.rates:
-                result["settle_s"].append(client.ask(op="settle", calls=args.calls, deadline_s=args.deadline))
-                steps.append(measured(meter, client, f"{rate:g} pairs/s ({2 * rate:g} calls/s)", rate,
-                                      max(1, int(rate * args.seconds)), args))
+                result["settle_s"].append(settle(client, make, args.deadline))
+                count = max(1, int(rate * args.seconds))
+                steps.append(measured(meter, client, f"{rate:g} pairs/s ({2 * rate:g} calls/s)", rate, make(count),
+                                      count, args.deadline))
                 print(f"[{broker_name}] {describe(steps[-1])}", flush=True)
                 stack.alive()
             result["steps"] = steps
@@ -536,7 +613,7 @@ def report(results: list[dict[str, Any]], calls: str) -> dict[str, Any]:
         steps: list[Step] = result["steps"]
         print()
         print(f"{result['broker']}: load average before {result['load_before']}, after {result['load_after']}; "
-              f"{result['cell']}; settings {result['settings'] or 'defaults'}")
+              f"{result['cell']}; load client {result['load_client']}; settings {result['settings'] or 'defaults'}")
         print(f"floor (LivenessProbe, one at a time, idle): p50 / p99 / max {quantiles(result['floor'])} ms")
         print()
         print("\n".join(step_table(steps, names)))
@@ -554,7 +631,7 @@ def report(results: list[dict[str, Any]], calls: str) -> dict[str, Any]:
         "calls": calls,
         "runs": [{
             "broker": r["broker"], "load_before": r["load_before"], "load_after": r["load_after"],
-            "cell": r["cell"], "settings": r["settings"],
+            "cell": r["cell"], "load_client": r["load_client"], "settings": r["settings"],
             "floor_ms": {f"p{q}": round(percentile(r["floor"], q) * 1000, 2) for q in (50, 99)}
             | {"max": round(max(r["floor"]) * 1000, 2)},
             "steps": [{
@@ -587,14 +664,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--env", action="append", default=[], metavar="TOPOLOGY_X=value",
                         help="a setting for the servers (repeatable)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
-    # The load client's own process (started by the harness, not by hand).
-    parser.add_argument("--client", metavar="HOST:PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--load-client", choices=("go", "python"), default="go" if go_tool() else "python",
+                        help="the load client: go (bench/grpcload, compiled at the start; the default when the Go "
+                             "toolchain is here) or python (grpc.aio, in a process of its own)")
+    # The Python load client's own process (started by the harness, not by hand).
+    parser.add_argument("--serve-load", metavar="HOST:PORT", help=argparse.SUPPRESS)
     parser.add_argument("--token", default="", help=argparse.SUPPRESS)
-    parser.add_argument("--cell-id", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--first-user", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.client:
-        client_main(args)
+    if args.serve_load:
+        python_client_main(args.serve_load, args.token, args.channels)
         return
     for item in args.env:
         if not item.startswith("TOPOLOGY_") or "=" not in item:

@@ -6,24 +6,35 @@ a time)."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
 
 from bench.grpc_claims import (
+    BEGIN,
     CLAIMS,
+    COMMIT,
+    GET_CELLS,
     HEALTH,
     Client,
     Step,
+    build_grpcload,
     commit_suffix,
+    go_tool,
+    pair_calls,
     rails_key,
     release_plan,
     signup,
     signup_bytes,
     status_group,
+    step_command,
     step_table,
     tally,
     verdict,
@@ -194,39 +205,98 @@ async def stub() -> AsyncIterator[tuple[str, dict[str, list[object]]]]:
         await server.stop(grace=None)
 
 
+class TestCommands:
+    def test_pairs_are_sign_ups_of_the_users_asked_for_and_commits(self) -> None:
+        calls = pair_calls("pairs", first_user=7, count=2, cell_id=4)
+        assert (calls.first, calls.second) == (BEGIN, COMMIT)
+        assert [s.BeginUpdateRequest.FromString(r).create_records[0].subject.id for r in calls.requests] == [7, 8]
+        assert calls.suffix == commit_suffix(4)
+
+    def test_getcells_pairs_have_empty_requests(self) -> None:
+        calls = pair_calls("getcells", first_user=1, count=3, cell_id=1)
+        assert (calls.first, calls.second, calls.requests) == (GET_CELLS, GET_CELLS, [])
+        with pytest.raises(ValueError):
+            pair_calls("nothing", 1, 1, 1)
+
+    def test_the_step_command_carries_the_bytes_as_base64(self) -> None:
+        calls = pair_calls("pairs", first_user=1, count=2, cell_id=1)
+        command = json.loads(json.dumps(step_command(calls, 150.0, 2, 30.0, 0.05)))
+        assert [base64.b64decode(r) for r in command["requests"]] == calls.requests
+        assert base64.b64decode(command["suffix"]) == calls.suffix
+        assert (command["op"], command["rate"], command["count"], command["first"]) == ("step", 150.0, 2, BEGIN)
+
+
+USERS = 12
+# Users 1..12: 3, 6, 9, 12 refused (4), the other 8 begun and committed.
+EXPECTED = Counter({"begin OK": 8, "begin ALREADY_EXISTS": 4, "commit OK": 8})
+
+
+def check_pairs(result: Step, seen: dict[str, list[object]]) -> None:
+    assert result.statuses == EXPECTED
+    assert result.messages == {"begin ALREADY_EXISTS": "has already been taken"}
+    assert len(result.begin) == len(result.commit) == len(result.pair) == 8
+    assert all(p >= b for p, b in zip(result.pair, result.begin, strict=True))
+    assert sorted(r.create_records[0].subject.id for r in seen["begin"]) == list(range(1, USERS + 1))  # type: ignore[attr-defined]
+    committed = sorted((c.cell_id, c.lease_uuid.value) for c in seen["commit"])  # type: ignore[attr-defined]
+    assert committed == sorted((5, f"lease-{n}") for n in range(1, USERS + 1) if n % 3)
+    assert set(seen["metadata"]) == {"Bearer secret"}
+    assert result.probe, "the floor is probed beside the step"
+    assert result.wall_s > 0 and result.client_cpu_s > 0
+
+
 class TestClient:
     async def test_offers_every_pair_and_commits_each_lease_it_got(
             self, stub: tuple[str, dict[str, list[object]]]) -> None:
         target, seen = stub
-        client = Client(target, "secret", channels=2, cell_id=5, first_user=1)
+        client = Client(target, "secret", channels=2)
         try:
-            result = await client.offer("pairs", rate=200.0, count=12, deadline_s=5.0, probe_every_s=0.01)
+            result = await client.offer(pair_calls("pairs", 1, USERS, cell_id=5), rate=200.0, count=USERS,
+                                        deadline_s=5.0, probe_every_s=0.01)
         finally:
-            for channel in (*client.channels, client.probe_channel):
-                await channel.close()
-        # Users 1..12: 3, 6, 9, 12 refused (4), the other 8 begun and committed.
-        assert result.statuses == Counter({"begin OK": 8, "begin ALREADY_EXISTS": 4, "commit OK": 8})
-        assert result.messages == {"begin ALREADY_EXISTS": "has already been taken"}
-        assert len(result.begin) == len(result.commit) == len(result.pair) == 8
-        assert all(p >= b for p, b in zip(result.pair, result.begin, strict=True))
-        assert sorted(r.create_records[0].subject.id for r in seen["begin"]) == list(range(1, 13))  # type: ignore[attr-defined]
-        committed = sorted((c.cell_id, c.lease_uuid.value) for c in seen["commit"])  # type: ignore[attr-defined]
-        assert committed == sorted((5, f"lease-{n}") for n in range(1, 13) if n % 3)
-        assert set(seen["metadata"]) == {"Bearer secret"}
-        assert result.probe, "the floor is probed beside the step"
-        assert client.next_user == 13  # the next step's users are new ones
+            await client.close()
+        check_pairs(result, seen)
 
     async def test_floor_and_an_unanswered_method_count_as_other(
             self, stub: tuple[str, dict[str, list[object]]]) -> None:
         target, _ = stub
-        client = Client(target, "secret", channels=1, cell_id=1, first_user=1)
+        client = Client(target, "secret", channels=1)
         try:
             assert len(await client.floor(5)) == 5
-            result = await client.offer("getcells", rate=100.0, count=3, deadline_s=5.0, probe_every_s=0)
+            result = await client.offer(pair_calls("getcells", 1, 3, 1), rate=100.0, count=3, deadline_s=5.0,
+                                        probe_every_s=0)
         finally:
-            for channel in (*client.channels, client.probe_channel):
-                await channel.close()
+            await client.close()
         assert result.statuses == Counter({"begin UNIMPLEMENTED": 3})  # the stub serves no GetCells
         assert tally(result.statuses, "begin") == [0, 0, 0, 0, 0, 3]
         assert not result.begin
 
+
+@pytest.mark.skipif(go_tool() is None, reason="the Go toolchain is not installed")
+class TestGoClient:
+    """bench/grpcload speaks the Python client's protocol and counts alike."""
+
+    async def test_same_answers_as_the_python_client(self, stub: tuple[str, dict[str, list[object]]],
+                                                      tmp_path: Path) -> None:
+        target, seen = stub
+        binary = await asyncio.to_thread(build_grpcload, tmp_path)
+        process = await asyncio.create_subprocess_exec(str(binary), target, "secret", "2",
+                                                       stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        assert process.stdin is not None and process.stdout is not None
+
+        async def ask(command: dict[str, object]) -> object:
+            process.stdin.write(json.dumps(command).encode() + b"\n")  # type: ignore[union-attr]
+            await process.stdin.drain()  # type: ignore[union-attr]
+            return json.loads(await asyncio.wait_for(process.stdout.readline(), 30))  # type: ignore[union-attr]
+
+        try:
+            floor = await ask({"op": "floor", "count": 5})
+            assert isinstance(floor, list) and len(floor) == 5
+            answer = await ask(step_command(pair_calls("pairs", 1, USERS, cell_id=5), 200.0, USERS, 5.0, 0.01))
+            assert isinstance(answer, dict)
+            check_pairs(Step.from_json("", 200.0, answer), seen)
+            other = await ask(step_command(pair_calls("getcells", 1, 3, 1), 100.0, 3, 5.0, 0))
+            assert isinstance(other, dict)
+            assert other["statuses"] == {"begin UNIMPLEMENTED": 3}
+        finally:
+            process.stdin.close()
+            assert await asyncio.wait_for(process.wait(), 30) == 0
