@@ -176,6 +176,7 @@ class Step:
     commit: list[float] = field(default_factory=list)  # OK answers, from the begin's answer
     pair: list[float] = field(default_factory=list)  # from the due time to the commit's OK
     probe: list[float] = field(default_factory=list)  # LivenessProbe beside the step
+    shed: list[float] = field(default_factory=list)  # BeginUpdate's RESOURCE_EXHAUSTED, from the due time
     statuses: Counter[str] = field(default_factory=Counter)  # "begin OK", "commit ALREADY_EXISTS", ...
     messages: dict[str, str] = field(default_factory=dict)  # the first message of each non-OK status
     lag: float = 0.0  # the latest any pair went out after it was due
@@ -196,11 +197,12 @@ class Step:
     @classmethod
     def from_json(cls, label: str, rate: float, data: dict[str, Any]) -> Step:
         return cls(label, rate, data["offered"], data["begin"], data["commit"], data["pair"], data["probe"],
-                   Counter(data["statuses"]), data["messages"], data["lag"], data["wall_s"], data["cpu_s"])
+                   data["shed"], Counter(data["statuses"]), data["messages"], data["lag"], data["wall_s"],
+                   data["cpu_s"])
 
     def to_json(self) -> dict[str, Any]:
         return {"offered": self.offered, "begin": self.begin, "commit": self.commit, "pair": self.pair,
-                "probe": self.probe, "statuses": dict(self.statuses), "messages": self.messages, "lag": self.lag,
+                "probe": self.probe, "shed": self.shed, "statuses": dict(self.statuses), "messages": self.messages, "lag": self.lag,
                 "wall_s": self.wall_s, "cpu_s": self.client_cpu_s}
 
 
@@ -237,12 +239,13 @@ def step_table(steps: Sequence[Step], names: tuple[str, str] = ("BeginUpdate", "
     """The latency and status table of one run, in Markdown."""
     counted = "OK / EXISTS / EXHAUSTED / UNAVAILABLE / DEADLINE / other"
     lines = [(f"| offered | {names[0]} p50 / p99 / max ms | {names[1]} p50 / p99 / max ms | LivenessProbe beside it, "
-              f"p50 / p99 / max ms | {names[0]} {counted} | {names[1]} {counted} | pacer lag max ms |"),
-             "|---|---|---|---|---|---|---|"]
+              f"p50 / p99 / max ms | {names[0]} {counted} | {names[1]} {counted} | RESOURCE_EXHAUSTED answered in, "
+              "p50 / p99 / max ms | pacer lag max ms |"),
+             "|---|---|---|---|---|---|---|---|"]
     for s in steps:
         lines.append(f"| {s.label} | {quantiles(s.begin)} | {quantiles(s.commit)} | {quantiles(s.probe)} | "
                      f"{' / '.join(map(str, tally(s.statuses, 'begin')))} | "
-                     f"{' / '.join(map(str, tally(s.statuses, 'commit')))} | {s.lag * 1000:.1f} |")
+                     f"{' / '.join(map(str, tally(s.statuses, 'commit')))} | {quantiles(s.shed)} | {s.lag * 1000:.1f} |")
     return lines
 
 
@@ -357,6 +360,8 @@ class Client:
                 answer = await begin(requests[k], timeout=deadline_s, metadata=metadata)
             except (error, OSError) as exc:
                 failed("begin", exc)
+                if isinstance(exc, error) and exc.code() == self.grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    step.shed.append(clock() - at)
                 return
             begun = clock()
             step.statuses["begin OK"] += 1
@@ -643,7 +648,7 @@ def report(results: list[dict[str, Any]], calls: str) -> dict[str, Any]:
                                   "p99": round(percentile(values, 99) * 1000, 1),
                                   "max": round(max(values) * 1000, 1)}
                    for what, values in (("begin", s.begin), ("commit", s.commit), ("pair", s.pair),
-                                        ("liveness", s.probe)) if values},
+                                        ("liveness", s.probe), ("resource_exhausted", s.shed)) if values},
             } for s in r["steps"]],
             "verdict": verdict(r["steps"], calls),
         } for r in results],

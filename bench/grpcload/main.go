@@ -84,6 +84,7 @@ type step struct {
 	Commit   []float64         `json:"commit"`
 	Pair     []float64         `json:"pair"`
 	Probe    []float64         `json:"probe"`
+	Shed     []float64         `json:"shed"` // BeginUpdate's RESOURCE_EXHAUSTED, from the due time
 	Statuses map[string]int    `json:"statuses"`
 	Messages map[string]string `json:"messages"`
 	Lag      float64           `json:"lag"`
@@ -165,7 +166,7 @@ func (c *client) floor(count int) []float64 {
 
 func (c *client) offer(cmd command) *step {
 	s := &step{Offered: cmd.Count, Begin: []float64{}, Commit: []float64{}, Pair: []float64{}, Probe: []float64{},
-		Statuses: map[string]int{}, Messages: map[string]string{}}
+		Shed: []float64{}, Statuses: map[string]int{}, Messages: map[string]string{}}
 	base := metadata.NewOutgoingContext(context.Background(), c.auth)
 	deadline := time.Duration(cmd.DeadlineS * float64(time.Second))
 	stopProbe := make(chan struct{})
@@ -210,6 +211,8 @@ func (c *client) offer(cmd command) *step {
 		s.count("begin", err)
 		if err == nil {
 			s.Begin = append(s.Begin, begun.Sub(at).Seconds())
+		} else if status.Code(err) == codes.ResourceExhausted {
+			s.Shed = append(s.Shed, begun.Sub(at).Seconds())
 		}
 		s.mu.Unlock()
 		if err != nil {

@@ -146,7 +146,7 @@ class TestTables:
         lines = step_table([s1])
         assert len(lines) == 3 and lines[1].startswith("|---")
         assert lines[2] == ("| 50 pairs/s | 50.0 / 99.0 / 100 | 2.0 / 2.0 / 2.0 | 1.0 / 2.0 / 2.0 | "
-                            "100 / 0 / 3 / 0 / 0 / 0 | 100 / 0 / 0 / 0 / 0 / 0 | 4.2 |")
+                            "100 / 0 / 3 / 0 / 0 / 0 | 100 / 0 / 0 / 0 / 0 / 0 | – | 4.2 |")
 
     def test_json_round_trip(self) -> None:
         s1 = step(150, [1.0, 2.0], [3.0], commit_UNAVAILABLE=1)
@@ -162,15 +162,19 @@ class TestTables:
 
 @pytest.fixture
 async def stub() -> AsyncIterator[tuple[str, dict[str, list[object]]]]:
-    """BeginUpdate answers a lease (ALREADY_EXISTS for every third user), CommitUpdate OK,
+    """BeginUpdate answers a lease (ALREADY_EXISTS for every third user, else RESOURCE_EXHAUSTED for
+    every fifth), CommitUpdate OK,
     LivenessProbe OK; every request received is kept, parsed."""
     seen: dict[str, list[object]] = {"begin": [], "commit": [], "metadata": []}
 
     async def begin(request: s.BeginUpdateRequest, context: grpc.aio.ServicerContext) -> s.BeginUpdateResponse:
         seen["begin"].append(request)
         seen["metadata"].append(dict(context.invocation_metadata()).get("authorization"))
-        if request.create_records[0].subject.id % 3 == 0:
+        user = request.create_records[0].subject.id
+        if user % 3 == 0:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, "has already been taken")
+        if user % 5 == 0:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "shed")
         return s.BeginUpdateResponse(cell_id=request.cell_id,
                                      lease_uuid=uuid_pb2.UUID(value=f"lease-{request.create_records[0].subject.id}"))
 
@@ -227,18 +231,19 @@ class TestCommands:
 
 
 USERS = 12
-# Users 1..12: 3, 6, 9, 12 refused (4), the other 8 begun and committed.
-EXPECTED = Counter({"begin OK": 8, "begin ALREADY_EXISTS": 4, "commit OK": 8})
+# Users 1..12: 3, 6, 9, 12 taken (4), 5 and 10 shed (2), the other 6 begun and committed.
+EXPECTED = Counter({"begin OK": 6, "begin ALREADY_EXISTS": 4, "begin RESOURCE_EXHAUSTED": 2, "commit OK": 6})
 
 
 def check_pairs(result: Step, seen: dict[str, list[object]]) -> None:
     assert result.statuses == EXPECTED
-    assert result.messages == {"begin ALREADY_EXISTS": "has already been taken"}
-    assert len(result.begin) == len(result.commit) == len(result.pair) == 8
+    assert result.messages == {"begin ALREADY_EXISTS": "has already been taken", "begin RESOURCE_EXHAUSTED": "shed"}
+    assert len(result.begin) == len(result.commit) == len(result.pair) == 6
+    assert len(result.shed) == 2
     assert all(p >= b for p, b in zip(result.pair, result.begin, strict=True))
     assert sorted(r.create_records[0].subject.id for r in seen["begin"]) == list(range(1, USERS + 1))  # type: ignore[attr-defined]
     committed = sorted((c.cell_id, c.lease_uuid.value) for c in seen["commit"])  # type: ignore[attr-defined]
-    assert committed == sorted((5, f"lease-{n}") for n in range(1, USERS + 1) if n % 3)
+    assert committed == sorted((5, f"lease-{n}") for n in range(1, USERS + 1) if n % 3 and n % 5)
     assert set(seen["metadata"]) == {"Bearer secret"}
     assert result.probe, "the floor is probed beside the step"
     assert result.wall_s > 0 and result.client_cpu_s > 0
