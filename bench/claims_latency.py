@@ -10,8 +10,8 @@ Opt-in and slow; not part of the test run. For each broker in turn (``--broker``
 when Apache Kafka is available, bench/__init__.py), a fresh broker and a fresh scratch
 database on the local PostgreSQL (TOPOLOGY_BENCH_POSTGRES_URL), with the projector, the
 read API and the decision relay as child processes (``topology project``, ``serve``,
-``relay``, as ``topology up`` runs them), every setting at its default unless ``--env``
-names it; then:
+``relay``, as ``topology up`` runs them; bench/stack.py), every setting at its default
+unless ``--env`` names it; then:
 
 1. the baseline, the HTTP floor: 500 GET /healthz round trips, one at a time, on one
    keep-alive connection of the same server;
@@ -49,28 +49,21 @@ import math
 import os
 import platform
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import psycopg
-from psycopg import sql
 
-from bench import add_broker_argument, best_per_broker, interleaved, load_average, running_broker, selected_brokers
+from bench import add_broker_argument, best_per_broker, interleaved, load_average, selected_brokers
 from bench.router_sync import cpu_seconds, machine_busy
+from bench.stack import scratch_stack, tokens
 from bench.steady_latency import due, percentile, scheduled_at
-from topology_store.cli.devstack import free_port
-from topology_store.projector.migrate import upgrade_to_head
-from topology_store.runtime.settings import Settings
-from topology_store.runtime.topics import ensure_topics
 
 TOKEN = f"bench-{uuid.uuid4().hex}"
 HOST = "127.0.0.1"
@@ -456,51 +449,16 @@ def knee(steps: Sequence[Step]) -> float | None:
 
 
 def on_broker(broker_name: str, args: argparse.Namespace, admin: str) -> dict[str, Any]:
-    database = f"bench_{uuid.uuid4().hex[:8]}"
     logs = Path(tempfile.mkdtemp(prefix=f"bench-claims-{broker_name}-"))
     result: dict[str, Any] = {"broker": broker_name, "logs": str(logs), "load_before": load_average()}
     print(f"[{broker_name}] starting; load average {result['load_before']}; logs in {logs}", flush=True)
-    with ExitStack() as stack:
-        broker = stack.enter_context(running_broker(broker_name, logs / f"{broker_name}.log"))
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
-
-        def drop() -> None:
-            with psycopg.connect(admin, autocommit=True) as conn:
-                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
-
-        stack.callback(drop)
-        port = free_port()
-        # Every setting at its default (what `topology up` runs) but the servers' addresses and
-        # what --env names explicitly.
-        overrides = dict(item.split("=", 1) for item in args.env)
-        env = {**os.environ, "TOPOLOGY_KAFKA_BOOTSTRAP": broker.bootstrap,
-               "TOPOLOGY_DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{database}",
-               "TOPOLOGY_PROJECTOR_METRICS_PORT": "0", "TOPOLOGY_RELAY_METRICS_PORT": "0",
-               "TOPOLOGY_API_PORT": str(port),
-               "TOPOLOGY_API_TOKENS": json.dumps({TOKEN: ["snapshot:read", "claims:read", "claims:write"]}),
-               "TOPOLOGY_LOG_FORMAT": "text", **overrides}
-        settings = Settings(kafka_bootstrap=broker.bootstrap, database_url=env["TOPOLOGY_DATABASE_URL"])
-        upgrade_to_head(settings.sqlalchemy_url)
-        asyncio.run(ensure_topics(settings))
-        result["settings"] = {k: v for k, v in env.items() if k in overrides}
-        children: dict[str, subprocess.Popen[bytes]] = {}
-        commands = {"project": ["project"], "serve": ["serve"], "relay": ["relay", "--source", settings.libpq_url]}
-        for name, command in commands.items():
-            log = stack.enter_context(open(logs / f"{name}.log", "wb"))
-            child = subprocess.Popen([sys.executable, "-m", "topology_store.cli", *command], env=env,
-                                     stdout=log, stderr=subprocess.STDOUT)
-            children[name] = child
-
-            def end(child: subprocess.Popen[bytes] = child) -> None:
-                child.terminate()
-                try:
-                    child.wait(20)
-                except subprocess.TimeoutExpired:
-                    child.kill()
-                    child.wait()
-
-            stack.callback(end)
+    # Every setting at its default (what `topology up` runs) but the servers' addresses and
+    # what --env names explicitly.
+    overrides = dict(item.split("=", 1) for item in args.env)
+    result["settings"] = overrides
+    with scratch_stack(broker_name, admin, logs, {"TOPOLOGY_API_TOKENS": tokens(TOKEN), **overrides}) as stack:
+        port, settings, children, broker, database = (stack.api_port, stack.settings, stack.children, stack.broker,
+                                                      stack.database)
         for _ in range(300):
             try:
                 if run(floor(port, 1)):

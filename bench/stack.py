@@ -2,9 +2,9 @@
 door): a fresh broker (``--broker``, bench/__init__.py), a fresh scratch database on the local
 PostgreSQL, its migrations and topics, then ``topology project``, ``topology serve`` and
 ``topology relay`` as child processes, every setting at its default but the addresses and
-what the harness names. Shared by bench/grpc_claims.py (issue 12); the HTTP harness of
-issue 13 (bench/claims_latency.py) keeps its own copy of the same steps, and its
-:class:`~bench.claims_latency.CpuMeter` is what both count CPU with.
+what the harness names. Shared by the claim harnesses: the HTTP one of issue 13
+(bench/claims_latency.py, whose setup moved here) and the gRPC one of issue 12
+(bench/grpc_claims.py); both count CPU with :class:`bench.claims_latency.CpuMeter`.
 
 Imports of the servers stay inside the function: importing this module starts nothing.
 """
