@@ -111,7 +111,8 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             from topology_store.grpc_api.server import grpc_door
 
             authorizer = Authorizer.from_settings(settings)
-            beside.append(lambda api: grpc_door(settings, api.cache, authorizer.check, authorizer.binding))
+            beside.append(lambda api: grpc_door(settings, api.cache, authorizer.check, authorizer.binding,
+                                                api.claims, api.engine))
         serve(settings, beside=beside)
     except TokenConfigError as exc:
         raise SystemExit(f"topology serve: bad configuration: {exc}") from None

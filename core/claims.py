@@ -53,7 +53,9 @@ from topology_store.schemas.models import (
     LeaseRollbackRequested,
     OwnerTransferred,
     OwnerTransferRequested,
+    NO_EXPIRY,
     OwnerType,
+    RecordMetadata,
     RejectionReason,
     ReleaseCause,
     RequestRejected,
@@ -122,8 +124,12 @@ class HeldClaim:
     owner_type: OwnerType
     owner_id: int
     status: ClaimStatus
-    lease_id: uuid.UUID | None
+    lease_id: uuid.UUID | None  # LEASED: the lease creating it; COMMITTED: the lease destroying it, if any
     claimed_at: datetime
+    # A GitLab record's Rails row and user data (adr/0022); None for our own claims.
+    source_type: str | None = None
+    source_id: bytes | None = None
+    user_data: bytes | None = None
 
     @property
     def key(self) -> ClaimKey:
@@ -142,9 +148,11 @@ class Lease:
     owner_type: OwnerType
     owner_id: int
     claims: tuple[ClaimKey, ...]
-    expires_at: datetime
+    expires_at: datetime  # NO_EXPIRY: no server-side end (adr/0022)
     status: LeaseStatus
     cause: ReleaseCause | None = None
+    destroys: tuple[ClaimKey, ...] = ()  # committed claims it destroys on commit (adr/0022)
+    granted_at: datetime | None = None  # None: granted before 0010 recorded it
 
 
 @dataclass(slots=True)
@@ -187,7 +195,9 @@ def command_keys(command: Event, secret: bytes) -> tuple[ClaimKey, ...]:
         # The model holds the canonical value already (its validator made it so):
         # only protection is left to do. This runs for every claim event of a batch.
         return ((command.bucket.value, protect_value(command.bucket, command.value, secret)),)
-    if isinstance(command, ClaimsRequested | ClaimsDestroyRequested):
+    if isinstance(command, ClaimsRequested):
+        return stored_claims((*command.claims, *command.destroy_claims), secret)
+    if isinstance(command, ClaimsDestroyRequested):
         return stored_claims(command.claims, secret)
     return ()
 
@@ -237,6 +247,14 @@ def request_digest(command: Event, secret: bytes) -> bytes:
     if isinstance(command, ClaimsRequested):
         content = [str(command.lease_id), command.cell_id, command.owner_type.value, command.owner_id,
                    command.lease_ttl_ms, sorted(stored_claims(command.claims, secret))]
+        # GitLab's parts (adr/0022) only when present, so the digest of a request recorded
+        # before them is unchanged and its retry still matches.
+        if command.destroy_claims:
+            content.append(["destroy", sorted(stored_claims(command.destroy_claims, secret))])
+        records = sorted([*stored_claims((c,), secret)[0], _metadata_text(c.metadata)]
+                         for c in command.claims if c.metadata is not None)
+        if records:
+            content.append(["records", records])
     elif isinstance(command, LeaseCommitRequested | LeaseRollbackRequested):
         content = [str(command.lease_id), command.cell_id]
     elif isinstance(command, ClaimsDestroyRequested):
@@ -248,6 +266,11 @@ def request_digest(command: Event, secret: bytes) -> bytes:
         content = [command.model_dump(mode="json", exclude=set(_ENVELOPE))]
     text = json.dumps([command.EVENT_TYPE, *content], sort_keys=True, separators=(",", ":"))
     return hmac.digest(secret, text.encode("utf-8"), "sha256")
+
+
+def _metadata_text(metadata: RecordMetadata) -> list[object]:
+    return [metadata.owner_type.value, metadata.owner_id, metadata.source_type, metadata.source_id.hex(),
+            None if metadata.user_data is None else metadata.user_data.hex()]
 
 
 # --- decide ---------------------------------------------------------------------------------
@@ -283,11 +306,18 @@ class _Decisions:
         }
 
 
-def _refs(keys: Iterable[ClaimKey]) -> tuple[ClaimRef, ...]:
+def _refs(keys: Iterable[ClaimKey], metadata: Mapping[ClaimKey, RecordMetadata | None] | None = None
+          ) -> tuple[ClaimRef, ...]:
     # Stored values are already canonical (or protected), which ClaimRef would accept
     # unchanged: validating them again is pure cost on the hot path.
     # tests/unit/test_claims.py proves the constructed refs equal validated ones.
-    return tuple(ClaimRef.model_construct(bucket=ClaimBucket(b), value=v) for b, v in keys)
+    found = metadata or {}
+    return tuple(ClaimRef.model_construct(bucket=ClaimBucket(b), value=v, metadata=found.get((b, v))) for b, v in keys)
+
+
+def _record_metadata(claims: Iterable[ClaimRef], secret: bytes) -> dict[ClaimKey, RecordMetadata | None]:
+    """Each stored key of ``claims`` and the metadata its ref carried."""
+    return {(c.bucket.value, protect_value(c.bucket, c.value, secret)): c.metadata for c in claims}
 
 
 def _expire(registry: Registry, out: _Decisions, lease: Lease) -> None:
@@ -299,6 +329,7 @@ def _expire(registry: Registry, out: _Decisions, lease: Lease) -> None:
         owner_type=lease.owner_type,
         owner_id=lease.owner_id,
         claims=_refs(lease.claims),
+        destroy_claims=_refs(lease.destroys),
         cause=ReleaseCause.EXPIRED,
     )
     out.items.append(released)
@@ -327,6 +358,28 @@ def _granted(registry: Registry, out: _Decisions, decision: ClaimDecision) -> Ve
 
 def _unchanged(out: _Decisions, reason: str) -> Verdict:
     return Verdict(tuple(out.items), "unchanged", reason)
+
+
+def _refuse_destroys(registry: Registry, out: _Decisions, cell_id: str, destroys: tuple[ClaimKey, ...]
+                     ) -> Verdict | None:
+    """A lease may destroy only committed claims of its own cell that no other lease is
+    destroying (GitLab's rule: only the cell that created a record destroys it, adr/0022)."""
+    others = [(key, held) for key in destroys if (held := registry.claims.get(key)) is not None
+              and held.cell_id != cell_id]
+    if others:
+        return _reject(out, RejectionReason.WRONG_CELL,
+                       f"{len(others)} of the claims to destroy belong to another cell",
+                       [Conflict(bucket=k[0], value=k[1], cell_id=h.cell_id) for k, h in others])  # type: ignore[arg-type]
+    missing = [key for key in destroys if (held := registry.claims.get(key)) is None
+               or held.status is not ClaimStatus.COMMITTED or held.lease_id is not None]
+    if missing:
+        unclaimed = sum(1 for key in missing if key not in registry.claims)
+        return _reject(out, RejectionReason.NOT_HELD,
+                       f"{len(missing)} of the claims to destroy are not committed ({unclaimed} not claimed at all, "
+                       f"{len(missing) - unclaimed} under an open lease)",
+                       [Conflict(bucket=k[0], value=k[1], cell_id=registry.claims[k].cell_id)  # type: ignore[arg-type]
+                        for k in missing if k in registry.claims])
+    return None
 
 
 def _conflict_message(conflicts: list[Conflict], total: int) -> str:
@@ -363,20 +416,32 @@ def decide(
     if isinstance(command, ClaimCreated | ClaimsRequested):
         # A value held under a lease conflicts until that lease's own tick ends it, even
         # past its end: only the lease's partition may decide that it expired (adr/0017).
-        keys = command_keys(command, secret)
-        owner = (command.cell_id, command.owner_type.value, command.owner_id)
+        if isinstance(command, ClaimsRequested):
+            metadata = _record_metadata(command.claims, secret)
+            keys = tuple(metadata)
+            destroys = stored_claims(command.destroy_claims, secret)
+        else:
+            metadata, keys, destroys = {}, command_keys(command, secret), ()
+        if set(keys) & set(destroys):  # equal only once protected: a clear and a hashed e-mail
+            return _reject(out, RejectionReason.INVALID, "a lease cannot create and destroy the same claim")
         conflicts: list[Conflict] = []
         new: list[ClaimKey] = []
         for key in keys:
             held = registry.claims.get(key)
+            found = metadata.get(key)
+            owner = ((command.cell_id, found.owner_type.value, found.owner_id) if found is not None
+                     else (command.cell_id, command.owner_type.value, command.owner_id))
             if held is None:
                 new.append(key)
-            elif held.owner == owner and held.status is ClaimStatus.COMMITTED:
+            elif held.owner == owner and held.status is ClaimStatus.COMMITTED and held.lease_id is None:
                 continue  # already this owner's: nothing to reserve
             else:
                 conflicts.append(Conflict(bucket=key[0], value=key[1], cell_id=held.cell_id))  # type: ignore[arg-type]
         if conflicts:
             return _reject(out, RejectionReason.CONFLICT, _conflict_message(conflicts, len(keys)), conflicts)
+        refused = _refuse_destroys(registry, out, command.cell_id, destroys)
+        if refused is not None:
+            return refused
         if isinstance(command, ClaimCreated):
             if not new:
                 return _unchanged(out, "already held by this owner")
@@ -394,6 +459,10 @@ def decide(
             )
         if command.lease_id in registry.leases:
             return _reject(out, RejectionReason.INVALID, "lease id already used by another request")
+        if command.lease_ttl_ms == 0:
+            expires_at = NO_EXPIRY  # GitLab's lease: the monolith commits or rolls it back (adr/0022)
+        else:  # a full TTL from the grant, however long the request waited (adr/0017)
+            expires_at = (at if decided_at is None else max(at, decided_at)) + timedelta(milliseconds=command.lease_ttl_ms)
         return _granted(
             registry,
             out,
@@ -404,9 +473,9 @@ def decide(
                 cell_id=command.cell_id,
                 owner_type=command.owner_type,
                 owner_id=command.owner_id,
-                claims=_refs(new),
-                # A full TTL from the grant, however long the request waited (adr/0017).
-                expires_at=(at if decided_at is None else max(at, decided_at)) + timedelta(milliseconds=command.lease_ttl_ms),
+                claims=_refs(new, metadata),
+                destroy_claims=_refs(destroys),
+                expires_at=expires_at,
             ),
         )
 
@@ -439,6 +508,7 @@ def decide(
             "owner_type": lease.owner_type,
             "owner_id": lease.owner_id,
             "claims": _refs(lease.claims),
+            "destroy_claims": _refs(lease.destroys),
         }
         if committing:
             return _granted(registry, out, LeaseCommitted(**out.envelope(), **common))
@@ -447,7 +517,9 @@ def decide(
     if isinstance(command, ClaimReleased | ClaimsDestroyRequested):
         keys = command_keys(command, secret)
         owner = (command.cell_id, command.owner_type.value, command.owner_id)
-        not_held = [key for key in keys if (h := registry.claims.get(key)) is None or h.status is not ClaimStatus.COMMITTED or h.owner != owner]
+        # A claim a lease is destroying (lease_id set) waits for that lease (adr/0022).
+        not_held = [key for key in keys if (h := registry.claims.get(key)) is None or h.status is not ClaimStatus.COMMITTED
+                    or h.owner != owner or h.lease_id is not None]
         if not_held:
             others = [
                 Conflict(bucket=k[0], value=k[1], cell_id=registry.claims[k].cell_id)  # type: ignore[arg-type]
@@ -480,8 +552,9 @@ def decide(
 
     if isinstance(command, OwnerTransferRequested):
         owner = (command.from_cell_id, command.owner_type.value, command.owner_id)
-        moving = sorted(
-            key for key, held in registry.claims.items() if held.owner == owner and held.status is ClaimStatus.COMMITTED
+        moving = sorted(  # not those a lease is destroying: that lease's commit frees them (adr/0022)
+            key for key, held in registry.claims.items()
+            if held.owner == owner and held.status is ClaimStatus.COMMITTED and held.lease_id is None
         )
         if not moving:
             return _unchanged(out, "the owner holds no committed claims in the source cell")
@@ -529,23 +602,40 @@ def evolve(registry: Registry, decision: Event) -> None:
     if isinstance(decision, RequestRejected):
         return
     if isinstance(decision, LeaseGranted):
-        keys = tuple(c.key for c in decision.claims)
-        for key in keys:
-            _put(registry, HeldClaim(key[0], key[1], decision.cell_id, decision.owner_type, decision.owner_id,
-                                     ClaimStatus.LEASED, decision.lease_id, decision.occurred_at))
+        for ref in decision.claims:
+            md = ref.metadata  # a GitLab record's subject is its owner (adr/0022)
+            _put(registry, HeldClaim(
+                ref.bucket.value, ref.value, decision.cell_id, decision.owner_type if md is None else md.owner_type,
+                decision.owner_id if md is None else md.owner_id, ClaimStatus.LEASED, decision.lease_id,
+                decision.occurred_at, None if md is None else md.source_type, None if md is None else md.source_id,
+                None if md is None else md.user_data))
+        for ref in decision.destroy_claims:  # LEASE_DESTROYING: still routes until the commit
+            held = registry.claims.get(ref.key)
+            if held is not None:
+                _put(registry, replace(held, lease_id=decision.lease_id))
         _put_lease(registry, Lease(decision.lease_id, decision.request_id, decision.cell_id, decision.owner_type,
-                                   decision.owner_id, keys, decision.expires_at, LeaseStatus.OPEN))
+                                   decision.owner_id, tuple(c.key for c in decision.claims), decision.expires_at,
+                                   LeaseStatus.OPEN, None, tuple(c.key for c in decision.destroy_claims),
+                                   decision.occurred_at))
     elif isinstance(decision, LeaseCommitted):
         for ref in decision.claims:
             held = registry.claims.get(ref.key)
             if held is not None and held.lease_id == decision.lease_id:
                 _put(registry, replace(held, status=ClaimStatus.COMMITTED, lease_id=None))
+        for ref in decision.destroy_claims:
+            held = registry.claims.get(ref.key)
+            if held is not None and held.lease_id == decision.lease_id:
+                _drop(registry, ref.key)
         _end_lease(registry, decision.lease_id, LeaseStatus.COMMITTED, None)
     elif isinstance(decision, LeaseReleased):
         for ref in decision.claims:
             held = registry.claims.get(ref.key)
             if held is not None and held.lease_id == decision.lease_id:
                 _drop(registry, ref.key)
+        for ref in decision.destroy_claims:  # kept, as they were before the lease
+            held = registry.claims.get(ref.key)
+            if held is not None and held.lease_id == decision.lease_id:
+                _put(registry, replace(held, lease_id=None))
         _end_lease(registry, decision.lease_id, LeaseStatus.RELEASED, decision.cause)
     elif isinstance(decision, ClaimsCommitted):
         for ref in decision.claims:

@@ -29,9 +29,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from topology_store.grpc_api.access import TokenBinding, authorization, server_credentials
-from topology_store.grpc_api.services import PARTLY_SERVED, SERVED, add_services
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from topology_store.grpc_api.services import SERVED, add_services
 from topology_store.runtime.settings import Settings
-from topology_store.schemas.router_sync import SNAPSHOT_READ
+from topology_store.schemas.router_sync import CLAIMS_READ, CLAIMS_WRITE, SNAPSHOT_READ
+from topology_store.service.claims import ClaimsService
 from topology_store.service.gitlab_classify import SnapshotSource
 
 log = logging.getLogger(__name__)
@@ -48,8 +51,17 @@ OPEN_SERVICES = (
 HEALTH_POLL_S = 0.25
 
 
+_CLAIMS = "/gitlab.cells.topology_service.claims.v1.ClaimService/"
+#: The scope each RPC needs beyond ``snapshot:read`` (the HTTP door's claims scopes).
+METHOD_SCOPES = {
+    **{_CLAIMS + rpc: CLAIMS_WRITE for rpc in ("BeginUpdate", "CommitUpdate", "RollbackUpdate")},
+    **{_CLAIMS + rpc: CLAIMS_READ for rpc in ("ListLeases", "ListRecords", "GetRecord")},
+}
+
+
 class BearerTokens(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Refuses an RPC outside :data:`OPEN_SERVICES` without a token holding ``snapshot:read``."""
+    """Refuses an RPC outside :data:`OPEN_SERVICES` without a token holding its scope
+    (``snapshot:read``; ClaimService's writes ``claims:write``, its reads ``claims:read``)."""
 
     def __init__(self, authorize: Authorize, mutual_tls: bool = False) -> None:
         self._authorize = authorize
@@ -63,7 +75,7 @@ class BearerTokens(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         header = authorization(details.invocation_metadata)
         if header is None and self._mutual_tls:  # the handshake verified the client's certificate
             return await continuation(details)
-        refused = self._authorize(header, SNAPSHOT_READ)
+        refused = self._authorize(header, METHOD_SCOPES.get(details.method, SNAPSHOT_READ))
         if refused is None:
             return await continuation(details)
         status, _, message = refused
@@ -97,9 +109,11 @@ def listen_address(host: str, port: int) -> str:
 
 @asynccontextmanager
 async def grpc_door(settings: Settings, snapshots: SnapshotSource, authorize: Authorize,
-                    token_binding: TokenBinding | None = None) -> AsyncIterator[str]:
+                    token_binding: TokenBinding | None = None, claims: ClaimsService | None = None,
+                    engine: AsyncEngine | None = None) -> AsyncIterator[str]:
     """The server on ``TOPOLOGY_API_HOST:TOPOLOGY_GRPC_PORT`` while the block runs; yields its address.
-    ``token_binding``: the cell a bearer token is bound to (``Authorizer.binding``)."""
+    ``token_binding``: the cell a bearer token is bound to (``Authorizer.binding``); ``claims``
+    and ``engine``: the HTTP API's claims service and database, which ClaimService shares."""
     credentials = server_credentials(settings)
     server = grpc.aio.server(
         interceptors=[BearerTokens(authorize, mutual_tls=bool(settings.tls_client_ca))],
@@ -108,10 +122,10 @@ async def grpc_door(settings: Settings, snapshots: SnapshotSource, authorize: Au
             ("grpc.max_receive_message_length", settings.api_max_body_bytes),  # the HTTP API's body limit
         ],
     )
-    add_services(server, snapshots, settings.grpc_cell_numbers, token_binding)
+    add_services(server, snapshots, settings, token_binding, claims, engine)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((*SERVED, *PARTLY_SERVED, health.SERVICE_NAME, reflection.SERVICE_NAME),
+    reflection.enable_server_reflection((*SERVED, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                         server)
     address = listen_address(settings.api_host, settings.grpc_port)
     try:

@@ -22,12 +22,14 @@ from topology_store.core.claims import ClaimStatus, HeldClaim, Lease, LeaseStatu
 from topology_store.projector.bulk import execute_binary
 from topology_store.schemas.models import OwnerType, ReleaseCause
 
-_CLAIM_COLUMNS = "bucket, value, cell_id, owner_type, owner_id, status, lease_id, claimed_at"
+_CLAIM_COLUMNS = "bucket, value, cell_id, owner_type, owner_id, status, lease_id, claimed_at, source_type, source_id, user_data"
+_LEASE_COLUMNS = ("lease_id, request_id, cell_id, owner_type, owner_id, claims, expires_at, status, cause, "
+                  "destroy_claims, granted_at")
 
 
 def _held(
     bucket: str, value: str, cell_id: str, owner_type: str, owner_id: int, status: str, lease_id: UUID | None,
-    claimed_at: datetime,
+    claimed_at: datetime, source_type: str | None, source_id: bytes | None, user_data: bytes | None,
 ) -> HeldClaim:
     """One row of ``SELECT {_CLAIM_COLUMNS}``."""
     return HeldClaim(
@@ -39,6 +41,9 @@ def _held(
         status=ClaimStatus(status),
         lease_id=lease_id,
         claimed_at=claimed_at,
+        source_type=source_type,
+        source_id=None if source_id is None else bytes(source_id),
+        user_data=None if user_data is None else bytes(user_data),
     )
 
 
@@ -53,6 +58,8 @@ def _lease(row: Row) -> Lease:  # type: ignore[type-arg]
         expires_at=row.expires_at,
         status=LeaseStatus(row.status),
         cause=ReleaseCause(row.cause) if row.cause else None,
+        destroys=tuple((bucket, value) for bucket, value in row.destroy_claims),
+        granted_at=row.granted_at,
     )
 
 
@@ -92,16 +99,15 @@ async def load_registry(conn: AsyncConnection, wanted: Needs) -> Registry:
     # because another request ran into its values (adr/0017).
     if wanted.lease_ids:
         rows = await conn.execute(
-            text(
-                "SELECT lease_id, request_id, cell_id, owner_type, owner_id, claims, expires_at, status, cause "
-                "FROM leases WHERE lease_id = ANY(CAST(:ids AS uuid[]))"
-            ),
+            text(f"SELECT {_LEASE_COLUMNS} FROM leases WHERE lease_id = ANY(CAST(:ids AS uuid[]))"),
             {"ids": list(wanted.lease_ids)},
         )
         for row in rows:
             registry.leases[row.lease_id] = _lease(row)
-    # Releasing a lease frees all its claims, so all of them must be in view.
-    open_keys = {key for lease in registry.leases.values() if lease.status is LeaseStatus.OPEN for key in lease.claims}
+    # Ending a lease touches all its claims (those it creates and those it destroys), so
+    # all of them must be in view.
+    open_keys = {key for lease in registry.leases.values() if lease.status is LeaseStatus.OPEN
+                 for key in (*lease.claims, *lease.destroys)}
     for held in await _claims_by_keys(conn, open_keys - registry.claims.keys()):
         registry.claims[held.key] = held
     if wanted.sequences:
@@ -132,10 +138,12 @@ async def write_registry(conn: AsyncConnection, registry: Registry, version: int
             f"INSERT INTO claims ({_CLAIM_COLUMNS}, version) "
             "SELECT u.*, %(version)b::bigint FROM unnest(%(buckets)b::text[], %(values)b::text[], "
             "  %(cells)b::text[], %(owner_types)b::text[], %(owner_ids)b::bigint[], "
-            "  %(statuses)b::text[], %(lease_ids)b::uuid[], %(claimed_at)b::timestamptz[]) AS u "
+            "  %(statuses)b::text[], %(lease_ids)b::uuid[], %(claimed_at)b::timestamptz[], "
+            "  %(source_types)b::text[], %(source_ids)b::bytea[], %(user_data)b::bytea[]) AS u "
             "ON CONFLICT (bucket, value) DO UPDATE SET cell_id = excluded.cell_id, "
             "  owner_type = excluded.owner_type, owner_id = excluded.owner_id, status = excluded.status, "
-            "  lease_id = excluded.lease_id, claimed_at = excluded.claimed_at, version = excluded.version",
+            "  lease_id = excluded.lease_id, claimed_at = excluded.claimed_at, source_type = excluded.source_type, "
+            "  source_id = excluded.source_id, user_data = excluded.user_data, version = excluded.version",
             {
                 "version": version,
                 "buckets": [c.bucket for c in held],
@@ -146,18 +154,20 @@ async def write_registry(conn: AsyncConnection, registry: Registry, version: int
                 "statuses": [c.status.value for c in held],
                 "lease_ids": [c.lease_id for c in held],
                 "claimed_at": [c.claimed_at for c in held],
+                "source_types": [c.source_type for c in held],
+                "source_ids": [c.source_id for c in held],
+                "user_data": [c.user_data for c in held],
             },
         )
     leases = [registry.leases[i] for i in sorted(registry.changed_leases, key=str)]
     if leases:
         await conn.execute(
             text(
-                "INSERT INTO leases (lease_id, request_id, cell_id, owner_type, owner_id, claims, expires_at, "
-                "  status, cause, version) "
+                f"INSERT INTO leases ({_LEASE_COLUMNS}, version) "
                 "SELECT u.*, CAST(:version AS bigint) FROM unnest(CAST(:ids AS uuid[]), CAST(:requests AS uuid[]), "
                 "  CAST(:cells AS text[]), CAST(:owner_types AS text[]), CAST(:owner_ids AS bigint[]), "
                 "  CAST(:claims AS jsonb[]), CAST(:expires AS timestamptz[]), CAST(:statuses AS text[]), "
-                "  CAST(:causes AS text[])) AS u "
+                "  CAST(:causes AS text[]), CAST(:destroys AS jsonb[]), CAST(:granted AS timestamptz[])) AS u "
                 "ON CONFLICT (lease_id) DO UPDATE SET status = excluded.status, cause = excluded.cause, "
                 "  version = excluded.version"
             ),
@@ -172,6 +182,8 @@ async def write_registry(conn: AsyncConnection, registry: Registry, version: int
                 "expires": [l.expires_at for l in leases],
                 "statuses": [l.status.value for l in leases],
                 "causes": [l.cause.value if l.cause else None for l in leases],
+                "destroys": [json.dumps([list(k) for k in l.destroys]) for l in leases],
+                "granted": [l.granted_at for l in leases],
             },
         )
     ranges = registry.granted_ranges

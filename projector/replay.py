@@ -104,9 +104,10 @@ def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
 # --- the projection's rows -----------------------------------------------------------------------
 
 CELL_COLUMNS = ["cell_id", "address", "session_prefix", "region", "weight", "state", "state_reason", "version"]
-CLAIM_COLUMNS = ["bucket", "value", "cell_id", "owner_type", "owner_id", "claimed_at", "version", "status", "lease_id"]
+CLAIM_COLUMNS = ["bucket", "value", "cell_id", "owner_type", "owner_id", "claimed_at", "version", "status", "lease_id",
+                 "source_type", "source_id", "user_data"]
 LEASE_COLUMNS = ["lease_id", "request_id", "cell_id", "owner_type", "owner_id", "claims", "expires_at", "status",
-                 "cause", "version"]
+                 "cause", "version", "destroy_claims", "granted_at"]
 RANGE_COLUMNS = ["sequence_name", "start", "end", "cell_id", "request_id", "version"]
 
 
@@ -116,13 +117,13 @@ def cell_row(c: Cell, version: int) -> tuple[Any, ...]:
 
 def claim_row(h: HeldClaim, version: int) -> tuple[Any, ...]:
     return (h.bucket, h.value, h.cell_id, h.owner_type.value, h.owner_id, h.claimed_at, version, h.status.value,
-            h.lease_id)
+            h.lease_id, h.source_type, h.source_id, h.user_data)
 
 
 def lease_row(l: Lease, version: int) -> tuple[Any, ...]:  # noqa: E741
     return (l.lease_id, l.request_id, l.cell_id, l.owner_type.value, l.owner_id,
             json.dumps([list(k) for k in l.claims]), l.expires_at, l.status.value,
-            l.cause.value if l.cause else None, version)
+            l.cause.value if l.cause else None, version, json.dumps([list(k) for k in l.destroys]), l.granted_at)
 
 
 def range_row(r: SequenceRangeGranted, version: int) -> tuple[Any, ...]:
@@ -345,17 +346,21 @@ async def _load_state(conn: Conn, schema: str, checkpoint: Checkpoint, source: S
             "SELECT cell_id, address, session_prefix, region, weight, state, state_reason FROM {}").format(
             sql.Identifier(schema, "cells"))):
         cells[cell_id] = Cell(cell_id, address, prefix, region, weight, CellState(cell_state), reason)
-    for bucket, value, cell_id, owner_type, owner_id, status, lease_id, claimed_at in await fetch_all(conn, sql.SQL(
-            "SELECT bucket, value, cell_id, owner_type, owner_id, status, lease_id, claimed_at FROM {}").format(
-            sql.Identifier(schema, "claims"))):
+    for (bucket, value, cell_id, owner_type, owner_id, status, lease_id, claimed_at, source_type, source_id,
+         user_data) in await fetch_all(conn, sql.SQL(
+            "SELECT bucket, value, cell_id, owner_type, owner_id, status, lease_id, claimed_at, source_type, "
+            "source_id, user_data FROM {}").format(sql.Identifier(schema, "claims"))):
         claims[(bucket, value)] = HeldClaim(bucket, value, cell_id, OwnerType(owner_type), owner_id,
-                                            ClaimStatus(status), lease_id, claimed_at)
-    for lease_id, request_id, cell_id, owner_type, owner_id, keys, expires_at, status, cause in await fetch_all(
+                                            ClaimStatus(status), lease_id, claimed_at, source_type,
+                                            None if source_id is None else bytes(source_id),
+                                            None if user_data is None else bytes(user_data))
+    for (lease_id, request_id, cell_id, owner_type, owner_id, keys, expires_at, status, cause, destroys,
+         granted_at) in await fetch_all(
             conn, sql.SQL("SELECT lease_id, request_id, cell_id, owner_type, owner_id, claims, expires_at, status, "
-                          "cause FROM {}").format(sql.Identifier(schema, "leases"))):
+                          "cause, destroy_claims, granted_at FROM {}").format(sql.Identifier(schema, "leases"))):
         leases[lease_id] = Lease(lease_id, request_id, cell_id, OwnerType(owner_type), owner_id,
                                  tuple((b, v) for b, v in keys), expires_at, LeaseStatus(status),
-                                 ReleaseCause(cause) if cause else None)
+                                 ReleaseCause(cause) if cause else None, tuple((b, v) for b, v in destroys), granted_at)
     # (registry.sequences only feeds decide(), which a replay never calls.)
     state.projection.seen.update(event_id for (event_id,) in await fetch_all(
         conn, sql.SQL("SELECT event_id FROM {}").format(sql.Identifier(schema, SEEN_TABLE))))
@@ -503,10 +508,10 @@ def replay(settings: Settings, schema: str, cut: Cut = WHOLE_LOG, source: str = 
 # The projection's content: everything but the version columns, ordered by key.
 DIGEST_QUERIES: dict[str, str] = {
     "cells": "SELECT cell_id, address, session_prefix, region, weight, state, state_reason FROM {s}.cells ORDER BY 1",
-    "claims": "SELECT bucket, value, cell_id, owner_type, owner_id, claimed_at, status, lease_id FROM {s}.claims "
-              "ORDER BY 1, 2",
-    "leases": "SELECT lease_id, request_id, cell_id, owner_type, owner_id, claims, expires_at, status, cause "
-              "FROM {s}.leases ORDER BY 1",
+    "claims": "SELECT bucket, value, cell_id, owner_type, owner_id, claimed_at, status, lease_id, source_type, "
+              "encode(source_id, 'hex'), encode(user_data, 'hex') FROM {s}.claims ORDER BY 1, 2",
+    "leases": "SELECT lease_id, request_id, cell_id, owner_type, owner_id, claims, expires_at, status, cause, "
+              "destroy_claims, granted_at FROM {s}.leases ORDER BY 1",
     "sequence_ranges": 'SELECT sequence_name, start, "end", cell_id, request_id FROM {s}.sequence_ranges ORDER BY 1, 2',
 }
 

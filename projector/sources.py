@@ -45,6 +45,8 @@ from topology_store.schemas.models import (
     ClaimBucket,
     ClaimRef,
     Conflict,
+    OwnerType,
+    RecordMetadata,
     Event,
     EventInputError,
     parse_event,
@@ -278,6 +280,12 @@ def _built(model: type[BaseModel], values: dict[str, Any]) -> Any:
     return instance
 
 
+def _metadata(record: dict[str, Any] | None) -> RecordMetadata | None:
+    if record is None:
+        return None
+    return _built(RecordMetadata, {**record, "owner_type": OwnerType(record["owner_type"])})  # type: ignore[no-any-return]
+
+
 @dataclass(frozen=True)
 class _Plan:
     """How validation turns one decision's Avro record into its model's values."""
@@ -287,6 +295,7 @@ class _Plan:
     enums: tuple[tuple[str, dict[Any, Enum]], ...]  # field -> symbol -> member (None stays None)
     refs: bool  # ``claims`` holds ClaimRefs
     conflicts: bool  # ``conflicts`` holds Conflicts
+    ref_fields: tuple[str, ...] = ("claims",)  # ClaimRef fields (and ``destroy_claims``, adr/0022)
 
     @staticmethod
     def of(model: type[Event]) -> _Plan:
@@ -298,7 +307,9 @@ class _Plan:
         fields = model.model_fields
         refs = "claims" in fields and get_args(fields["claims"].annotation)[:1] == (ClaimRef,)
         conflicts = "conflicts" in fields and get_args(fields["conflicts"].annotation)[:1] == (Conflict,)
-        return _Plan(model, frozenset(fields), tuple(enums), refs, conflicts)
+        ref_fields = tuple(name for name in ("claims", "destroy_claims")
+                           if name in fields and get_args(fields[name].annotation)[:1] == (ClaimRef,))
+        return _Plan(model, frozenset(fields), tuple(enums), refs, conflicts, ref_fields)
 
     def build(self, payload: dict[str, Any]) -> Event | None:
         if payload.keys() != self.fields:
@@ -309,13 +320,15 @@ class _Plan:
                 if value is not None:
                     payload[name] = members[value]
             if self.refs:
-                payload["claims"] = tuple([_built(ClaimRef, {"bucket": _BUCKETS[r["bucket"]], "value": r["value"]})
-                                           for r in payload["claims"]])
+                for name in self.ref_fields:
+                    payload[name] = tuple([_built(ClaimRef, {"bucket": _BUCKETS[r["bucket"]], "value": r["value"],
+                                                             "metadata": _metadata(r["metadata"])})
+                                           for r in payload[name]])
             if self.conflicts:
                 payload["conflicts"] = tuple([
                     _built(Conflict, {"bucket": _BUCKETS[c["bucket"]], "value": c["value"], "cell_id": c["cell_id"]})
                     for c in payload["conflicts"]])
-        except KeyError:  # a symbol this code does not know: let validation say what it makes of it
+        except (KeyError, ValueError):  # a symbol this code does not know: let validation say what it makes of it
             return None
         return _built(self.model, payload)  # type: ignore[no-any-return]
 

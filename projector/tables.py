@@ -49,10 +49,15 @@ claims = Table(
     Column("claimed_at", DateTime(timezone=True), nullable=False),
     Column("version", BigInteger, nullable=False, comment="topology version of the last change"),
     Column("status", Text, nullable=False, server_default="COMMITTED"),  # LEASED claims do not route
-    Column("lease_id", Uuid),
+    Column("lease_id", Uuid),  # LEASED: the creating lease; COMMITTED: the destroying one, if any
+    # A GitLab record's Rails row and user data (adr/0022); NULL for our own claims.
+    Column("source_type", Text, comment="GitLab Source.Type of the Rails row"),
+    Column("source_id", LargeBinary, comment="the Rails row's primary key, as sent"),
+    Column("user_data", LargeBinary, comment="a serialized google.protobuf.Any"),
     PrimaryKeyConstraint("bucket", "value"),
     Index("claims_cell_id_idx", "cell_id"),
     Index("claims_owner_idx", "cell_id", "owner_type", "owner_id"),
+    Index("claims_source_idx", "cell_id", "source_type", "source_id", postgresql_where=text("source_type IS NOT NULL")),
 )
 
 leases = Table(
@@ -68,7 +73,10 @@ leases = Table(
     Column("status", Text, nullable=False),
     Column("cause", Text),
     Column("version", BigInteger, nullable=False),
+    Column("destroy_claims", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
+    Column("granted_at", DateTime(timezone=True)),  # GitLab's LeaseRecord.created_at
     Index("leases_open_expiry_idx", "expires_at", postgresql_where=text("status = 'OPEN'")),
+    Index("leases_open_by_cell_idx", "cell_id", "granted_at", "lease_id", postgresql_where=text("status = 'OPEN'")),
 )
 
 sequence_ranges = Table(

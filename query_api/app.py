@@ -41,8 +41,9 @@ def create_app(settings: Settings, metrics: ApiMetrics | None = None, beside: Se
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_engine(settings.sqlalchemy_url)
         cache = sync.start(engine)
-        app.state.api = ApiState(settings=settings, engine=engine, cache=cache, metrics=api_metrics)
         app.state.claims = ClaimsDoor(settings, engine)
+        app.state.api = ApiState(settings=settings, engine=engine, cache=cache, metrics=api_metrics,
+                                 claims=app.state.claims.service)
         api_metrics.watch_admission(app.state.claims.admission)
         await app.state.claims.start()
         refresher = asyncio.create_task(cache.run(), name="snapshot-refresh")

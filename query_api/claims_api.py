@@ -45,6 +45,7 @@ from topology_store.query_api.decisions import DecisionWaiter, lookup
 from topology_store.query_api.documents import ClaimView, ErrorDocument, any_case_pattern
 from topology_store.query_api.errors import DATABASE_DOWN, RETRY_AFTER_S, error, validation_message
 from topology_store.runtime.settings import Settings
+from topology_store.schemas import router_sync
 from topology_store.schemas.models import (
     MAX_CLAIM_VALUE_LENGTH,
     MAX_CLAIMS_PER_REQUEST,
@@ -123,8 +124,7 @@ class OwnerDocument(BaseModel):
         default=None, description="More claims follow: pass this as after= to get the next page")
 
 
-CLAIMS_READ = "claims:read"
-CLAIMS_WRITE = "claims:write"
+CLAIMS_READ, CLAIMS_WRITE = router_sync.CLAIMS_READ, router_sync.CLAIMS_WRITE
 
 _PATH_VALUE = (f"The value as the client spells it; canonicalized (e.g. lower-cased), e-mails hashed. Its format "
                f"depends on the bucket ({CLAIM_VALUE_FORMATS}): a value its bucket cannot hold names no claim (404)")

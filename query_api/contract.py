@@ -31,6 +31,7 @@ from topology_store.schemas.models import (
     CONTROL_CHARACTERS,
     MAX_BIGINT,
     MAX_CLAIM_VALUE_LENGTH,
+    max_claim_value_length,
     MAX_LEASE_TTL_MS,
     ClaimBucket,
     canonical_claim_value,
@@ -105,7 +106,7 @@ def parse_bucket(text: str) -> ClaimBucket:
 def claim_value_schema(bucket: ClaimBucket) -> dict[str, Any]:
     """What the document says of a ``bucket`` value (the server decides with the same rule)."""
     return {"pattern": claim_value_pattern(bucket, CONTROL_CHARACTERS),
-            "description": f"{bucket.value}: {CLAIM_VALUE_RULES[bucket]}; at most {MAX_CLAIM_VALUE_LENGTH} "
+            "description": f"{bucket.value}: {CLAIM_VALUE_RULES[bucket]}; at most {max_claim_value_length(bucket)} "
             "characters (also once lower-cased), no control characters, valid Unicode (no lone surrogate)"}
 
 
@@ -135,7 +136,7 @@ def _claim_model(bucket: ClaimBucket) -> type[_DoorClaim]:
         name,
         __base__=_DoorClaim,
         bucket=(Literal[bucket.value], ...),  # type: ignore[valid-type]
-        value=(str, Field(min_length=1, max_length=MAX_CLAIM_VALUE_LENGTH, description=schema["description"],
+        value=(str, Field(min_length=1, max_length=max_claim_value_length(bucket), description=schema["description"],
                           json_schema_extra={"pattern": schema["pattern"]})),
     )
 

@@ -122,6 +122,11 @@ class Settings(BaseSettings):
         default=0, ge=0, le=65535, description="Port of the gRPC door `topology serve` opens beside the HTTP API, "
         "on TOPOLOGY_API_HOST; 0 (the default): none. `topology up` opens it on 9095 (or a free port)"
     )
+    grpc_lease_ttl_ms: int = Field(
+        default=0, ge=0, le=24 * 3600 * 1000, description="Server-side TTL of a lease begun over gRPC, in ms; 0 (the "
+        "default, GitLab's model): none, the monolith commits or rolls back every lease it began and reconciles "
+        "stale ones with ListLeases; a call may ask for one with x-topology-lease-ttl-ms metadata (adr/0022)"
+    )
     grpc_cell_ids: str = Field(
         default="", description='JSON object: cell name -> GitLab\'s numeric cell id (int64 > 0), e.g. {"cell-1": 1}; '
         "a cell not named here has the number its name ends with (cell-7 -> 7, 12 -> 12)"

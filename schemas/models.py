@@ -41,6 +41,22 @@ class ClaimBucket(StrEnum):
     PACKAGE = "PACKAGE"
     IMAGE = "IMAGE"
     ORGANIZATION_ID = "ORGANIZATION_ID"
+    # GitLab's buckets (claims.v1.Bucket.Type, adr/0022): a full route path with a '/'
+    # (a top-level one is a NAMESPACE), and the rest one to one.
+    ROUTE = "ROUTE"
+    ORGANIZATION_PATH = "ORGANIZATION_PATH"
+    REDIRECT_ROUTE = "REDIRECT_ROUTE"
+    PROJECT_ID = "PROJECT_ID"
+    NAMESPACE_ID = "NAMESPACE_ID"
+    GPG_KEY = "GPG_KEY"
+    SSH_KEY = "SSH_KEY"
+    USER_ID = "USER_ID"
+    SERVICE_DESK_CUSTOM_EMAIL = "SERVICE_DESK_CUSTOM_EMAIL"
+    GPG_KEY_FINGERPRINT = "GPG_KEY_FINGERPRINT"
+    SSH_KEY_FINGERPRINT = "SSH_KEY_FINGERPRINT"
+    SNIPPET_ID = "SNIPPET_ID"
+    PAGES_DOMAIN = "PAGES_DOMAIN"
+    PAGES_UNIQUE_DOMAIN = "PAGES_UNIQUE_DOMAIN"
 
 
 class OwnerType(StrEnum):
@@ -48,6 +64,7 @@ class OwnerType(StrEnum):
     PROJECT = "PROJECT"
     USER = "USER"
     ORGANIZATION = "ORGANIZATION"
+    NAMESPACE = "NAMESPACE"  # GitLab's Subject NAMESPACE (a group's or a user's namespace)
 
 
 # Claim value formats. Each is one regular expression over the value *as given* (before
@@ -59,7 +76,15 @@ class OwnerType(StrEnum):
 MAX_CLAIM_VALUE_LENGTH = 255
 MAX_BIGINT = 2**63 - 1
 PROTECTED_PREFIX = "hmac-sha256:"
-SENSITIVE_BUCKETS = frozenset({"EMAIL"})
+# Stored as a keyed hash: e-mails (never in clear at rest), and public keys (too long to
+# index; only their equality matters).
+SENSITIVE_BUCKETS = frozenset({"EMAIL", "SERVICE_DESK_CUSTOM_EMAIL", "GPG_KEY", "SSH_KEY"})
+EMAIL_BUCKETS = frozenset({"EMAIL", "SERVICE_DESK_CUSTOM_EMAIL"})
+KEY_BUCKETS = frozenset({"GPG_KEY", "SSH_KEY"})
+MAX_KEY_VALUE_LENGTH = 16_384  # an armored GPG public key; stored as its hash
+ID_BUCKETS = frozenset({"ORGANIZATION_ID", "PROJECT_ID", "NAMESPACE_ID", "USER_ID", "SNIPPET_ID"})
+# Compared as given; every other bucket is unique case-insensitively (lower-cased).
+CASE_SENSITIVE_BUCKETS = frozenset({"KEY", "PACKAGE", "GPG_KEY", "SSH_KEY", "SSH_KEY_FINGERPRINT"})
 # A sensitive value may arrive already protected: the keyed hash of its canonical form.
 _PROTECTED = re.compile(r"^hmac-sha256:[0-9a-f]{64}$")
 _CELL_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -113,14 +138,23 @@ def claim_value_pattern(bucket: ClaimBucket | str, forbidden: str = NUL) -> str:
     (PostgreSQL text cannot store it), the read API every control character (as in
     its paths)."""
     bucket = ClaimBucket(bucket)
-    if bucket in (ClaimBucket.NAMESPACE, ClaimBucket.USERNAME):
-        # GitLab's rule for a path segment: starts with a letter, digit or underscore.
-        return "^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
+    segment = "[A-Za-z0-9_][A-Za-z0-9_.-]*"  # GitLab's path segment: starts with a letter, digit or underscore
+    label = "[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"  # a DNS label
+    if bucket in (ClaimBucket.NAMESPACE, ClaimBucket.USERNAME, ClaimBucket.ORGANIZATION_PATH):
+        return f"^{segment}$"
+    if bucket is ClaimBucket.ROUTE:
+        return f"^{segment}(/{segment})+$"  # a nested full path; a top-level one is a NAMESPACE
+    if bucket is ClaimBucket.REDIRECT_ROUTE:
+        return f"^{segment}(/{segment})*$"
+    if bucket in (ClaimBucket.PAGES_DOMAIN, ClaimBucket.PAGES_UNIQUE_DOMAIN):
+        return f"^{label}([.]{label})*$"
+    if bucket is ClaimBucket.GPG_KEY_FINGERPRINT:
+        return "^[0-9A-Fa-f]{16,64}$"
     if bucket is ClaimBucket.IMAGE:
         return "^[A-Za-z0-9][A-Za-z0-9._/-]*$"
-    if bucket is ClaimBucket.ORGANIZATION_ID:
+    if bucket.value in ID_BUCKETS:
         return f"^{_decimal_at_most(MAX_BIGINT)}$"
-    if bucket is ClaimBucket.EMAIL:
+    if bucket.value in EMAIL_BUCKETS:
         # local@domain, or the protected form (its prefix, in any case, means that form).
         excluded = f"@{_WHITESPACE}{forbidden}"
         return f"^(hmac-sha256:[0-9a-f]{{64}}|{_not_starting_with(PROTECTED_PREFIX, excluded)}@[^{excluded}]+)$"
@@ -140,6 +174,23 @@ CLAIM_VALUE_RULES: dict[ClaimBucket, str] = {
     ClaimBucket.PACKAGE: "any text without surrounding whitespace; case-sensitive",
     ClaimBucket.IMAGE: "letters, digits, '.', '_', '-' and '/', starting with a letter or digit; case-insensitive",
     ClaimBucket.ORGANIZATION_ID: f"a positive integer up to {MAX_BIGINT}, in decimal without leading zeros",
+    ClaimBucket.ROUTE: "a full path of two or more segments joined by '/' (a one-segment path is a NAMESPACE), "
+    "each as a NAMESPACE; case-insensitive",
+    ClaimBucket.ORGANIZATION_PATH: "one path segment, as a NAMESPACE; case-insensitive",
+    ClaimBucket.REDIRECT_ROUTE: "a full path of one or more segments joined by '/', each as a NAMESPACE; "
+    "case-insensitive",
+    ClaimBucket.GPG_KEY: f"a public key, any text of at most {MAX_KEY_VALUE_LENGTH} characters without "
+    "surrounding whitespace, stored as its keyed hash; case-sensitive",
+    ClaimBucket.SSH_KEY: f"a public key, any text of at most {MAX_KEY_VALUE_LENGTH} characters without "
+    "surrounding whitespace, stored as its keyed hash; case-sensitive",
+    ClaimBucket.SERVICE_DESK_CUSTOM_EMAIL: "local@domain, as an EMAIL; case-insensitive; or the protected form",
+    ClaimBucket.GPG_KEY_FINGERPRINT: "16 to 64 hex digits; case-insensitive",
+    ClaimBucket.SSH_KEY_FINGERPRINT: "any text without surrounding whitespace (e.g. SHA256:<base64>); case-sensitive",
+    ClaimBucket.PAGES_DOMAIN: "a domain name: DNS labels of letters, digits and '-' joined by '.'; case-insensitive",
+    ClaimBucket.PAGES_UNIQUE_DOMAIN: "a domain name: DNS labels of letters, digits and '-' joined by '.'; "
+    "case-insensitive",
+    **{ClaimBucket(b): f"a positive integer up to {MAX_BIGINT}, in decimal without leading zeros"
+       for b in ("PROJECT_ID", "NAMESPACE_ID", "USER_ID", "SNIPPET_ID")},
 }
 
 _CLAIM_VALUE_FORMATS = {bucket: re.compile(claim_value_pattern(bucket)) for bucket in ClaimBucket}
@@ -155,6 +206,11 @@ def _require_unicode_text(value: str) -> None:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError("must be valid Unicode text (no lone surrogates)") from None
+
+
+def max_claim_value_length(bucket: ClaimBucket | str) -> int:
+    """How long a ``bucket`` value may be, once canonical."""
+    return MAX_KEY_VALUE_LENGTH if ClaimBucket(bucket).value in KEY_BUCKETS else MAX_CLAIM_VALUE_LENGTH
 
 
 def canonical_claim_value(bucket: ClaimBucket | str, value: str) -> str:
@@ -174,17 +230,22 @@ def canonical_claim_value(bucket: ClaimBucket | str, value: str) -> str:
     if "\x00" in value:
         raise ValueError("must not contain NUL characters")
     _require_unicode_text(value)
-    if bucket.value in SENSITIVE_BUCKETS and value[:len(PROTECTED_PREFIX)].lower() == PROTECTED_PREFIX:
+    if bucket.value in EMAIL_BUCKETS and value[:len(PROTECTED_PREFIX)].lower() == PROTECTED_PREFIX:
         if not _PROTECTED.fullmatch(value):
             raise ValueError(f"a protected {bucket.value} must be {PROTECTED_PREFIX} and 64 lower-case hex digits")
         return value
-    canonical = value if bucket in (ClaimBucket.KEY, ClaimBucket.PACKAGE) else value.lower()
+    canonical = value if bucket.value in CASE_SENSITIVE_BUCKETS else value.lower()
     # Measured after lower-casing, which can lengthen some Unicode text.
-    if len(canonical) > MAX_CLAIM_VALUE_LENGTH:
-        raise ValueError(f"must be at most {MAX_CLAIM_VALUE_LENGTH} characters")
+    limit = max_claim_value_length(bucket)
+    if len(canonical) > limit:
+        raise ValueError(f"must be at most {limit} characters")
     if not _CLAIM_VALUE_FORMATS[bucket].fullmatch(value):
-        what = {ClaimBucket.EMAIL: "look like local@domain", ClaimBucket.ORGANIZATION_ID:
-                "be a positive integer below 2**63"}.get(bucket, "be " + CLAIM_VALUE_RULES[bucket])
+        if bucket.value in EMAIL_BUCKETS:
+            what = "look like local@domain"
+        elif bucket.value in ID_BUCKETS:
+            what = "be a positive integer below 2**63"
+        else:
+            what = "be " + CLAIM_VALUE_RULES[bucket]
         raise ValueError(f"{bucket.value} must {what}")
     return canonical
 
@@ -193,8 +254,9 @@ def protect_value(bucket: ClaimBucket | str, canonical: str, secret: bytes) -> s
     """The value as stored and compared: sensitive buckets keep only a keyed hash
     (HMAC-SHA256 with the deployment's secret), so a clear e-mail never reaches
     PostgreSQL, logs, metrics or snapshots, while equal e-mails still collide."""
-    if ClaimBucket(bucket).value not in SENSITIVE_BUCKETS or _PROTECTED.fullmatch(canonical):
-        return canonical
+    name = ClaimBucket(bucket).value
+    if name not in SENSITIVE_BUCKETS or (name in EMAIL_BUCKETS and _PROTECTED.fullmatch(canonical)):
+        return canonical  # a key is always given in clear (no protected form), so always hashed
     return PROTECTED_PREFIX + hmac.new(secret, canonical.encode("utf-8"), hashlib.sha256).hexdigest()
 
 
@@ -310,13 +372,33 @@ class ClaimReleased(_ClaimEvent):
     EVENT_TYPE: ClassVar[str] = "ClaimReleased"
 
 
+MAX_SOURCE_ID_BYTES = 64
+MAX_USER_DATA_BYTES = 4096
+
+
+class RecordMetadata(BaseModel):
+    """What a record made through GitLab's claims contract carries besides its value
+    (adr/0022): its subject (our owner), the Rails row behind it, and opaque user data.
+    Bytes travel as Avro bytes, and as base64 in JSON."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_bytes="base64", val_json_bytes="base64")
+
+    owner_type: OwnerType
+    owner_id: int = Field(ge=0, le=MAX_BIGINT)
+    source_type: str = Field(pattern=r"^[A-Z][A-Z0-9_]{0,63}$", description="a GitLab Source.Type name")
+    source_id: bytes = Field(max_length=MAX_SOURCE_ID_BYTES)
+    user_data: bytes | None = Field(default=None, max_length=MAX_USER_DATA_BYTES)
+
+
 class ClaimRef(BaseModel):
-    """One (bucket, value) of a request, value in canonical form."""
+    """One (bucket, value) of a request, value in canonical form; ``metadata`` only for
+    GitLab's records (adr/0022)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     bucket: ClaimBucket
     value: str
+    metadata: RecordMetadata | None = None
 
     @field_validator("value")
     @classmethod
@@ -333,6 +415,9 @@ class ClaimRef(BaseModel):
 
 MAX_CLAIMS_PER_REQUEST = 100
 MAX_LEASE_TTL_MS = 24 * 3600 * 1000
+#: The end of a lease without a server-side expiry (lease_ttl_ms 0, GitLab's leases): the
+#: last millisecond Avro's timestamp-millis, Python and PostgreSQL all hold; never due.
+NO_EXPIRY = datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)
 MAX_SEQUENCE_RANGE = 2**40
 
 ClaimRefs = Annotated[tuple[ClaimRef, ...], Field(min_length=1, max_length=MAX_CLAIMS_PER_REQUEST)]
@@ -363,10 +448,24 @@ class ClaimsRequested(Event):
     cell_id: CellId
     owner_type: OwnerType
     owner_id: OwnerId
-    claims: ClaimRefs
-    lease_ttl_ms: int = Field(default=60_000, ge=1000, le=MAX_LEASE_TTL_MS)
+    claims: tuple[ClaimRef, ...] = Field(max_length=MAX_CLAIMS_PER_REQUEST)
+    destroy_claims: tuple[ClaimRef, ...] = Field(default=(), max_length=MAX_CLAIMS_PER_REQUEST)
+    # 0: no server-side expiry (GitLab's leases, adr/0022); else at least a second.
+    lease_ttl_ms: int = Field(default=60_000, ge=0, le=MAX_LEASE_TTL_MS)
 
-    _distinct_claims = field_validator("claims")(_distinct)
+    _distinct_claims = field_validator("claims", "destroy_claims")(_distinct)
+
+    @model_validator(mode="after")
+    def _creates_and_destroys(self) -> ClaimsRequested:
+        if not self.claims and not self.destroy_claims:
+            raise ValueError("claims and destroy_claims are both empty: a lease creates or destroys at least one claim")
+        if len(self.claims) + len(self.destroy_claims) > MAX_CLAIMS_PER_REQUEST:
+            raise ValueError(f"a lease names at most {MAX_CLAIMS_PER_REQUEST} claims")
+        if {c.key for c in self.claims} & {c.key for c in self.destroy_claims}:
+            raise ValueError("a lease cannot create and destroy the same (bucket, value)")
+        if 0 < self.lease_ttl_ms < 1000:
+            raise ValueError("lease_ttl_ms is 0 (no server-side expiry) or at least 1000")
+        return self
 
     @property
     def partition_key(self) -> str:
@@ -503,7 +602,8 @@ class LeaseGranted(_Decision):
     owner_type: OwnerType
     owner_id: OwnerId
     claims: tuple[ClaimRef, ...]
-    expires_at: AwareDatetime
+    destroy_claims: tuple[ClaimRef, ...] = ()
+    expires_at: AwareDatetime  # NO_EXPIRY: the lease has no server-side end (adr/0022)
 
 
 class LeaseCommitted(_Decision):
@@ -514,6 +614,7 @@ class LeaseCommitted(_Decision):
     owner_type: OwnerType
     owner_id: OwnerId
     claims: tuple[ClaimRef, ...]
+    destroy_claims: tuple[ClaimRef, ...] = ()
 
 
 class LeaseReleased(Event):
@@ -525,6 +626,7 @@ class LeaseReleased(Event):
     owner_type: OwnerType
     owner_id: OwnerId
     claims: tuple[ClaimRef, ...]
+    destroy_claims: tuple[ClaimRef, ...] = ()
     cause: ReleaseCause
 
     @property

@@ -56,6 +56,9 @@ ENCODINGS = ("zstd", "gzip")  # in order of preference, after the client's q-val
 VERSION_HEADER = "X-Topology-Version"
 AGE_HEADER = "X-Topology-Age-Seconds"
 SNAPSHOT_READ = "snapshot:read"
+# The claims scopes, checked by the HTTP and the gRPC doors alike.
+CLAIMS_READ = "claims:read"
+CLAIMS_WRITE = "claims:write"
 
 DIGEST_MODULUS = 1 << 64
 

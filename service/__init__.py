@@ -1,5 +1,5 @@
 """The application service layer (adr/0007, adr/0015): what every door (HTTP, the CLI, a
-later gRPC server) calls alike. No I/O of its own: the adapters it needs come in as ports.
+gRPC door) calls alike. No I/O of its own: the adapters it needs come in as ports.
 
 - ``claims``    :class:`ClaimsService`: ``submit(command)`` publishes a claim command and
                 answers with the projector's decision.
@@ -9,4 +9,6 @@ later gRPC server) calls alike. No I/O of its own: the adapters it needs come in
 - ``gitlab_classify``  GitLab's Classify over a snapshot (adr/0021): the one decision the gRPC
                 door and ``POST /v1/classify`` both answer with; the cells' numbers per snapshot.
 - ``gitlab_cells``     our cells in GitLab's shape: numeric ids, ``host:port``, the first cell.
+- ``gitlab_claims``    GitLab's ClaimService onto our claim commands and back (adr/0022):
+                buckets, records, leases, status codes, a BeginUpdate's request id.
 """

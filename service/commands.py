@@ -42,16 +42,20 @@ def begin(
     cell_id: str,
     owner_type: str,
     owner_id: int,
-    claims: Iterable[Mapping[str, str]],
+    claims: Iterable[Mapping[str, object]],
     lease_ttl_ms: int,
     request_id: uuid.UUID | None = None,
     lease_id: uuid.UUID | None = None,
+    destroy_claims: Iterable[Mapping[str, object]] = (),
 ) -> ClaimsRequested:
-    """Reserve all ``claims`` ({"bucket", "value"}) for one owner under a lease, or none."""
+    """Reserve all ``claims`` ({"bucket", "value"}, and a GitLab record's "metadata") for one
+    owner under a lease, and mark committed ``destroy_claims`` of the cell for destruction on
+    commit; or nothing (adr/0022)."""
     event_id = request_id or uuid.uuid4()
     return ClaimsRequested(
         event_id=event_id, source=source, lease_id=lease_id or lease_id_for(event_id), cell_id=cell_id,
-        owner_type=owner_type, owner_id=owner_id, claims=[dict(c) for c in claims], lease_ttl_ms=lease_ttl_ms,
+        owner_type=owner_type, owner_id=owner_id, claims=[dict(c) for c in claims],
+        destroy_claims=[dict(c) for c in destroy_claims], lease_ttl_ms=lease_ttl_ms,
     )
 
 

@@ -160,7 +160,7 @@ def test_begin_grants_a_lease_that_ends_at_log_time_plus_ttl() -> None:
     }
     assert registry.leases == {
         request.lease_id: Lease(request.lease_id, request.event_id, "cell-1", OwnerType.GROUP, 1,
-                                (key("a"), key("b")), at + 5 * SEC, LeaseStatus.OPEN)
+                                (key("a"), key("b")), at + 5 * SEC, LeaseStatus.OPEN, granted_at=at)
     }
     assert registry.changed_claims == {key("a"), key("b")}
     assert registry.changed_leases == {request.lease_id}

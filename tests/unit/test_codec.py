@@ -44,6 +44,7 @@ from topology_store.schemas.models import (
     OwnerTransferred,
     OwnerTransferRequested,
     OwnerType,
+    RecordMetadata,
     RejectionReason,
     ReleaseCause,
     RequestRejected,
@@ -79,6 +80,23 @@ REFS = (
     ClaimRef(bucket=ClaimBucket.PACKAGE, value="@Scope/Pkg"),
     ClaimRef(bucket=ClaimBucket.IMAGE, value="registry.example.com/group/app"),
     ClaimRef(bucket=ClaimBucket.ORGANIZATION_ID, value="9223372036854775807"),
+    # GitLab's buckets (adr/0022), one with a record's metadata.
+    ClaimRef(bucket=ClaimBucket.ROUTE, value="gitlab-org/gitlab", metadata=RecordMetadata(
+        owner_type=OwnerType.NAMESPACE, owner_id=2**63 - 1, source_type="RAILS_TABLE_ROUTES",
+        source_id=b"\x00" * 7 + b"\xff", user_data=b"\x00\x01")),
+    ClaimRef(bucket=ClaimBucket.ORGANIZATION_PATH, value="acme"),
+    ClaimRef(bucket=ClaimBucket.REDIRECT_ROUTE, value="old-group/old-project"),
+    ClaimRef(bucket=ClaimBucket.PROJECT_ID, value="278964"),
+    ClaimRef(bucket=ClaimBucket.NAMESPACE_ID, value="9970"),
+    ClaimRef(bucket=ClaimBucket.GPG_KEY, value="-----BEGIN PGP PUBLIC KEY BLOCK-----\n\nmQINBF\n-----END PGP PUBLIC KEY BLOCK-----"),
+    ClaimRef(bucket=ClaimBucket.SSH_KEY, value="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMq alice@example.com"),
+    ClaimRef(bucket=ClaimBucket.USER_ID, value="1"),
+    ClaimRef(bucket=ClaimBucket.SERVICE_DESK_CUSTOM_EMAIL, value="support@acme.example"),
+    ClaimRef(bucket=ClaimBucket.GPG_KEY_FINGERPRINT, value="5fb4c5d2e1a0b3c4d5e6f708192a3b4c5d6e7f80"),
+    ClaimRef(bucket=ClaimBucket.SSH_KEY_FINGERPRINT, value="SHA256:nThbg6kXUpJWGl7E1IGOCspRomTxdCARLviKw6E5SY8"),
+    ClaimRef(bucket=ClaimBucket.SNIPPET_ID, value="42"),
+    ClaimRef(bucket=ClaimBucket.PAGES_DOMAIN, value="docs.acme.example"),
+    ClaimRef(bucket=ClaimBucket.PAGES_UNIQUE_DOMAIN, value="acme-docs-1a2b3c.gitlab.io"),
 )
 
 
@@ -131,6 +149,7 @@ def example_events() -> list[Event]:
             owner_type=OwnerType.ORGANIZATION,
             owner_id=0,
             claims=REFS,
+            destroy_claims=(ClaimRef(bucket=ClaimBucket.ROUTE, value="gitlab-org/old-name"),),
             lease_ttl_ms=24 * 3600 * 1000,
         ),
         LeaseCommitRequested(source="cell-1", occurred_at=OCCURRED, lease_id=LEASE_ID, cell_id="cell-1"),
@@ -435,7 +454,10 @@ def test_round_trip_keeps_claim_order_and_nested_records() -> None:
     assert isinstance(event, ClaimsRequested)
     codec = EventCodec()
     decoded = codec.decode(_encode(event, codec))
-    assert decoded.payload["claims"] == [{"bucket": ref.bucket.value, "value": ref.value} for ref in REFS]
+    assert decoded.payload["claims"] == [
+        {"bucket": ref.bucket.value, "value": ref.value,
+         "metadata": None if ref.metadata is None else ref.metadata.model_dump(mode="python")} for ref in REFS]
+    assert decoded.payload["claims"][7]["metadata"]["source_id"] == b"\x00" * 7 + b"\xff"  # Avro bytes, as sent
     assert decoded.payload["lease_id"] == LEASE_ID
 
 

@@ -19,7 +19,7 @@ def test_the_repository_schemas_are_compatible_and_locked() -> None:
     report = check()
     assert report.problems == []
     assert sum(len(family) for family in report.versions.values()) >= 22
-    assert [v.number for v in report.versions["ClaimCreated"]] == [1, 2]
+    assert [v.number for v in report.versions["ClaimCreated"]] == [1, 2, 3]
 
 
 def test_the_cli_check_exits_zero_on_the_repository(capsys: pytest.CaptureFixture[str]) -> None:
@@ -90,12 +90,13 @@ def test_a_properly_versioned_compatible_change_needs_only_the_lock_update(schem
     write(schemas / "ClaimCreated.avsc", raw)
     pending = check(schemas)
     assert [str(p) for p in pending.problems if p.kind != "lock"] == []
-    assert "ClaimCreated v3 (ClaimCreated.avsc) is not in the lock" in messages(pending.problems)
-    assert "ClaimCreated v2 moved to history/ClaimCreated.v2.avsc" in messages(pending.problems)
+    assert "ClaimCreated v4 (ClaimCreated.avsc) is not in the lock" in messages(pending.problems)
+    assert "ClaimCreated v3 moved to history/ClaimCreated.v3.avsc" in messages(pending.problems)
     recorded = check(schemas, update_lock=True)
     assert recorded.ok and recorded.lock_updated
     assert [e["file"] for e in read(schemas / "fingerprints.json")["event_types"]["ClaimCreated"]] == [
-        "history/ClaimCreated.v1.avsc", "history/ClaimCreated.v2.avsc", "ClaimCreated.avsc"]
+        "history/ClaimCreated.v1.avsc", "history/ClaimCreated.v2.avsc", "history/ClaimCreated.v3.avsc",
+        "ClaimCreated.avsc"]
     assert check(schemas).ok
 
 

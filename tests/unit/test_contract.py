@@ -25,7 +25,7 @@ from pydantic import AwareDatetime, BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from topology_store.schemas.models import EVENT_MODELS, ClaimBucket, ClaimRef, Conflict, Event
+from topology_store.schemas.models import EVENT_MODELS, ClaimBucket, ClaimRef, Conflict, Event, RecordMetadata
 from topology_store.schemas.registry import EVENT_TYPES, HISTORY_DIR, SCHEMA_DIR, fingerprint_bytes, load_registry
 
 SCHEMA_FILES: list[Path] = sorted(SCHEMA_DIR.glob("*.avsc"))
@@ -37,7 +37,7 @@ AVRO_INT_RANGE = (-(2**31), 2**31 - 1)
 AVRO_LONG_RANGE = (-(2**63), 2**63 - 1)
 
 # The nested record types of the contract and the models that mirror them.
-NESTED_MODELS: dict[str, type[BaseModel]] = {"ClaimRef": ClaimRef, "Conflict": Conflict}
+NESTED_MODELS: dict[str, type[BaseModel]] = {"ClaimRef": ClaimRef, "Conflict": Conflict, "RecordMetadata": RecordMetadata}
 
 
 def _raw(path: Path) -> dict[str, Any]:
@@ -185,8 +185,14 @@ history_params = pytest.mark.parametrize(("name", "raw"), _history(), ids=[p.nam
 
 def test_there_are_schema_files() -> None:
     assert len(SCHEMA_FILES) == 20
-    assert {path.name for path in HISTORY_FILES} == {"ClaimCreated.v1.avsc", "ClaimReleased.v1.avsc",
-                                                     "LeaseExpiryTick.v1.avsc"}
+    # GitLab's buckets, owner type and record metadata (adr/0022) made a new version of
+    # every claim event.
+    claim_events = ["ClaimsCommitted", "ClaimsDestroyRequested", "ClaimsDestroyed", "ClaimsRequested",
+                    "LeaseCommitted", "LeaseGranted", "LeaseReleased", "OwnerTransferRequested",
+                    "OwnerTransferred", "RequestRejected"]
+    assert {path.name for path in HISTORY_FILES} == {
+        "ClaimCreated.v1.avsc", "ClaimCreated.v2.avsc", "ClaimReleased.v1.avsc", "ClaimReleased.v2.avsc",
+        "LeaseExpiryTick.v1.avsc", *(f"{name}.v1.avsc" for name in claim_events)}
 
 
 def test_schema_files_and_models_name_the_same_event_types() -> None:
@@ -244,7 +250,7 @@ def test_same_named_records_are_identical_across_files() -> None:
         for field in raw["fields"]:
             for record in _records(field["type"]):
                 by_name.setdefault(record["name"], []).append(record)
-    assert set(by_name) == {"ClaimRef", "Conflict"}
+    assert set(by_name) == {"ClaimRef", "Conflict", "RecordMetadata"}
     for name, definitions in by_name.items():
         assert all(d == definitions[0] for d in definitions), name
 
@@ -342,6 +348,10 @@ def _assert_type_corresponds(path: str, avro: Any, python: Any) -> None:
         assert python is str, path
     elif avro in ("int", "long"):
         assert python is int, path
+    elif avro == "bytes":
+        assert python is bytes, path
+    elif isinstance(avro, str) and avro[:1].isupper():  # a reference to a named type defined before
+        assert isinstance(python, type) and python.__name__ == avro, path
     else:  # pragma: no cover - a new Avro type needs a rule here
         pytest.fail(f"no correspondence rule for {path}: {avro}")
 
@@ -446,9 +456,15 @@ def test_claim_bucket_symbols_keep_their_order_and_append_new_ones() -> None:
         if avro_enum["name"] == "ClaimBucket":
             assert avro_enum["symbols"] == [
                 "NAMESPACE", "USERNAME", "EMAIL", "KEY", "UNKNOWN", "PACKAGE", "IMAGE", "ORGANIZATION_ID",
-            ], path
+                *GITLAB_BUCKETS], path
     assert [b.value for b in ClaimBucket] == ["NAMESPACE", "USERNAME", "EMAIL", "KEY", "PACKAGE", "IMAGE",
-                                             "ORGANIZATION_ID"]
+                                             "ORGANIZATION_ID", *GITLAB_BUCKETS]
+
+
+# Appended for GitLab's bucket set (adr/0022), in the order of its Bucket.Type numbers.
+GITLAB_BUCKETS = ["ROUTE", "ORGANIZATION_PATH", "REDIRECT_ROUTE", "PROJECT_ID", "NAMESPACE_ID", "GPG_KEY", "SSH_KEY",
+                  "USER_ID", "SERVICE_DESK_CUSTOM_EMAIL", "GPG_KEY_FINGERPRINT", "SSH_KEY_FINGERPRINT", "SNIPPET_ID",
+                  "PAGES_DOMAIN", "PAGES_UNIQUE_DOMAIN"]
 
 
 def test_enums_without_history_end_with_unknown() -> None:

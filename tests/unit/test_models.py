@@ -14,7 +14,11 @@ from topology_store.schemas.models import (
     MAX_CLAIMS_PER_REQUEST,
     MAX_LEASE_TTL_MS,
     MAX_SEQUENCE_RANGE,
+    EMAIL_BUCKETS,
+    ID_BUCKETS,
+    KEY_BUCKETS,
     PROTECTED_PREFIX,
+    SENSITIVE_BUCKETS,
     CellRegistered,
     CellState,
     CellStateChanged,
@@ -42,6 +46,7 @@ from topology_store.schemas.models import (
     canonical_claim_value,
     parse_event,
     protect_value,
+    stored_claim_value,
 )
 
 PROTECTED_A = PROTECTED_PREFIX + "a" * 64
@@ -147,9 +152,54 @@ def test_protect_value_keeps_an_already_protected_value() -> None:
     assert protect_value(ClaimBucket.EMAIL, PROTECTED_A, b"secret") == PROTECTED_A
 
 
-@pytest.mark.parametrize("bucket", [b for b in ClaimBucket if b is not ClaimBucket.EMAIL])
+@pytest.mark.parametrize("bucket", [b for b in ClaimBucket if b.value not in SENSITIVE_BUCKETS])
 def test_protect_value_keeps_non_sensitive_buckets_clear(bucket: ClaimBucket) -> None:
     assert protect_value(bucket, "1", b"secret") == "1"
+
+
+def test_sensitive_buckets_are_the_emails_and_the_public_keys() -> None:
+    assert SENSITIVE_BUCKETS == {"EMAIL", "SERVICE_DESK_CUSTOM_EMAIL", "GPG_KEY", "SSH_KEY"}
+
+
+@pytest.mark.parametrize("bucket", [ClaimBucket.GPG_KEY, ClaimBucket.SSH_KEY])
+def test_a_public_key_is_always_stored_as_its_hash(bucket: ClaimBucket) -> None:
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMq alice@example.com"
+    stored = stored_claim_value(bucket, key, b"secret")
+    assert stored.startswith(PROTECTED_PREFIX) and "alice" not in stored
+    # A key has no protected form: one that looks protected is hashed too, never kept as given.
+    assert protect_value(bucket, PROTECTED_A, b"secret") != PROTECTED_A
+    assert canonical_claim_value(bucket, "x" * 16_384) == "x" * 16_384
+    with pytest.raises(ValueError, match="at most 16384"):
+        canonical_claim_value(bucket, "x" * 16_385)
+
+
+@pytest.mark.parametrize(("bucket", "value", "canonical"), [
+    (ClaimBucket.ROUTE, "GitLab-Org/GitLab", "gitlab-org/gitlab"),
+    (ClaimBucket.REDIRECT_ROUTE, "Old", "old"),
+    (ClaimBucket.ORGANIZATION_PATH, "ACME", "acme"),
+    (ClaimBucket.PROJECT_ID, "278964", "278964"),
+    (ClaimBucket.GPG_KEY_FINGERPRINT, "5FB4C5D2E1A0B3C4", "5fb4c5d2e1a0b3c4"),
+    (ClaimBucket.SSH_KEY_FINGERPRINT, "SHA256:AbC", "SHA256:AbC"),
+    (ClaimBucket.PAGES_DOMAIN, "Docs.Example.COM", "docs.example.com"),
+    (ClaimBucket.SERVICE_DESK_CUSTOM_EMAIL, "Support@Example.com", "support@example.com"),
+])
+def test_gitlab_buckets_canonical_forms(bucket: ClaimBucket, value: str, canonical: str) -> None:
+    assert canonical_claim_value(bucket, value) == canonical
+
+
+@pytest.mark.parametrize(("bucket", "value"), [
+    (ClaimBucket.ROUTE, "top-level-only"),  # a one-segment route is a NAMESPACE
+    (ClaimBucket.ROUTE, "a//b"),
+    (ClaimBucket.ROUTE, "a/b/"),
+    (ClaimBucket.PROJECT_ID, "0"),
+    (ClaimBucket.USER_ID, "9223372036854775808"),
+    (ClaimBucket.GPG_KEY_FINGERPRINT, "xyz"),
+    (ClaimBucket.PAGES_DOMAIN, "-bad.example"),
+    (ClaimBucket.PAGES_DOMAIN, "a..b"),
+])
+def test_gitlab_buckets_refuse(bucket: ClaimBucket, value: str) -> None:
+    with pytest.raises(ValueError):
+        canonical_claim_value(bucket, value)
 
 
 @pytest.mark.parametrize("bucket", [ClaimBucket.NAMESPACE, ClaimBucket.USERNAME])
@@ -169,10 +219,15 @@ def test_every_bucket_rejects_empty_or_whitespace_surrounded(bucket: ClaimBucket
         canonical_claim_value(bucket, value)
 
 
-@pytest.mark.parametrize("bucket", [b for b in ClaimBucket if b is not ClaimBucket.ORGANIZATION_ID])
+@pytest.mark.parametrize("bucket", [b for b in ClaimBucket if b.value not in ID_BUCKETS | KEY_BUCKETS
+                                    and b is not ClaimBucket.GPG_KEY_FINGERPRINT])
 def test_length_limit_is_255(bucket: ClaimBucket) -> None:
     def of_length(n: int) -> str:
-        return "a" * (n - len("@b")) + "@b" if bucket is ClaimBucket.EMAIL else "a" * n
+        if bucket.value in EMAIL_BUCKETS:
+            return "a" * (n - len("@b")) + "@b"
+        if bucket is ClaimBucket.ROUTE:
+            return "a/" + "a" * (n - 2)
+        return "a" * n
 
     assert canonical_claim_value(bucket, of_length(255)) == of_length(255)
     with pytest.raises(ValueError, match="at most 255"):
@@ -462,7 +517,7 @@ def test_to_avro_of_nested_records_is_plain_mappings() -> None:
     )
     record = event.to_avro()
     assert record["request_id"] is None
-    assert [dict(c) for c in record["claims"]] == [{"bucket": ClaimBucket.KEY, "value": "K"}]
+    assert [dict(c) for c in record["claims"]] == [{"bucket": ClaimBucket.KEY, "value": "K", "metadata": None}]
     assert record["cause"] is ReleaseCause.EXPIRED
 
 
