@@ -26,6 +26,7 @@ from topology_store.schemas.models import (
     LeaseRollbackRequested,
     OwnerTransferRequested,
     OwnerType,
+    RecordMetadata,
     ReleaseCause,
     SequenceRangeRequested,
     protect_value,
@@ -64,6 +65,7 @@ def begin(
     lease_id: uuid.UUID | None = None,
     ttl_ms: int = 60_000,
     event_id: uuid.UUID | None = None,
+    destroys: Sequence[ClaimRef] = (),
 ) -> ClaimsRequested:
     cell_id, owner_type, owner_id = owner
     return ClaimsRequested(
@@ -75,6 +77,7 @@ def begin(
         owner_type=owner_type,
         owner_id=owner_id,
         claims=ns(claims) if isinstance(claims, str) else tuple(claims),
+        destroy_claims=tuple(destroys),
         lease_ttl_ms=ttl_ms,
     )
 
@@ -178,8 +181,14 @@ def invariant_violations(registry: Registry) -> list[str]:
     for k, held in registry.claims.items():
         if held.key != k:
             problems.append(f"{k} stored under another key {held.key}")
-        if (held.status is ClaimStatus.LEASED) != (held.lease_id is not None):
-            problems.append(f"{k} is {held.status} with lease {held.lease_id}")
+        if held.status is ClaimStatus.LEASED and held.lease_id is None:
+            problems.append(f"{k} is {held.status} without a lease")
+        if held.status is ClaimStatus.COMMITTED and held.lease_id is not None:  # LEASE_DESTROYING (adr/0022)
+            lease = registry.leases.get(held.lease_id)
+            if lease is None or lease.status is not LeaseStatus.OPEN or k not in lease.destroys:
+                problems.append(f"{k} is being destroyed by {held.lease_id}, which is {lease}")
+            elif lease.cell_id != held.cell_id:
+                problems.append(f"{k} of {held.cell_id} is being destroyed by a lease of {lease.cell_id}")
         if held.status is ClaimStatus.LEASED:
             lease = registry.leases.get(held.lease_id)  # type: ignore[arg-type]
             if lease is None:
@@ -188,8 +197,8 @@ def invariant_violations(registry: Registry) -> list[str]:
                 problems.append(f"{k} leased by {lease.status} lease {lease.lease_id}")
             elif k not in lease.claims:
                 problems.append(f"{k} leased by {lease.lease_id}, which does not list it")
-            elif (lease.cell_id, lease.owner_type, lease.owner_id) != (held.cell_id, held.owner_type, held.owner_id):
-                problems.append(f"{k} held by another owner than its lease's")
+            elif lease.cell_id != held.cell_id:  # the owner may be the record's own subject (adr/0022)
+                problems.append(f"{k} held in another cell than its lease's")
     for lease_id, lease in registry.leases.items():
         if lease.lease_id != lease_id:
             problems.append(f"lease {lease_id} stored under another id")
@@ -200,6 +209,12 @@ def invariant_violations(registry: Registry) -> list[str]:
                 row = registry.claims.get(k)
                 if row is None or row.status is not ClaimStatus.LEASED or row.lease_id != lease_id:
                     problems.append(f"open lease {lease_id} lists {k}, held as {row}")
+            for k in lease.destroys:
+                row = registry.claims.get(k)
+                if row is None or row.status is not ClaimStatus.COMMITTED or row.lease_id != lease_id:
+                    problems.append(f"open lease {lease_id} destroys {k}, held as {row}")
+            if set(lease.claims) & set(lease.destroys):
+                problems.append(f"lease {lease_id} creates and destroys the same claim")
     return problems
 
 
@@ -231,7 +246,10 @@ LEASE_POOL = [uuid.UUID(int=0xA000 + n) for n in range(6)]
 SEQUENCES = ["s.one", "s.two"]
 # Log-time steps (ms): often 0 (equal times), past the shortest ttl, past the longest.
 TIME_STEPS_MS = [0, 0, 0, 0, 1, 10, 100, 100, 999, 1000, 4_999, 5_000, 61_000]
-TTLS_MS = [1000, 5000, 60_000]
+TTLS_MS = [1000, 5000, 60_000, 0]  # 0: no server-side expiry (GitLab's leases, adr/0022)
+# A GitLab record's subject, another owner than the request's (adr/0022).
+RECORD = RecordMetadata(owner_type=OwnerType.NAMESPACE, owner_id=9, source_type="RAILS_TABLE_ROUTES",
+                        source_id=(9).to_bytes(8, "big"))
 
 
 def _distinct_refs(refs: Sequence[ClaimRef]) -> tuple[ClaimRef, ...]:
@@ -267,8 +285,16 @@ def commands(
     if kind in ("begin", "destroy"):
         refs = _distinct_refs(draw(st.lists(st.sampled_from(VALUES), min_size=1, max_size=3)))
         if kind == "begin":
+            # Some begins also destroy what their cell asked for (a rename, adr/0022), and some
+            # create GitLab records, whose subject is another owner.
+            mine = [r for o, r in asked if o[0] == owner[0] and r.key not in {c.key for c in refs}]
+            destroys = _distinct_refs(draw(st.lists(st.sampled_from(mine), max_size=2))) if mine else ()
+            if draw(st.integers(0, 3)) == 0:
+                refs = tuple(r.model_copy(update={"metadata": RECORD}) for r in refs)
+            created = {protect_value(r.bucket, r.value, SECRET) for r in refs}
+            destroys = tuple(d for d in destroys if protect_value(d.bucket, d.value, SECRET) not in created)
             return begin(refs, owner=owner, lease_id=draw(st.sampled_from(LEASE_POOL)),
-                         ttl_ms=draw(st.sampled_from(TTLS_MS)), event_id=event_id)
+                         ttl_ms=draw(st.sampled_from(TTLS_MS)), event_id=event_id, destroys=destroys)
         return destroy(refs, owner=owner, event_id=event_id)
     if kind in ("commit", "rollback"):
         build = commit if kind == "commit" else rollback

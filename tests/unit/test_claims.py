@@ -1013,12 +1013,23 @@ def _check_step(before: Registry, verdict: Verdict, after: Registry, command: Ev
         grants = [d for d in decisions if isinstance(d, LeaseGranted)]
         if grants:
             (grant,) = grants
-            owner = (command.cell_id, command.owner_type.value, command.owner_id)
-            for k in (key(r.value, r.bucket) for r in command.claims):
-                holder = after.claims[k]
+            for r in command.claims:
+                # A GitLab record's owner is its subject; else the request's (adr/0022).
+                md = r.metadata
+                owner = (command.cell_id, *((md.owner_type.value, md.owner_id) if md else
+                                            (command.owner_type.value, command.owner_id)))
+                holder = after.claims[key(r.value, r.bucket)]
                 assert holder.owner == owner
                 assert holder.lease_id == command.lease_id or holder.status is ClaimStatus.COMMITTED
+                if holder.lease_id == command.lease_id and md is not None:
+                    assert (holder.source_type, holder.source_id) == (md.source_type, md.source_id)
             assert after.leases[command.lease_id].claims == tuple(r.key for r in grant.claims)
+            # Every claim it destroys was a committed one of its cell, and now waits for it.
+            for r in command.destroy_claims:
+                k = key(r.value, r.bucket)
+                assert before.claims[k].status is ClaimStatus.COMMITTED and before.claims[k].lease_id is None
+                assert after.claims[k].lease_id == command.lease_id and after.claims[k].cell_id == command.cell_id
+            assert after.leases[command.lease_id].destroys == tuple(r.key for r in grant.destroy_claims)
         else:
             assert command.lease_id not in after.leases or command.lease_id in before.leases
 
