@@ -4,7 +4,7 @@ on the same server, with the CPU per call of every process, the load client's in
 
     python -m bench.grpc_claims [--broker apache|tansu|both] [--rounds 1] [--rates 50,150,300]
                                 [--seconds 10] [--channels 4] [--deadline 30] [--calls pairs|getcells]
-                                [--load-client go|python]
+                                [--load-client go|python] [--records routes,usernames,emails]
                                 [--env TOPOLOGY_X=value ...] [--json FILE]
 
 Opt-in and slow; not part of the test run. For each broker (Apache Kafka unless ``--broker``
@@ -111,8 +111,14 @@ def rails_key(n: int) -> bytes:
     return n.to_bytes(8, "big", signed=True)
 
 
-def signup(n: int, cell_id: int) -> Any:
-    """The BeginUpdateRequest of user ``n``'s sign-up: route, username and e-mail in one lease."""
+#: The records of a sign-up, as Rails writes them; ``--records`` may leave some out.
+RECORDS = ("routes", "usernames", "emails")
+
+
+def signup(n: int, cell_id: int, kinds: Sequence[str] = RECORDS) -> Any:
+    """The BeginUpdateRequest of user ``n``'s sign-up: route, username and e-mail in one lease
+    (those of them named in ``kinds``). The route is a top-level path, so the decider keeps it
+    as a namespace claim: it changes the routing table (adr/0022)."""
     from topology_store.schemas.generated.proto.claims.v1 import messages_pb2 as m
     from topology_store.schemas.generated.proto.claims.v1 import service_pb2 as s
 
@@ -121,16 +127,26 @@ def signup(n: int, cell_id: int) -> Any:
     records = [
         m.Metadata(bucket=m.Bucket(type=bucket, value=value), subject=subject,
                    source=m.Source(type=source, rails_primary_key_id=rails_key(n)))
-        for bucket, value, source in ((m.Bucket.ROUTES, name, m.Source.RAILS_TABLE_ROUTES),
-                                      (m.Bucket.USERNAMES, name, m.Source.RAILS_TABLE_USERS),
-                                      (m.Bucket.EMAILS, f"{name}@example.com", m.Source.RAILS_TABLE_EMAILS))
+        for kind, bucket, value, source in (
+            ("routes", m.Bucket.ROUTES, name, m.Source.RAILS_TABLE_ROUTES),
+            ("usernames", m.Bucket.USERNAMES, name, m.Source.RAILS_TABLE_USERS),
+            ("emails", m.Bucket.EMAILS, f"{name}@example.com", m.Source.RAILS_TABLE_EMAILS))
+        if kind in kinds
     ]
     return s.BeginUpdateRequest(create_records=records, cell_id=cell_id)
 
 
-def signup_bytes(first: int, count: int, cell_id: int) -> list[bytes]:
+def signup_bytes(first: int, count: int, cell_id: int, kinds: Sequence[str] = RECORDS) -> list[bytes]:
     """The serialized sign-ups of users ``first`` .. ``first + count - 1``."""
-    return [signup(n, cell_id).SerializeToString() for n in range(first, first + count)]
+    return [signup(n, cell_id, kinds).SerializeToString() for n in range(first, first + count)]
+
+
+def record_kinds(text: str) -> tuple[str, ...]:
+    """``--records``: a comma-separated subset of :data:`RECORDS`, in their order."""
+    named = {v.strip() for v in text.split(",") if v.strip()}
+    if not named or named - set(RECORDS):
+        raise ValueError(f"--records takes some of {','.join(RECORDS)}, not {text!r}")
+    return tuple(kind for kind in RECORDS if kind in named)
 
 
 def commit_suffix(cell_id: int) -> bytes:
@@ -281,12 +297,12 @@ class Calls:
     suffix: bytes  # appended to the first call's answer: the second call's request
 
 
-def pair_calls(calls: str, first_user: int, count: int, cell_id: int) -> Calls:
+def pair_calls(calls: str, first_user: int, count: int, cell_id: int, kinds: Sequence[str] = RECORDS) -> Calls:
     """The calls of ``count`` pairs: sign-ups of new users from ``first_user`` (``pairs``), or
     two GetCells (``getcells``: their requests have no fields, the second gets the first's
     answer, which GetCells ignores)."""
     if calls == "pairs":
-        return Calls(BEGIN, COMMIT, signup_bytes(first_user, count, cell_id), commit_suffix(cell_id))
+        return Calls(BEGIN, COMMIT, signup_bytes(first_user, count, cell_id, kinds), commit_suffix(cell_id))
     if calls == "getcells":
         return Calls(GET_CELLS, GET_CELLS, [], b"")
     raise ValueError(f"unknown calls {calls!r}")
@@ -574,6 +590,7 @@ def on_broker(broker_name: str, args: argparse.Namespace, admin: str) -> dict[st
     grpc_port = free_port()
     env = {"TOPOLOGY_GRPC_PORT": str(grpc_port), "TOPOLOGY_API_TOKENS": tokens(TOKEN), **overrides}
     result["settings"] = overrides
+    result["records"] = "+".join(args.records)
     target = f"{HOST}:{grpc_port}"
     users = Users()
     with scratch_stack(broker_name, admin, logs, env) as stack:
@@ -582,7 +599,7 @@ def on_broker(broker_name: str, args: argparse.Namespace, admin: str) -> dict[st
         result["cell"] = f"{CELL_NAME} (GitLab's cell id {cell_id})"
 
         def make(count: int) -> Calls:
-            return pair_calls(args.calls, users.take(count), count, cell_id)
+            return pair_calls(args.calls, users.take(count), count, cell_id, args.records)
 
         client = ClientProcess(client_command(args.load_client, target, TOKEN, args.channels, binary),
                                logs / "client.log")
@@ -618,7 +635,8 @@ def report(results: list[dict[str, Any]], calls: str) -> dict[str, Any]:
         steps: list[Step] = result["steps"]
         print()
         print(f"{result['broker']}: load average before {result['load_before']}, after {result['load_after']}; "
-              f"{result['cell']}; load client {result['load_client']}; settings {result['settings'] or 'defaults'}")
+              f"{result['cell']}; records {result['records']}; load client {result['load_client']}; "
+              f"settings {result['settings'] or 'defaults'}")
         print(f"floor (LivenessProbe, one at a time, idle): p50 / p99 / max {quantiles(result['floor'])} ms")
         print()
         print("\n".join(step_table(steps, names)))
@@ -636,7 +654,7 @@ def report(results: list[dict[str, Any]], calls: str) -> dict[str, Any]:
         "calls": calls,
         "runs": [{
             "broker": r["broker"], "load_before": r["load_before"], "load_after": r["load_after"],
-            "cell": r["cell"], "load_client": r["load_client"], "settings": r["settings"],
+            "cell": r["cell"], "records": r["records"], "load_client": r["load_client"], "settings": r["settings"],
             "floor_ms": {f"p{q}": round(percentile(r["floor"], q) * 1000, 2) for q in (50, 99)}
             | {"max": round(max(r["floor"]) * 1000, 2)},
             "steps": [{
@@ -666,6 +684,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--deadline", type=float, default=30.0, help="each call's gRPC deadline, seconds")
     parser.add_argument("--calls", choices=("pairs", "getcells"), default="pairs",
                         help="pairs: BeginUpdate + CommitUpdate; getcells: two ClaimService.GetCells instead")
+    parser.add_argument("--records", type=record_kinds, default=RECORDS, metavar="routes,usernames,emails",
+                        help="the records of each sign-up (default: all three, as Rails writes them; leaving out "
+                             "routes shows what the routing table's change costs)")
     parser.add_argument("--env", action="append", default=[], metavar="TOPOLOGY_X=value",
                         help="a setting for the servers (repeatable)")
     parser.add_argument("--json", type=Path, help="also write the figures here")

@@ -30,6 +30,7 @@ from bench.grpc_claims import (
     go_tool,
     pair_calls,
     rails_key,
+    record_kinds,
     release_plan,
     signup,
     signup_bytes,
@@ -64,6 +65,14 @@ class TestSignup:
             (m.Bucket.USERNAMES, "user-42", m.Subject.USER, 42, m.Source.RAILS_TABLE_USERS, key),
             (m.Bucket.EMAILS, "user-42@example.com", m.Subject.USER, 42, m.Source.RAILS_TABLE_EMAILS, key),
         ]
+
+    def test_records_left_out_on_request(self) -> None:
+        request = s.BeginUpdateRequest.FromString(signup(3, 1, ("usernames", "emails")).SerializeToString())
+        assert [r.bucket.type for r in request.create_records] == [m.Bucket.USERNAMES, m.Bucket.EMAILS]
+        assert record_kinds("emails, routes") == ("routes", "emails")  # Rails' order, whatever the order given
+        for bad in ("", "routes,keys"):
+            with pytest.raises(ValueError):
+                record_kinds(bad)
 
     def test_every_user_of_a_batch_is_new(self) -> None:
         batch = [s.BeginUpdateRequest.FromString(b) for b in signup_bytes(10, 5, cell_id=1)]
