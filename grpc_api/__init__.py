@@ -5,6 +5,7 @@ on ``TOPOLOGY_GRPC_PORT`` beside the HTTP API, over the same snapshot.
 - ``services``   the servicers: cells, classification, GitLab's probes, and ClaimService
                  (its writes through the claims service, adr/0022).
 - ``records``    what ClaimService reads from the projection: leases, records, attempts.
+- ``claim_owners`` which cell holds a committed claim, for Classify by claims other than routes.
 - ``access``     TLS and mutual TLS on the port; per-cell authorization of the claim RPCs.
 - ``generate``   regenerates ``schemas/generated/`` from the ``.proto`` files in ``proto/``.
 

@@ -14,8 +14,10 @@ their answer onto ``ClassifyResponse`` (action PROXY, the cell's address as ``ho
 - ``UNSPECIFIED`` with ``claims``: the first claim that matches answers, and is returned as
   ``matched_claim``. A ``route`` claim matches the owner of the path's top-level namespace
   (the routing table holds top-level namespaces, not GitLab's full paths), and
-  ``matched_claim.route`` is that namespace. Other claim kinds are not in the routing table:
-  UNIMPLEMENTED, naming the kind.
+  ``matched_claim.route`` is that namespace. Other claim kinds (a project id, a service desk
+  e-mail: what GitLab's mail router asks) are not in the routing table: they are looked up
+  among the committed claims (:class:`ClaimOwners`, adr/0022) by :meth:`Tables.classify_claims`,
+  which the gRPC door calls; without such a lookup (the REST door) they are UNIMPLEMENTED.
 
 Anything else is refused with a :class:`Refusal`: bad input is INVALID_ARGUMENT with what
 is wrong, an unknown key NOT_FOUND (what GitLab's clients read as "unknown"); each door
@@ -26,7 +28,7 @@ turns it into its own status (a gRPC status; an HTTP status as GitLab's grpc-gat
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,6 +37,7 @@ import grpc
 from topology_store.runtime.settings import INT64_MAX
 from topology_store.schemas.generated.proto import cell_info_pb2, classify_service_pb2
 from topology_store.schemas.generated.proto.types.v1 import claim_pb2
+from topology_store.schemas.models import stored_claim_value
 from topology_store.schemas.router_sync import classify_in
 from topology_store.service.gitlab_cells import CellNumbers, all_cell_infos, first_cell, gitlab_address, number_cells
 
@@ -144,29 +147,79 @@ def classify(request: classify_service_pb2.ClassifyRequest, tables: RoutingTable
     return _by_claims(request, tables)
 
 
-def _by_claims(request: classify_service_pb2.ClassifyRequest, tables: RoutingTables) -> Classified:
+def _claim_kinds(request: classify_service_pb2.ClassifyRequest, served: Iterable[str]) -> list[str]:
+    """Each claim's kind, after checking the request is a claims request of ``served`` kinds."""
     if not request.claims:
         raise invalid("give a classify type (FIRST_CELL, SESSION_PREFIX or CELL_ID) with its value, or claims")
     if request.value:
         raise invalid("a value goes with a classify type; with claims, leave it empty")
+    kinds = []
     for position, claim in enumerate(request.claims):
         kind = claim.WhichOneof("claim")
         if kind is None:
             raise invalid(f"claims[{position}] is empty: set one of {', '.join(CLAIM_KINDS)}")
-        if kind not in SERVED_CLAIM_KINDS:
+        if kind not in served:
             raise Refusal(grpc.StatusCode.UNIMPLEMENTED,
-                          f"claims[{position}]: classifying by {kind} is not served yet (adr/0021); "
-                          f"served: {', '.join(SERVED_CLAIM_KINDS)}")
-    routes = []
-    for position, claim in enumerate(request.claims):  # every claim checked before any answers
-        route = _value(claim.route, f"claims[{position}].route needs a path").strip("/")
-        if not route:
-            raise invalid(f"claims[{position}].route has no path segment")
-        routes.append(route)
+                          f"claims[{position}]: classifying by {kind} is not served on this door; "
+                          f"served: {', '.join(served)} (gRPC: every kind, adr/0022)")
+        kinds.append(kind)
+    return kinds
+
+
+def _route(claim: claim_pb2.Claim, position: int) -> str:
+    route = _value(claim.route, f"claims[{position}].route needs a path").strip("/")
+    if not route:
+        raise invalid(f"claims[{position}].route has no path segment")
+    return route
+
+
+def _routed(tables: RoutingTables, route: str) -> Classified | None:
+    status, document = classify_in(tables.version, tables.namespaces, tables.cells_by_id, "ROUTE", route)
+    if status == 200:
+        return Classified(document["cell"], claim_pb2.Claim(route=document["key"]))
+    return None
+
+
+def _by_claims(request: classify_service_pb2.ClassifyRequest, tables: RoutingTables) -> Classified:
+    _claim_kinds(request, SERVED_CLAIM_KINDS)
+    routes = [_route(claim, position) for position, claim in enumerate(request.claims)]  # all checked first
     for route in routes:
-        status, document = classify_in(tables.version, tables.namespaces, tables.cells_by_id, "ROUTE", route)
-        if status == 200:
-            return Classified(document["cell"], claim_pb2.Claim(route=document["key"]))
+        if (found := _routed(tables, route)) is not None:
+            return found
+    raise Refusal(grpc.StatusCode.NOT_FOUND, "no cell owns any of the claims")
+
+
+class ClaimOwners(Protocol):
+    """Which cell holds a committed claim (``grpc_api/claim_owners.py`` reads the projection)."""
+
+    async def cell_of(self, bucket: str, stored_value: str) -> str | None: ...
+
+
+async def classify_claims(request: classify_service_pb2.ClassifyRequest, tables: RoutingTables,
+                          owners: ClaimOwners, secret: bytes) -> Classified:
+    """Classify by claims of every kind, in order: a route by the routing table, any other by
+    the committed claim of its bucket (an e-mail by its keyed hash)."""
+    from topology_store.service.gitlab_claims import BUCKET_OF_CLAIM_FIELD, our_bucket  # it imports this module
+
+    kinds = _claim_kinds(request, CLAIM_KINDS)
+    wanted: list[tuple[claim_pb2.Claim, str | None, tuple[str, str] | None]] = []
+    for position, (claim, kind) in enumerate(zip(request.claims, kinds, strict=True)):  # all checked first
+        if kind == "route":
+            wanted.append((claim, _route(claim, position), None))
+            continue
+        value = str(getattr(claim, kind))
+        bucket = our_bucket(BUCKET_OF_CLAIM_FIELD[kind], value)
+        try:
+            stored = stored_claim_value(bucket, value, secret)
+        except ValueError as exc:
+            raise invalid(f"claims[{position}].{kind}: {exc}") from None
+        wanted.append((claim, None, (bucket.value, stored)))
+    for claim, route, key in wanted:
+        if route is not None:
+            if (found := _routed(tables, route)) is not None:
+                return found
+        elif key is not None and (cell := await owners.cell_of(*key)) is not None and cell in tables.cells_by_id:
+            return Classified(tables.cells_by_id[cell], claim)
     raise Refusal(grpc.StatusCode.NOT_FOUND, "no cell owns any of the claims")
 
 
@@ -209,6 +262,15 @@ class Tables:
         """:meth:`classify`, and the snapshot that decided (its version is the answer's)."""
         tables, numbers = self.current()
         return classify(request, tables, numbers).response(), tables
+
+    async def classify_claims(self, request: classify_service_pb2.ClassifyRequest, owners: ClaimOwners,
+                              secret: bytes) -> classify_service_pb2.ClassifyResponse:
+        """:meth:`classify`, with claims of every kind looked up in ``owners``."""
+        tables, numbers = self.current()
+        if request.type == classify_service_pb2.UNSPECIFIED and any(
+                claim.WhichOneof("claim") not in (None, *SERVED_CLAIM_KINDS) for claim in request.claims):
+            return (await classify_claims(request, tables, owners, secret)).response()
+        return classify(request, tables, numbers).response()
 
     def get_cells(self) -> cell_info_pb2.GetCellsResponse:
         tables, numbers = self.current()
