@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import socket
 from collections.abc import Awaitable, Callable
-from datetime import UTC
 from typing import Any, TypeVar
 
 import grpc
@@ -34,6 +33,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from topology_store.grpc_api.access import CellAccess, TokenBinding
+from topology_store.grpc_api.claim_owners import ClaimOwners
 from topology_store.grpc_api.records import Records
 from topology_store.runtime.settings import Settings
 from topology_store.schemas.generated.proto import (
@@ -100,15 +100,19 @@ class CellService(cell_service_pb2_grpc.CellServiceServicer):
 
 
 class ClassifyService(classify_service_pb2_grpc.ClassifyServiceServicer):
-    def __init__(self, tables: Tables) -> None:
+    def __init__(self, tables: Tables, owners: ClaimOwners | None = None, secret: bytes = b"") -> None:
         self._tables = tables
+        self._owners = owners
+        self._secret = secret
 
     GetCells = _get_cells
 
     @answers
     async def Classify(self, request: classify_service_pb2.ClassifyRequest,
                        context: grpc.aio.ServicerContext) -> classify_service_pb2.ClassifyResponse:
-        return self._tables.classify(request)
+        if self._owners is None:
+            return self._tables.classify(request)
+        return await _read(self._tables.classify_claims(request, self._owners, self._secret))
 
 
 class SequenceService(sequence_service_pb2_grpc.SequenceServiceServicer):
@@ -194,7 +198,7 @@ class ClaimService(claims_service_pb2_grpc.ClaimServiceServicer):
         cell, _ = self._cell(request.cell_id)
         lease = gitlab_claims.lease_uuid(request.lease_uuid)
         await self._submit(commands.commit(source=self._source, lease_id=lease, cell_id=cell,
-                                           request_id=gitlab_claims.commit_request_id(lease)), context)
+                                           request_id=gitlab_claims.commit_request_id(lease, cell)), context)
         return claims_service_pb2.CommitUpdateResponse()
 
     @answers
@@ -204,7 +208,7 @@ class ClaimService(claims_service_pb2_grpc.ClaimServiceServicer):
         cell, _ = self._cell(request.cell_id)
         lease = gitlab_claims.lease_uuid(request.lease_uuid)
         await self._submit(commands.rollback(source=self._source, lease_id=lease, cell_id=cell,
-                                             request_id=gitlab_claims.rollback_request_id(lease)), context)
+                                             request_id=gitlab_claims.rollback_request_id(lease, cell)), context)
         return claims_service_pb2.RollbackUpdateResponse()
 
     @answers
@@ -222,8 +226,10 @@ class ClaimService(claims_service_pb2_grpc.ClaimServiceServicer):
             if not request.next.Unpack(cursor):
                 raise invalid(f"next must be the cursor a ListLeases answer gave (a LeaseRecord), "
                               f"not {request.next.type_url[:128]!r}")
-            after = (cursor.created_at.ToDatetime(tzinfo=UTC), gitlab_claims.lease_uuid(cursor.uuid, "next.uuid"))
-        created_after = request.created_after.ToDatetime(tzinfo=UTC) if request.HasField("created_after") else None
+            after = (gitlab_claims.moment(cursor.created_at, "next.created_at"),
+                     gitlab_claims.lease_uuid(cursor.uuid, "next.uuid"))
+        created_after = (gitlab_claims.moment(request.created_after, "created_after")
+                         if request.HasField("created_after") else None)
         found = await _read(records.open_leases(cell, created_after, after, limit + 1))
         page = [claims_messages_pb2.LeaseRecord(uuid=uuid_pb2.UUID(value=str(lease_id)),
                                                 created_at=gitlab_claims.timestamp(at),
@@ -321,7 +327,9 @@ def add_services(server: grpc.aio.Server, snapshots: SnapshotSource, settings: S
     service and the projection's database ClaimService writes through and reads from."""
     tables = Tables(snapshots, settings.grpc_cell_numbers)
     cell_service_pb2_grpc.add_CellServiceServicer_to_server(CellService(tables), server)
-    classify_service_pb2_grpc.add_ClassifyServiceServicer_to_server(ClassifyService(tables), server)
+    owners = ClaimOwners(engine) if engine is not None else None
+    classify_service_pb2_grpc.add_ClassifyServiceServicer_to_server(
+        ClassifyService(tables, owners, settings.claim_secret), server)
     sequence_service_pb2_grpc.add_SequenceServiceServicer_to_server(SequenceService(tables), server)
     records = Records(engine) if engine is not None else None
     claims_service_pb2_grpc.add_ClaimServiceServicer_to_server(

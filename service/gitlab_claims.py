@@ -27,7 +27,7 @@ import hashlib
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import grpc
 from google.protobuf import any_pb2, timestamp_pb2
@@ -219,13 +219,15 @@ def lease_uuid(message: uuid_pb2.UUID, where: str = "lease_uuid") -> uuid.UUID:
         raise invalid(f"{where} {message.value[:64]!r} is not a UUID") from None
 
 
-def commit_request_id(lease_id: uuid.UUID) -> uuid.UUID:
-    """A commit's request id: one per lease, so Rails' retry of a commit is the same request."""
-    return uuid.uuid5(lease_id, "commit")
+def commit_request_id(lease_id: uuid.UUID, cell_name: str) -> uuid.UUID:
+    """A commit's request id: one per lease and cell, so Rails' retry of a commit is the same
+    request, while another cell's attempt (refused: WRONG_CELL) is a request of its own and
+    cannot take the id of the lease's own commit (which would then be RequestReused)."""
+    return uuid.uuid5(lease_id, f"commit\n{cell_name}")
 
 
-def rollback_request_id(lease_id: uuid.UUID) -> uuid.UUID:
-    return uuid.uuid5(lease_id, "rollback")
+def rollback_request_id(lease_id: uuid.UUID, cell_name: str) -> uuid.UUID:
+    return uuid.uuid5(lease_id, f"rollback\n{cell_name}")
 
 
 # --- our answers -> GitLab's ---------------------------------------------------------------------
@@ -275,6 +277,16 @@ def _rejection(decision: RequestDecision) -> Refusal | None:
 def granted_lease(decision: RequestDecision) -> uuid.UUID:
     granted = next(d for d in decision.decisions if d.get("type") == "LeaseGranted")
     return uuid.UUID(str(granted["lease_id"]))
+
+
+def moment(stamp: timestamp_pb2.Timestamp, where: str) -> datetime:
+    """A request's Timestamp as a datetime; one out of protobuf's range (years 1..9999,
+    nanos 0..999999999) is bad input, not an error of ours."""
+    try:
+        return stamp.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise invalid(f"{where} is not a valid Timestamp (seconds {stamp.seconds}, nanos {stamp.nanos}): "
+                      "years 1 to 9999, nanos 0 to 999999999") from None
 
 
 def timestamp(at: datetime) -> timestamp_pb2.Timestamp:
