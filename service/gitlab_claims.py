@@ -46,6 +46,7 @@ from topology_store.schemas.models import (
     canonical_claim_value,
 )
 from topology_store.service import commands
+from topology_store.service.admission import Overloaded
 from topology_store.service.claims import (
     Decided,
     DecisionUnreadable,
@@ -55,7 +56,6 @@ from topology_store.service.claims import (
     RequestReused,
     Submission,
 )
-from topology_store.service.admission import Overloaded
 from topology_store.service.gitlab_classify import Refusal, invalid
 
 Bucket = messages_pb2.Bucket

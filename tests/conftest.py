@@ -160,24 +160,35 @@ def template_database(servers: Servers) -> Iterator[str]:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
+def copy_template(servers: Servers, template_database: str) -> str:
+    """A new migrated, empty database (a copy of the template); its name."""
+    name = f"topology_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(servers.postgres_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template_database)))
+    return name
+
+
+def drop_databases(servers: Servers, names: list[str]) -> None:
+    with psycopg.connect(servers.postgres_url, autocommit=True) as conn:
+        for name in names:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def database_url_of(servers: Servers, name: str) -> str:
+    return _as_url(_database_url(servers, name))
+
+
 @pytest.fixture
 def new_database(servers: Servers, template_database: str) -> Iterator[Callable[[], str]]:
     """Makes migrated, empty databases (copies of the template); drops them after the test."""
     created: list[str] = []
 
     def make() -> str:
-        name = f"topology_test_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(servers.postgres_url, autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template_database))
-            )
-        created.append(name)
-        return _as_url(_database_url(servers, name))
+        created.append(copy_template(servers, template_database))
+        return database_url_of(servers, created[-1])
 
     yield make
-    with psycopg.connect(servers.postgres_url, autocommit=True) as conn:
-        for name in created:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    drop_databases(servers, created)
 
 
 @pytest.fixture
@@ -188,6 +199,12 @@ def database_url(new_database: Callable[[], str]) -> str:
 @pytest.fixture
 def settings(servers: Servers, database_url: str) -> Settings:
     """Settings naming this test's own database, topics and consumer group."""
+    return make_settings(servers, database_url)
+
+
+def make_settings(servers: Servers, database_url: str) -> Settings:
+    """Settings naming ``database_url`` and topics and a consumer group of their own (also for
+    a module's shared stack)."""
     run = uuid.uuid4().hex[:10]
     return Settings(
         kafka_bootstrap=servers.kafka_bootstrap,
