@@ -32,8 +32,10 @@ from topology_store.core.access import ADMIN_URI, CELL_URI_PREFIX
 from topology_store.producer.publisher import EventPublisher, PublishFailed
 from topology_store.runtime.settings import Settings
 from topology_store.schemas.generated.proto import cell_info_pb2
+from topology_store.schemas.generated.proto.claims.v1 import messages_pb2
 from topology_store.schemas.generated.proto.claims.v1 import service_pb2 as claims_pb2
 from topology_store.schemas.generated.proto.claims.v1 import service_pb2_grpc as claims_pb2_grpc
+from topology_store.schemas.generated.proto.types.v1 import uuid_pb2
 from topology_store.schemas.models import CellRegistered
 
 pytestmark = pytest.mark.integration
@@ -197,37 +199,64 @@ def test_mutual_tls_on_both_ports_and_certificates_bound_to_a_cell(topics: Setti
             assert cell_1.get(f"{door.http}/v1/claims/USERNAME/grace", headers=CLAIMS_AUTH).json()["cell_id"] == "cell-2"
 
         # gRPC: the same CA, the same rules; a verified certificate authenticates a call on its own.
+        # No certificate, or another CA's: the handshake fails (UNAVAILABLE), no RPC runs.
         for who in (None, "stranger"):
-            with grpc_channel(door, who) as channel, pytest.raises(grpc.RpcError) as failed:
-                claims_pb2_grpc.ClaimServiceStub(channel).GetCells(cell_info_pb2.GetCellsRequest(), timeout=10)
-            assert failed.value.code() == Code.UNAVAILABLE, who
+            with grpc_channel(door, who) as channel:
+                stub = claims_pb2_grpc.ClaimServiceStub(channel)
+                for method, request in ((stub.GetCells, cell_info_pb2.GetCellsRequest()),
+                                        (stub.BeginUpdate, grpc_begin(1, "nobody-grpc"))):
+                    with pytest.raises(grpc.RpcError) as failed:
+                        method(request, timeout=10)
+                    assert failed.value.code() == Code.UNAVAILABLE, who
+        assert published(door.settings) == before + 3  # begin, commit, the admin's begin: none of these
         with grpc_channel(door, "cell-1") as channel:
             stub = claims_pb2_grpc.ClaimServiceStub(channel)
             assert sorted(c.id for c in stub.GetCells(cell_info_pb2.GetCellsRequest(), timeout=10).cells) == [1, 2]
-            with pytest.raises(grpc.RpcError) as other_cell:
-                stub.ListLeases(claims_pb2.ListLeasesRequest(cell_id=2), timeout=10)
-            assert other_cell.value.code() == Code.PERMISSION_DENIED
-            assert "bound to cell-1; it may not act for cell-2" in (other_cell.value.details() or "")
+            # A certificate bound to cell-1 acting for cell-2: refused before anything is published.
+            for call in (lambda: stub.ListLeases(claims_pb2.ListLeasesRequest(cell_id=2), timeout=10),
+                         lambda: stub.BeginUpdate(grpc_begin(2, "intruder-grpc"), timeout=10),
+                         lambda: stub.CommitUpdate(claims_pb2.CommitUpdateRequest(
+                             cell_id=2, lease_uuid=uuid_pb2.UUID(value=lease)), timeout=10)):
+                with pytest.raises(grpc.RpcError) as other_cell:
+                    call()
+                assert other_cell.value.code() == Code.PERMISSION_DENIED
+                assert "bound to cell-1; it may not act for cell-2" in (other_cell.value.details() or "")
             with pytest.raises(grpc.RpcError) as admin_only:
                 stub.GetRecord(claims_pb2.GetRecordRequest(), timeout=10)
             assert admin_only.value.code() == Code.PERMISSION_DENIED
-            # Its own cell passes authorization (the RPC itself is not built yet: adr/0021).
-            with pytest.raises(grpc.RpcError) as own_cell:
-                stub.ListLeases(claims_pb2.ListLeasesRequest(cell_id=1), timeout=10)
-            assert own_cell.value.code() == Code.UNIMPLEMENTED
+            assert published(door.settings) == before + 3
+            # Its own cell: served (adr/0022), a lease begun, listed and committed through the log.
+            begun = stub.BeginUpdate(grpc_begin(1, "ada-grpc"), timeout=30)
+            assert begun.cell_id == 1
+            listed = stub.ListLeases(claims_pb2.ListLeasesRequest(cell_id=1), timeout=10)
+            assert [lease.uuid.value for lease in listed.leases] == [begun.lease_uuid.value]
+            stub.CommitUpdate(claims_pb2.CommitUpdateRequest(cell_id=1, lease_uuid=begun.lease_uuid), timeout=30)
+            assert list(stub.ListLeases(claims_pb2.ListLeasesRequest(cell_id=1), timeout=10).leases) == []
             # A token sent beside the certificate must be valid.
             with pytest.raises(grpc.RpcError) as bad_token:
                 stub.GetCells(cell_info_pb2.GetCellsRequest(), metadata=(("authorization", "Bearer nope-nope-nope"),),
                               timeout=10)
             assert bad_token.value.code() == Code.UNAUTHENTICATED
+        assert published(door.settings) == before + 5  # and the cell's own begin and commit
         with grpc_channel(door, "admin") as channel:
             stub = claims_pb2_grpc.ClaimServiceStub(channel)
-            for call in (lambda: stub.ListLeases(claims_pb2.ListLeasesRequest(cell_id=2), timeout=10),
-                         lambda: stub.GetRecord(claims_pb2.GetRecordRequest(), timeout=10)):
-                with pytest.raises(grpc.RpcError) as passed:
-                    call()
-                assert passed.value.code() == Code.UNIMPLEMENTED
-        assert published(door.settings) == before + 3  # begin, commit, the admin's begin
+            # The admin's certificate lists any cell's leases (cell-2's: the admin's HTTP begin) and reads records.
+            assert len(stub.ListLeases(claims_pb2.ListLeasesRequest(cell_id=2), timeout=10).leases) == 1
+            found = stub.GetRecord(claims_pb2.GetRecordRequest(bucket=messages_pb2.Bucket(
+                type=messages_pb2.Bucket.USERNAMES, value="ada-grpc")), timeout=10)
+            assert (found.record.cell_id, found.cell_info.id) == (1, 1)
+            with pytest.raises(grpc.RpcError) as empty:
+                stub.GetRecord(claims_pb2.GetRecordRequest(), timeout=10)
+            assert empty.value.code() == Code.INVALID_ARGUMENT  # past authorization: the request itself
+        assert published(door.settings) == before + 5
+
+
+def grpc_begin(cell_id: int, name: str) -> claims_pb2.BeginUpdateRequest:
+    """A Rails sign-up's username record."""
+    return claims_pb2.BeginUpdateRequest(cell_id=cell_id, create_records=[messages_pb2.Metadata(
+        bucket=messages_pb2.Bucket(type=messages_pb2.Bucket.USERNAMES, value=name),
+        subject=messages_pb2.Subject(type=messages_pb2.Subject.USER, id=7),
+        source=messages_pb2.Source(type=messages_pb2.Source.RAILS_TABLE_USERS, rails_primary_key_id=(7).to_bytes(8, "big")))])
 
 
 def test_bearer_tokens_bound_to_a_cell_over_plain_http(topics: Settings, tmp_path: Path) -> None:
