@@ -184,8 +184,11 @@ class ClaimService(claims_service_pb2_grpc.ClaimServiceServicer):
         _, records = self._writes()
         cell, number = self._cell(request.cell_id)
         ttl_ms = _lease_ttl_ms(context, self._ttl_ms)
-        ids = gitlab_claims.attempt_ids(request, cell)
-        request_id = gitlab_claims.choose_attempt(ids, await _read(records.attempts(ids)))
+        request_id, start = None, 0
+        while request_id is None:  # one lookup unless this content was begun and ended ATTEMPTS times
+            ids = gitlab_claims.attempt_ids(request, cell, start)
+            request_id = gitlab_claims.choose_attempt(ids, await _read(records.attempts(ids)))
+            start += gitlab_claims.ATTEMPTS
         command = gitlab_claims.begin_command(request, cell, request_id, ttl_ms, self._source)
         decision = await self._submit(command, context)
         lease = gitlab_claims.granted_lease(decision)

@@ -161,11 +161,12 @@ def _claim_ref(metadata: messages_pb2.Metadata, where: str, with_record: bool) -
     return ref
 
 
-def attempt_ids(request: service_pb2.BeginUpdateRequest, cell_name: str) -> list[uuid.UUID]:
-    """The request ids a ``BeginUpdate`` of this content may take, in order: a function of
-    the cell and the request's bytes (deterministic serialization), so a retry finds them."""
+def attempt_ids(request: service_pb2.BeginUpdateRequest, cell_name: str, start: int = 0) -> list[uuid.UUID]:
+    """The request ids a ``BeginUpdate`` of this content may take, ``ATTEMPTS`` of them from
+    attempt ``start`` on, in order: a function of the cell and the request's bytes
+    (deterministic serialization), so a retry finds them."""
     digest = hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
-    return [uuid.uuid5(BEGIN_NAMESPACE, f"{cell_name}\n{digest}\n{k}") for k in range(ATTEMPTS)]
+    return [uuid.uuid5(BEGIN_NAMESPACE, f"{cell_name}\n{digest}\n{k}") for k in range(start, start + ATTEMPTS)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,16 +177,17 @@ class Attempt:
     lease_status: str | None  # OPEN | COMMITTED | RELEASED; None: no lease
 
 
-def choose_attempt(ids: Sequence[uuid.UUID], known: Mapping[uuid.UUID, Attempt]) -> uuid.UUID:
+def choose_attempt(ids: Sequence[uuid.UUID], known: Mapping[uuid.UUID, Attempt]) -> uuid.UUID | None:
     """The request id this ``BeginUpdate`` takes: the first attempt not decided yet (a retry
     of one in flight joins it) or granted with its lease still open (a retry after the grant
     gets that lease); a refused or ended attempt leaves its id to history, and the same
-    content is asked again under the next id. All used: a fresh id (never a retry's)."""
+    content is asked again under the next id. All used: None, look at the next ``ATTEMPTS``
+    (a fresh random id would make a retry of that attempt conflict with its own lease)."""
     for request_id in ids:
         attempt = known.get(request_id)
         if attempt is None or attempt.lease_status == "OPEN":
             return request_id
-    return uuid.uuid4()
+    return None
 
 
 def begin_command(request: service_pb2.BeginUpdateRequest, cell_name: str, request_id: uuid.UUID,

@@ -511,6 +511,16 @@ def test_a_retried_begin_update_gets_the_same_lease(world: World) -> None:
     assert world.claims.BeginUpdate(request, metadata=ADMIN, timeout=20).lease_uuid == second
     commit(world, 1, second)
     assert {r.status for r in records(world, 1, 700, 700).values()} == {Record.ACTIVE}
+    # However many times the same bytes were begun and ended before (a route renamed back and
+    # forth sends the same request each time), a retry still joins the latest attempt's lease.
+    flip = s.BeginUpdateRequest(cell_id=1, create_records=[username("retry-flip", 702)])
+    seen = set()
+    for _ in range(gitlab_claims.ATTEMPTS + 2):
+        lease = world.claims.BeginUpdate(flip, metadata=ADMIN, timeout=20).lease_uuid
+        assert world.claims.BeginUpdate(flip, metadata=ADMIN, timeout=20).lease_uuid == lease
+        seen.add(lease.value)
+        rollback(world, 1, lease)
+    assert len(seen) == gitlab_claims.ATTEMPTS + 2
     # A request refused (taken) and sent again: refused again, never another cell's lease.
     for _ in range(2):
         assert refused(world.claims.BeginUpdate, signup("retry", 701, 2)).code() == Code.ALREADY_EXISTS

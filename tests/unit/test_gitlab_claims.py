@@ -98,8 +98,12 @@ def test_a_begin_retried_is_the_same_request_and_sent_again_later_a_new_one() ->
     assert g.choose_attempt(ids, {ids[0]: g.Attempt("applied", "OPEN")}) == ids[0]  # granted: same lease
     for ended in (g.Attempt("applied", "RELEASED"), g.Attempt("applied", "COMMITTED"), g.Attempt("rejected", None)):
         assert g.choose_attempt(ids, {ids[0]: ended}) == ids[1]
+    # All of them used: the next ones (the same every time, so a retry of that attempt joins it).
     spent = {i: g.Attempt("rejected", None) for i in ids}
-    assert g.choose_attempt(ids, spent) not in ids
+    assert g.choose_attempt(ids, spent) is None
+    later = g.attempt_ids(signup(), "cell-1", start=g.ATTEMPTS)
+    assert later == g.attempt_ids(signup(), "cell-1", start=g.ATTEMPTS) and not set(later) & set(ids)
+    assert g.attempt_ids(signup(), "cell-1", start=1)[:-1] == ids[1:]
 
 
 def decision(outcome: str, *decisions: dict[str, object], reason: str | None = None) -> Decided:
