@@ -257,15 +257,8 @@ class ClaimService(claims_service_pb2_grpc.ClaimServiceServicer):
         buckets = gitlab_claims.lookup_keys(request.bucket_types, request.claim_types)
         rows = await _read(records.records(cell, source_type, buckets, request.source_id_gt,
                                            request.source_id_lte or None, gitlab_claims.RECORDS_PAGE + 1))
-        truncated = len(rows) > gitlab_claims.RECORDS_PAGE
-        if truncated:
-            # End the page at a whole Rails row: the next page starts past the last source id listed.
-            rows = rows[:gitlab_claims.RECORDS_PAGE]
-            last = rows[-1].source_id
-            whole = [row for row in rows if row.source_id != last]
-            rows = whole or rows
-        return claims_service_pb2.ListRecordsResponse(
-            records=[gitlab_claims.record_message(row, number) for row in rows], truncated=truncated)
+        page, truncated = gitlab_claims.records_page(rows, number)
+        return claims_service_pb2.ListRecordsResponse(records=page, truncated=truncated)
 
     @answers
     async def GetRecord(self, request: claims_service_pb2.GetRecordRequest,

@@ -114,6 +114,9 @@ DEFAULT_LIST_LIMIT = 100
 MAX_LIST_LIMIT = 1000
 #: ListRecords answers at most this many records, and says ``truncated`` when there are more.
 RECORDS_PAGE = 1000
+#: ... and at most this many bytes of them: a client receives 4 MiB by default (gRPC's
+#: max_receive_message_length, Rails' too), and 1000 records of 4 KiB user data are more.
+RECORDS_PAGE_BYTES = 3 * 1024 * 1024
 
 
 # --- GitLab's request -> our commands -----------------------------------------------------------
@@ -343,6 +346,26 @@ def record_message(row: RecordRow, cell_number: int) -> messages_pb2.Record:
     if row.lease_id is not None:
         record.lease_uuid.value = str(row.lease_id)
     return record
+
+
+def records_page(rows: Sequence[RecordRow], cell_number: int) -> tuple[list[messages_pb2.Record], bool]:
+    """ListRecords' page of ``rows`` (up to ``RECORDS_PAGE + 1`` read, in source id order): at
+    most ``RECORDS_PAGE`` records of at most ``RECORDS_PAGE_BYTES``, and whether more follow.
+    A page with more after it ends at a whole Rails row (every record of the last source id
+    listed, or none of them), so ``source_id_gt`` = the last id listed pages on."""
+    page: list[messages_pb2.Record] = []
+    size = 0
+    for row in rows[:RECORDS_PAGE]:
+        message = record_message(row, cell_number)
+        size += message.ByteSize() + 8  # with its field tag and length
+        if size > RECORDS_PAGE_BYTES and page:
+            break
+        page.append(message)
+    truncated = len(page) < len(rows)
+    if truncated:
+        last = page[-1].metadata.source.rails_primary_key_id
+        page = [message for message in page if message.metadata.source.rails_primary_key_id != last] or page
+    return page, truncated
 
 
 def lookup_keys(bucket_types: Iterable[int], claim_types: Iterable[int]) -> list[str] | None:

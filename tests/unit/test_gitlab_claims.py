@@ -172,3 +172,26 @@ def test_get_record_reads_the_typed_claim_or_the_bucket() -> None:
         ClaimBucket.ROUTE, "a/b")
     with pytest.raises(Refusal):
         g.get_record_key(s.GetRecordRequest())
+
+
+def page_row(n: int, bucket: str = "USERNAME", user_data: bytes | None = None) -> g.RecordRow:
+    return g.RecordRow(bucket, f"user-{n}", "cell-1", "USER", n, "COMMITTED", None, AT, "RAILS_TABLE_USERS",
+                       n.to_bytes(8, "big"), user_data, None)
+
+
+def test_a_records_page_ends_at_a_whole_rails_row_and_fits_what_a_client_receives() -> None:
+    small = [r for n in range(1, 502) for r in (page_row(n, "NAMESPACE"), page_row(n))]  # 1002 rows, 2 per Rails row
+    page, truncated = g.records_page(small[:g.RECORDS_PAGE + 1], 1)
+    ids = {r.metadata.source.rails_primary_key_id for r in page}
+    assert truncated and len(page) == g.RECORDS_PAGE - 2 and max(ids) == (499).to_bytes(8, "big")
+    assert g.records_page(small[:20], 1) == (g.records_page(small[:20], 1)[0], False)
+    assert len(g.records_page(small[:20], 1)[0]) == 20
+    # 1000 records of the largest user data are more than the 4 MiB a gRPC client takes by default.
+    data = any_pb2.Any(type_url="type.googleapis.com/x.Y", value=b"u" * 4000).SerializeToString()
+    assert len(data) <= g.MAX_USER_DATA_BYTES
+    large = [page_row(n, user_data=data) for n in range(1, g.RECORDS_PAGE + 2)]
+    page, truncated = g.records_page(large, 1)
+    assert truncated and 0 < len(page) < g.RECORDS_PAGE
+    answer = s.ListRecordsResponse(records=page, truncated=truncated)
+    assert answer.ByteSize() <= g.RECORDS_PAGE_BYTES < 4 * 1024 * 1024
+    assert [r.metadata.source.rails_primary_key_id for r in page] == [n.to_bytes(8, "big") for n in range(1, len(page) + 1)]
