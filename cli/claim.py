@@ -182,7 +182,7 @@ def add_claim_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
     begin.add_argument("--cell", required=True)
     begin.add_argument("--owner", required=True, help="OWNER_TYPE:ID, e.g. USER:42")
     begin.add_argument("--claim", action="append", required=True, help="BUCKET=value; repeat for several")
-    begin.add_argument("--ttl-ms", type=int, default=60_000, help="lease lifetime in log time (default 60000)")
+    begin.add_argument("--ttl-ms", type=int, default=60_000, help="lease lifetime in log time (default 60000); 0: no server-side expiry, the lease waits for a commit or rollback (GitLab's model, adr/0022)")
     begin.add_argument("--lease-id", type=uuid.UUID)
     for name, text in (("commit", "make a lease permanent"), ("rollback", "free a lease's claims")):
         parser = common(actions.add_parser(name, help=text))

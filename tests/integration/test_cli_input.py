@@ -159,7 +159,7 @@ CLAIM_CASES = {
                          *[arg for n in range(101) for arg in ("--claim", f"USERNAME=u{n}")]],
                         "claims: Tuple should have at most 100 items"),
     "lease too short": (["begin", "--cell", "cell-1", "--owner", "USER:4", "--claim", "USERNAME=ada",
-                         "--ttl-ms", "0"], "lease_ttl_ms: Input should be greater than or equal to 1000"),
+                         "--ttl-ms", "999"], "lease_ttl_ms is 0 (no server-side expiry) or at least 1000"),
     "bad cell id": (["begin", "--cell", "Cell_1", "--owner", "USER:4", "--claim", "USERNAME=ada"],
                     "cell_id: String should match pattern"),
     "empty range": (["sequence", "projects.id", "--cell", "cell-1", "--size", "0"], "size: Input should be greater"),
