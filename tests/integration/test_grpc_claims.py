@@ -461,10 +461,15 @@ def test_list_records_pages_by_rails_source_id(world: World) -> None:
 
 
 def test_get_record_answers_admins_with_the_cell(world: World) -> None:
-    commit(world, 2, begin(world, 2, list(signup("grace", 600, 2).create_records)))
+    records_of_grace = list(signup("grace", 600, 2).create_records)
+    user_data = any_pb2.Any()
+    user_data.Pack(timestamp_pb2.Timestamp(seconds=1_700_000_000))  # any message Rails keeps beside a record
+    records_of_grace[1].user_data.CopyFrom(user_data)
+    commit(world, 2, begin(world, 2, records_of_grace))
     found = get_record(world, s.GetRecordRequest(bucket=Bucket(type=Bucket.USERNAMES, value="Grace")))
     assert (found.record.cell_id, found.record.status) == (2, Record.ACTIVE)
     assert found.record.metadata.source.rails_primary_key_id == pk(600)
+    assert found.record.metadata.user_data == user_data  # given back as sent
     assert (found.cell_info.id, found.cell_info.address) == (2, "cell-2.example.com:8443")
     assert found.cell_info.session_prefix == "cell-2-"
     # The typed claim form, an e-mail by its clear value, and a route the router knows.
@@ -478,19 +483,33 @@ def test_get_record_answers_admins_with_the_cell(world: World) -> None:
     bound = refused(world.claims.GetRecord, by_route("grace"), metadata=CELL_2)
     assert bound.code() == Code.PERMISSION_DENIED and "admin" in bound.details(), bound.details()
     assert refused(world.claims.GetRecord, by_route("grace"), metadata=ROUTER).code() == Code.PERMISSION_DENIED
-    # The cell-bound credential acts for its own cell, and for no other.
+    # A record being destroyed: LEASE_DESTROYING, with the destroying lease.
+    destroying = begin(world, 2, destroy=[key(Bucket.EMAILS, "GRACE@Example.com")])  # the same e-mail, any case
+    marked = get_record(world, s.GetRecordRequest(claim=claim_pb2.Claim(email="grace@example.com"))).record
+    assert (marked.status, marked.lease_uuid.value) == (Record.LEASE_DESTROYING, destroying.value)
+    commit(world, 2, destroying)
+    assert refused(world.claims.GetRecord, s.GetRecordRequest(claim=claim_pb2.Claim(email="grace@example.com"))
+                   ).code() == Code.NOT_FOUND
+    # The cell-bound credential acts for its own cell, and for no other: refused at the door,
+    # nothing published.
     mine = begin(world, 2, [username("grace-2", 601)], metadata=CELL_2)
     commit(world, 2, mine, metadata=CELL_2)
+    before = decided(world)
     other = refused(world.claims.BeginUpdate, s.BeginUpdateRequest(cell_id=1, create_records=[username("grace-3", 602)]),
                     metadata=CELL_2)
     assert other.code() == Code.PERMISSION_DENIED and "cell-2" in other.details()
+    assert refused(world.claims.CommitUpdate, s.CommitUpdateRequest(cell_id=1, lease_uuid=mine),
+                   metadata=CELL_2).code() == Code.PERMISSION_DENIED
     assert refused(world.claims.ListLeases, s.ListLeasesRequest(cell_id=1), metadata=CELL_2).code() == \
         Code.PERMISSION_DENIED
+    rollback(world, 2, begin(world, 2, [username("grace-4", 603)], metadata=CELL_2))  # decided after those
+    assert decided(world) == before + 2
 
 
 # --- retries, TTL, races ---------------------------------------------------------------------------
 
 
+@pytest.mark.both_brokers  # a request published twice: the broker's duplicates and ordering
 def test_a_retried_begin_update_gets_the_same_lease(world: World) -> None:
     request = signup("retry", 700, 1)
     # Rails' deadline is about 0.3 s; this one is shorter than any decision: the call fails
@@ -533,6 +552,7 @@ def lease_row(world: World, lease: uuid_pb2.UUID) -> tuple[str, datetime, dateti
     return rows[0]  # type: ignore[return-value]
 
 
+@pytest.mark.both_brokers  # log time: Apache Kafka stamps claim requests itself (LogAppendTime), Tansu does not
 def test_leases_do_not_expire_unless_a_ttl_is_asked_for(world: World) -> None:
     forever = begin(world, 3, [username("ttl-none", 800)])
     status, expires_at, _ = lease_row(world, forever)
@@ -557,6 +577,7 @@ def test_leases_do_not_expire_unless_a_ttl_is_asked_for(world: World) -> None:
     assert lease_row(world, forever)[0] == "COMMITTED"
 
 
+@pytest.mark.both_brokers  # concurrent producers onto the same partitions
 def test_three_cells_race_for_the_same_values(world: World) -> None:
     values = [f"race-{k}" for k in range(6)]
     cells = (1, 2, 3)
@@ -655,9 +676,13 @@ def bad_inputs() -> list[tuple[str, Any, str]]:
     ]
 
 
+def decided(world: World) -> int:
+    """How many requests were decided (lease expiry ticks aside)."""
+    return int(world.rows("SELECT count(*) FROM processed_events WHERE event_type <> 'LeaseExpiryTick'")[0][0])
+
+
 def test_bad_input_is_invalid_argument_with_what_is_wrong(world: World) -> None:
-    decided = "SELECT count(*) FROM processed_events WHERE event_type <> 'LeaseExpiryTick'"
-    decided_before = world.rows(decided)[0][0]
+    decided_before = decided(world)
     for rpc, request, fragment in bad_inputs():
         error = refused(getattr(world.claims, rpc), request)
         assert (error.code(), fragment in (error.details() or "")) == (Code.INVALID_ARGUMENT, True), \
@@ -681,6 +706,6 @@ def test_bad_input_is_invalid_argument_with_what_is_wrong(world: World) -> None:
     # None of it reached the log: nothing decided, nothing held. A good begin and rollback
     # afterwards are decided, and are all that was.
     rollback(world, 2, begin(world, 2, [username("bad-sentinel", 1)]))
-    assert world.rows(decided)[0][0] == decided_before + 2
+    assert decided(world) == decided_before + 2
     assert world.rows("SELECT count(*) FROM claims WHERE value LIKE 'bad-%%' OR value LIKE 'huge-%%'") == [(0,)]
     assert "Traceback" not in world.door.log.read_text()
