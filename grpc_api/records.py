@@ -14,6 +14,7 @@ from datetime import datetime
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from topology_store.service.commands import lease_id_for
 from topology_store.service.gitlab_claims import Attempt, RecordRow
 
 _RECORD_COLUMNS = ("c.bucket, c.value, c.cell_id, c.owner_type, c.owner_id, c.status, c.lease_id, c.claimed_at, "
@@ -33,15 +34,20 @@ class Records:
         self._engine = engine
 
     async def attempts(self, request_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Attempt]:
-        """The recorded outcome of each id decided so far, and the status of the lease it got."""
+        """The recorded outcome of each id decided so far, and the status of the lease it got.
+        A begin's lease id is a function of its request id (``commands.lease_id_for``): the lease
+        is found by its primary key (``leases.request_id`` has no index: joining on it read the
+        whole table, ended leases included, on every BeginUpdate)."""
+        ids = list(request_ids)
         async with self._engine.connect() as conn:
             rows = await conn.execute(
-                text("SELECT p.event_id, p.outcome, l.status FROM processed_events p "
-                     "LEFT JOIN leases l ON l.request_id = p.event_id "
-                     "WHERE p.event_id = ANY(CAST(:ids AS uuid[]))"),
-                {"ids": list(request_ids)},
+                text("SELECT a.request_id, p.outcome, l.status "
+                     "FROM unnest(CAST(:ids AS uuid[]), CAST(:lease_ids AS uuid[])) AS a(request_id, lease_id) "
+                     "JOIN processed_events p ON p.event_id = a.request_id "
+                     "LEFT JOIN leases l ON l.lease_id = a.lease_id AND l.request_id = a.request_id"),
+                {"ids": ids, "lease_ids": [lease_id_for(i) for i in ids]},
             )
-            return {row.event_id: Attempt(row.outcome, row.status) for row in rows}
+            return {row.request_id: Attempt(row.outcome, row.status) for row in rows}
 
     async def open_leases(self, cell_id: str, created_after: datetime | None,
                           after: tuple[datetime, uuid.UUID] | None, limit: int) -> list[tuple[uuid.UUID, datetime]]:
