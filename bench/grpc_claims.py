@@ -561,14 +561,25 @@ def measured(meter: CpuMeter, client: ClientProcess, label: str, rate: float, ca
     return step
 
 
+#: Answers that say the servers are still busy: a lone pair answered so, however fast, has not settled.
+BUSY = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED")
+
+
+def quiet(lone: dict[str, Any]) -> bool:
+    """Was a lone pair (:meth:`Step.to_json`) answered within 250 ms a call, and not shed or
+    timed out? (Any other status, UNIMPLEMENTED included, is an answer of an idle server.)"""
+    busy = any(key.split(" ", 1)[1] in BUSY for key in lone["statuses"])
+    return not busy and lone["wall_s"] < 2 * SETTLE_QUICK_S
+
+
 def settle(client: ClientProcess, make: Callable[[int], Calls], deadline_s: float, limit_s: float = 90.0) -> float:
-    """Wait until the pipeline is idle again (a lone pair answered within 250 ms a call, twice in
-    a row), so one step's backlog does not count against the next. Returns the wait."""
+    """Wait until the pipeline is idle again (a lone pair :func:`quiet` twice in a row), so one
+    step's backlog does not count against the next. Returns the wait."""
     started = time.monotonic()
     quick = 0
     while quick < 2 and time.monotonic() - started < limit_s:
         lone = client.ask(step_command(make(1), 1.0, 1, deadline_s, 0))
-        quick = quick + 1 if lone["wall_s"] < 2 * SETTLE_QUICK_S else 0
+        quick = quick + 1 if quiet(lone) else 0
         if quick < 2:
             time.sleep(0.2)
     return time.monotonic() - started
@@ -668,6 +679,7 @@ def report(results: list[dict[str, Any]], calls: str) -> dict[str, Any]:
                    for what, values in (("begin", s.begin), ("commit", s.commit), ("pair", s.pair),
                                         ("liveness", s.probe), ("resource_exhausted", s.shed)) if values},
             } for s in r["steps"]],
+            "settle_s": [round(v, 1) for v in r["settle_s"]],
             "verdict": verdict(r["steps"], calls),
         } for r in results],
     }

@@ -29,6 +29,7 @@ from bench.grpc_claims import (
     commit_suffix,
     go_tool,
     pair_calls,
+    quiet,
     rails_key,
     record_kinds,
     release_plan,
@@ -109,6 +110,17 @@ class TestTally:
                             "commit OK": 4, "commit DEADLINE_EXCEEDED": 1})
         assert tally(statuses, "begin") == [5, 2, 0, 0, 0, 2]
         assert tally(statuses, "commit") == [4, 0, 0, 0, 1, 0]
+
+
+class TestSettle:
+    def test_a_lone_pair_answered_fast_and_not_shed_is_quiet(self) -> None:
+        assert quiet({"statuses": {"begin OK": 1, "commit OK": 1}, "wall_s": 0.1})
+        assert quiet({"statuses": {"begin UNIMPLEMENTED": 1}, "wall_s": 0.01})  # an idle server that says no
+
+    def test_slow_or_shed_is_not(self) -> None:
+        assert not quiet({"statuses": {"begin OK": 1, "commit OK": 1}, "wall_s": 0.6})
+        assert not quiet({"statuses": {"begin RESOURCE_EXHAUSTED": 1}, "wall_s": 0.01})
+        assert not quiet({"statuses": {"begin OK": 1, "commit UNAVAILABLE": 1}, "wall_s": 0.2})
 
 
 class TestReleasePlan:
