@@ -34,6 +34,7 @@ import psycopg
 from psycopg import errors, sql
 
 from topology_store.projector.metrics import ProjectorMetrics
+from topology_store.projector.tables import LEASE_ENDED_AT_SQL
 from topology_store.runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,8 @@ def projection_rules(settings: Settings) -> list[Rule]:
                   "event_type = 'LeaseExpiryTick' AND detail IS NULL AND processed_at < {cutoff}",
                   settings.idempotency_window_s, "TOPOLOGY_IDEMPOTENCY_WINDOW_S")]
     if settings.retain_ended_leases_s > 0:
-        rules.append(Rule("leases", "committed or released leases, by expiry",
-                          "status <> 'OPEN' AND expires_at < {cutoff}", settings.retain_ended_leases_s,
+        rules.append(Rule("leases", "committed or released leases, by expiry (by grant without one)",
+                          f"status <> 'OPEN' AND {LEASE_ENDED_AT_SQL} < {{cutoff}}", settings.retain_ended_leases_s,
                           "TOPOLOGY_RETAIN_ENDED_LEASES_S"))
     if settings.retain_resolved_dead_letters_s > 0:
         rules.append(Rule("dead_letters", "re-driven (resolved) dead letters",

@@ -47,6 +47,7 @@ from topology_store.core.claims import ClaimKey, ClaimStatus, HeldClaim, Lease, 
 from topology_store.core.fold import BatchResult, Projection, fold
 from topology_store.projector.bulk import copy_rows
 from topology_store.projector.migrate import alembic_config, upgrade_to_head
+from topology_store.projector.tables import LEASE_ENDED_AT_SQL
 from topology_store.projector.sources import (
     WHOLE_LOG,
     Checkpoint,
@@ -524,7 +525,7 @@ def table_rows(conn: psycopg.Connection[Any], schema: str,
     params: dict[str, tuple[object, ...]] = {}
     if leases_ended_before is not None:
         queries["leases"] = queries["leases"].replace(
-            " ORDER BY", " WHERE NOT (status <> 'OPEN' AND expires_at < %s) ORDER BY")
+            " ORDER BY", f" WHERE NOT (status <> 'OPEN' AND {LEASE_ENDED_AT_SQL} < %s) ORDER BY")
         params["leases"] = (leases_ended_before,)
     return {
         table: [tuple(json.dumps(v, sort_keys=True, default=str) for v in row)

@@ -79,6 +79,11 @@ leases = Table(
     Index("leases_open_by_cell_idx", "cell_id", "granted_at", "lease_id", postgresql_where=text("status = 'OPEN'")),
 )
 
+# When a lease counts as having ended, for retention (adr/0020): its expiry, or, for a
+# lease without one (adr/0022: NO_EXPIRY, year 9999), its grant time. A lower bound of when it
+# ended: such a lease can go as soon as it ended if it was granted before the period.
+LEASE_ENDED_AT_SQL = "(CASE WHEN expires_at >= '9999-01-01' THEN coalesce(granted_at, expires_at) ELSE expires_at END)"
+
 sequence_ranges = Table(
     "sequence_ranges",
     metadata,

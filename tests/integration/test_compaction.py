@@ -98,6 +98,18 @@ def seed(settings: Settings) -> dict[str, set[str]]:
 
         gone["leases"] |= {lease("COMMITTED", 31), lease("RELEASED", 45)}
         lease("COMMITTED", 29)
+
+        def gitlab_lease(status: str, granted_days_ago: float) -> str:  # no expiry: counted from its grant
+            lease_id = uuid.uuid4()
+            conn.execute(
+                "INSERT INTO leases (lease_id, request_id, cell_id, owner_type, owner_id, claims, expires_at, status, "
+                "version, granted_at) VALUES (%s, %s, 'cell-1', 'USER', 1, '[]', '9999-12-31T23:59:59.999Z', %s, 0, "
+                "now() - %s * interval '1 day')", (lease_id, uuid.uuid4(), status, granted_days_ago))
+            return str(lease_id)
+
+        gone["leases"].add(gitlab_lease("COMMITTED", 31))
+        gitlab_lease("COMMITTED", 29)
+        gitlab_lease("OPEN", 60)  # open: kept (Rails finishes it; adr/0022)
         lease("RELEASED", 1)
         lease("OPEN", 60)  # open: kept however old (the next tick or request expires it)
         lease("OPEN", -1)
@@ -170,7 +182,7 @@ def test_compact_removes_exactly_what_is_past_its_period_and_the_dry_run_nothing
         assert after[table] <= before[table], table
     for table in set(PROJECTION_TABLES) - set(keys):  # untouched: the archive, keys, ranges, the outbox
         assert after[table] == before[table], table
-    assert count(settings, "SELECT count(*) FROM leases WHERE status = 'OPEN'") == 2
+    assert count(settings, "SELECT count(*) FROM leases WHERE status = 'OPEN'") == 3
     assert count(settings, "SELECT count(*) FROM event_archive") == 3
     assert count(settings, "SELECT count(*) FROM dead_letters WHERE status = 'discarded'") == 1
 
@@ -185,14 +197,14 @@ def test_retentions_of_zero_keep_those_kinds_and_shorter_periods_take_more(setti
     kept = run(settings, TOPOLOGY_RETAIN_ENDED_LEASES_S="0", TOPOLOGY_RETAIN_RESOLVED_DEAD_LETTERS_S="0")
     assert kept.returncode == 0, kept.stderr
     assert [json.loads(line)["table"] for line in kept.stdout.splitlines()] == ["processed_events"]
-    assert count(settings, "SELECT count(*) FROM leases") == 6
+    assert count(settings, "SELECT count(*) FROM leases") == 9
     # A one-hour window: the tick six days old goes too, decisions still stay.
     shorter = run(settings, TOPOLOGY_IDEMPOTENCY_WINDOW_S="3600", TOPOLOGY_RETAIN_ENDED_LEASES_S="3600")
     assert shorter.returncode == 0, shorter.stderr
     assert count(settings, "SELECT count(*) FROM processed_events WHERE event_type = 'LeaseExpiryTick'") == 1
     assert count(settings, "SELECT count(*) FROM processed_events") == 3
     assert ids(settings, "SELECT status FROM leases") == {"OPEN"}  # every ended one is past an hour
-    assert count(settings, "SELECT count(*) FROM leases") == 2
+    assert count(settings, "SELECT count(*) FROM leases") == 3
 
 
 def test_the_commands_refusals_and_exit_codes(settings: Settings, new_database: Any) -> None:
@@ -249,20 +261,20 @@ def test_table_sizes_are_catalog_estimates_of_every_projection_table(settings: S
         conn.execute("ANALYZE")
         sizes = table_sizes(conn)
     assert set(sizes) == set(PROJECTION_TABLES)
-    assert sizes["processed_events"][0] == 6 and sizes["leases"][0] == 6
+    assert sizes["processed_events"][0] == 6 and sizes["leases"][0] == 9
     assert all(size > 0 for _, size in sizes.values())
     metrics = ProjectorMetrics()
     for table, (rows, size) in sizes.items():
         metrics.table_rows.labels(table).set(rows)
         metrics.table_bytes.labels(table).set(size)
-    assert metrics.registry.get_sample_value("topology_database_table_rows", {"table": "leases"}) == 6
+    assert metrics.registry.get_sample_value("topology_database_table_rows", {"table": "leases"}) == 9
 
 
 def test_a_stopped_compaction_reports_the_table_incomplete(settings: Settings) -> None:
     seed(settings)
     outcomes = compact(settings.libpq_url, projection_rules(settings), stopping=lambda: True)
     assert outcomes and not any(o.complete for o in outcomes)
-    assert count(settings, "SELECT count(*) FROM leases") == 6
+    assert count(settings, "SELECT count(*) FROM leases") == 9
     with pytest.raises(CompactionError):
         compact(settings.libpq_url, projection_rules(settings), batch_blocks=0)
 
@@ -393,12 +405,12 @@ async def test_the_projectors_scheduled_compaction_takes_turns_and_reports(setti
         waiting = asyncio.create_task(compact_periodically(scheduled, second, stop))
         await asyncio.sleep(1.0)
         assert second.registry.get_sample_value("topology_compaction_last_success_timestamp_seconds") is None
-        assert count(settings, "SELECT count(*) FROM leases") == 6
+        assert count(settings, "SELECT count(*) FROM leases") == 9
     running = asyncio.create_task(compact_periodically(scheduled, first, stop))
     sizes = asyncio.create_task(report_table_sizes(settings, first, stop, interval_s=0.2))
     try:
         for _ in range(200):
-            if count(settings, "SELECT count(*) FROM leases") == 4:
+            if count(settings, "SELECT count(*) FROM leases") == 6:
                 break
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.5)  # a few more rounds: nothing more goes
