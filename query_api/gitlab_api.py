@@ -10,8 +10,9 @@ does). The decision is the gRPC door's own: :meth:`topology_store.service.gitlab
 
 A refusal carries the read API's error document, with the HTTP status GitLab's
 grpc-gateway gives its gRPC code (INVALID_ARGUMENT 400, NOT_FOUND 404, UNAVAILABLE 503),
-except two whose cause is not the request's form: UNIMPLEMENTED (a claim kind this store does
-not classify by yet) is 400 ``not_served``, not 501 (the server is not failing), and
+except two whose cause is not the request's form: UNIMPLEMENTED (a claim kind other than a
+route, which only the gRPC door looks up, adr/0022) is 400 ``not_served``, not 501 (the server
+is not failing), and
 FAILED_PRECONDITION (a cell id two cells end with) 409, not 400. The OpenAPI document states
 exactly the requests that are answered (``CLASSIFY_REQUEST_SCHEMA``).
 
@@ -144,7 +145,7 @@ def _shape(title: str, kind: dict[str, Any], value: dict[str, Any], claims: dict
 _ROUTE_CLAIM = {
     "type": "object", "required": ["route"],
     "description": "types.v1.Claim with its route (a path: its top-level namespace answers). Other claim kinds "
-    "are GitLab's too, but not classified by this store yet: 400 not_served (adr/0021)",
+    "are GitLab's too, answered over gRPC only (by their committed claim, adr/0022); here 400 not_served",
     "properties": {"route": {**_VALUE, "pattern": rf"^(?!{_SPACE}*$)(?!/*$)",
                              "description": "A path with a segment (not only slashes or whitespace)"}},
     "propertyNames": {"not": {"enum": sorted(_CLAIM_FIELDS - {"route"})}},

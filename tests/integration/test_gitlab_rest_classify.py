@@ -41,8 +41,6 @@ REQUESTS = [
     ClassifyRequest(claims=[Claim(route="nobody/x"), Claim(route="GitLab-Org/gitlab/-/issues")]),
     ClassifyRequest(claims=[Claim(route="orphaned")]),
     ClassifyRequest(claims=[Claim(route="nobody")]),
-    ClassifyRequest(claims=[Claim(project_id=7)]),
-    ClassifyRequest(claims=[Claim(username="root")]),
     *(request for request, _ in BAD_CLASSIFY[:-1]),  # the last one is long: below
     ClassifyRequest(type=Type.SESSION_PREFIX, value="x" * 5000),
 ]
@@ -91,6 +89,12 @@ def test_every_classify_answers_over_rest_what_grpc_answers(stack: Door) -> None
         assert rest_answer(stack, json_format.MessageToJson(request)) == expected, request
         seen.add(expected[0])
     assert seen == {200, 400, 404, 409}  # not vacuous: answers and every kind of refusal compared
+    # Claims other than routes: gRPC looks them up among the committed claims (GitLab's mail
+    # router asks by project id); REST answers routes only, saying so (adr/0022).
+    for request in (ClassifyRequest(claims=[Claim(project_id=7)]), ClassifyRequest(claims=[Claim(username="root")])):
+        assert grpc_answer(stack, request) == (404, "no cell owns any of the claims")
+        status, message = rest_answer(stack, json_format.MessageToJson(request))
+        assert status == 400 and "not served on this door" in message
 
     # The answers themselves, as GitLab's router reads them.
     status, first = rest_answer(stack, '{"type": "FIRST_CELL"}')
