@@ -189,7 +189,7 @@ class ClaimService(claims_service_pb2_grpc.ClaimServiceServicer):
             ids = gitlab_claims.attempt_ids(request, cell, start)
             request_id = gitlab_claims.choose_attempt(ids, await _read(records.attempts(ids)))
             start += gitlab_claims.ATTEMPTS
-        command = gitlab_claims.begin_command(request, cell, request_id, ttl_ms, self._source)
+        command = gitlab_claims.begin_command(request, cell, request_id, ttl_ms, self._source, self._secret)
         decision = await self._submit(command, context)
         lease = gitlab_claims.granted_lease(decision)
         return claims_service_pb2.BeginUpdateResponse(cell_id=number, lease_uuid=uuid_pb2.UUID(value=str(lease)))

@@ -44,6 +44,7 @@ from topology_store.schemas.models import (
     OwnerType,
     RecordMetadata,
     canonical_claim_value,
+    stored_claim_value,
 )
 from topology_store.service import commands
 from topology_store.service.admission import Overloaded
@@ -193,16 +194,32 @@ def choose_attempt(ids: Sequence[uuid.UUID], known: Mapping[uuid.UUID, Attempt])
     return None
 
 
+def _kept(creates: list[dict[str, object]], destroys: list[dict[str, object]], secret: bytes
+          ) -> list[dict[str, object]]:
+    """``destroys`` without those a create of the same lease names again as the same claim:
+    a change of letter case only ("Foo" to "foo", the claim is unique case-insensitively),
+    or an e-mail given clear and hashed. The claim stays; destroying and creating it again in
+    one lease would be refused as naming one claim twice (adr/0022)."""
+    def stored(ref: dict[str, object]) -> tuple[str, str]:
+        bucket = str(ref["bucket"])
+        return bucket, stored_claim_value(bucket, str(ref["value"]), secret)
+
+    created = {stored(ref) for ref in creates}
+    return [ref for ref in destroys if stored(ref) not in created]
+
+
 def begin_command(request: service_pb2.BeginUpdateRequest, cell_name: str, request_id: uuid.UUID,
-                  lease_ttl_ms: int, source: str) -> ClaimsRequested:
-    """The ``ClaimsRequested`` of a ``BeginUpdate`` (a Refusal for bad input)."""
+                  lease_ttl_ms: int, source: str, secret: bytes = b"") -> ClaimsRequested:
+    """The ``ClaimsRequested`` of a ``BeginUpdate`` (a Refusal for bad input). ``secret``: the
+    claim secret, under which a destroy and a create of one claim are told apart (:func:`_kept`)."""
     count = len(request.create_records) + len(request.destroy_records)
     if count == 0:
         raise invalid("BeginUpdate names no record: create_records and destroy_records are both empty")
     if count > MAX_CLAIMS_PER_REQUEST:
         raise invalid(f"BeginUpdate names {count} records; at most {MAX_CLAIMS_PER_REQUEST}")
     creates = [_claim_ref(m, f"create_records[{i}]", True) for i, m in enumerate(request.create_records)]
-    destroys = [_claim_ref(m, f"destroy_records[{i}]", False) for i, m in enumerate(request.destroy_records)]
+    destroys = _kept(creates, [_claim_ref(m, f"destroy_records[{i}]", False)
+                               for i, m in enumerate(request.destroy_records)], secret)
     # The lease's own owner: the first record's subject (each create keeps its own).
     first = (request.create_records or request.destroy_records)[0]
     owner_type = SUBJECTS.get(first.subject.type, OwnerType.NAMESPACE)
