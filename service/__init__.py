@@ -11,4 +11,5 @@ gRPC door) calls alike. No I/O of its own: the adapters it needs come in as port
 - ``gitlab_cells``     our cells in GitLab's shape: numeric ids, ``host:port``, the first cell.
 - ``gitlab_claims``    GitLab's ClaimService onto our claim commands and back (adr/0022):
                 buckets, records, leases, status codes, a BeginUpdate's request id.
+- ``refusals``         a GitLab request answered with another gRPC status than OK.
 """

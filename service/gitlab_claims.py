@@ -57,7 +57,7 @@ from topology_store.service.claims import (
     RequestReused,
     Submission,
 )
-from topology_store.service.gitlab_classify import Refusal, invalid
+from topology_store.service.refusals import Refusal, invalid
 
 Bucket = messages_pb2.Bucket
 Subject = messages_pb2.Subject

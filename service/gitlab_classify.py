@@ -40,6 +40,9 @@ from topology_store.schemas.generated.proto.types.v1 import claim_pb2
 from topology_store.schemas.models import stored_claim_value
 from topology_store.schemas.router_sync import classify_in
 from topology_store.service.gitlab_cells import CellNumbers, all_cell_infos, first_cell, gitlab_address, number_cells
+from topology_store.service.gitlab_claims import BUCKET_OF_CLAIM_FIELD, our_bucket
+from topology_store.service.refusals import Refusal as Refusal  # re-exported: the doors import it from here
+from topology_store.service.refusals import invalid as invalid
 
 log = logging.getLogger(__name__)
 
@@ -47,19 +50,6 @@ ClassifyType = classify_service_pb2.ClassifyType
 MAX_VALUE_CHARS = 4096  # a path, a session cookie, a decimal id: far below this
 CLAIM_KINDS = tuple(field.name for field in claim_pb2.Claim.DESCRIPTOR.oneofs_by_name["claim"].fields)
 SERVED_CLAIM_KINDS = ("route",)
-
-
-class Refusal(Exception):
-    """A request this door answers with a gRPC status other than OK."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def invalid(message: str) -> Refusal:
-    return Refusal(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
 class Lookup(Protocol):
@@ -199,8 +189,6 @@ async def classify_claims(request: classify_service_pb2.ClassifyRequest, tables:
                           owners: ClaimOwners, secret: bytes) -> Classified:
     """Classify by claims of every kind, in order: a route by the routing table, any other by
     the committed claim of its bucket (an e-mail by its keyed hash)."""
-    from topology_store.service.gitlab_claims import BUCKET_OF_CLAIM_FIELD, our_bucket  # it imports this module
-
     kinds = _claim_kinds(request, CLAIM_KINDS)
     wanted: list[tuple[claim_pb2.Claim, str | None, tuple[str, str] | None]] = []
     for position, (claim, kind) in enumerate(zip(request.claims, kinds, strict=True)):  # all checked first
