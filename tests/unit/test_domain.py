@@ -828,7 +828,7 @@ class Store:
                 registry.leases[lease_id] = lease
         for lease in registry.leases.values():
             if lease.status is LeaseStatus.OPEN:
-                for k in lease.claims:
+                for k in (*lease.claims, *lease.destroys):  # those it creates and those it destroys
                     if k in self.claims:
                         registry.claims[k] = self.claims[k]
         registry.sequences.update({n: self.sequences[n] for n in wanted.sequences if n in self.sequences})
