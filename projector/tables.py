@@ -36,6 +36,10 @@ cells = Table(
     Column("state", Text, nullable=False),
     Column("state_reason", Text, nullable=False),
     Column("version", BigInteger, nullable=False, comment="topology version of the last change"),
+    # GitLab's numeric cell id (Rails' cell.id), from the cell events (adr/0021).
+    Column("number", BigInteger, comment="GitLab's cell id (CellInfo.id); null: none recorded"),
+    UniqueConstraint("number", name="cells_number_key"),
+    CheckConstraint("number > 0", name="cells_number_positive"),
 )
 
 claims = Table(

@@ -746,14 +746,19 @@ def test_without_log_time_the_event_time_is_used() -> None:
     assert isinstance(granted, LeaseGranted) and granted.expires_at == request.occurred_at + 5 * SEC
 
 
-def test_leases_and_ranges_change_the_registry_but_not_routing() -> None:
+def test_leases_change_the_registry_but_not_routing() -> None:
     # Routers must not see a new version when nothing they route by changed.
     request = claims_support.begin("a")
     leased = batch(positioned([request]))
     assert not leased.routing_changed and leased.registry.changed_leases == {request.lease_id}
     assert leased.namespaces == {}  # a lease does not route
+
+
+def test_a_granted_sequence_range_changes_routing() -> None:
+    # The cell's document carries its ranges (GitLab's CellInfo.sequence_ranges, adr/0021).
     ranged = batch(positioned([claims_support.sequence()]))
-    assert not ranged.routing_changed and len(ranged.registry.granted_ranges) == 1
+    assert ranged.routing_changed and len(ranged.registry.granted_ranges) == 1
+    assert ranged.cells == {} and ranged.namespaces == {}
 
 
 def test_project_batch_does_not_mutate_its_inputs() -> None:
