@@ -99,6 +99,7 @@ sequence_ranges = Table(
     Column("version", BigInteger, nullable=False),
     PrimaryKeyConstraint("sequence_name", "start"),
     CheckConstraint('"end" > start', name="sequence_ranges_not_empty"),
+    Index("sequence_ranges_cell_id_idx", "cell_id"),  # a cell's document lists its ranges (adr/0021)
 )
 
 # The decisions outbox; its definition is the contract in producer/outbox.sql.

@@ -1,11 +1,12 @@
-"""Cells get GitLab's numeric cell id: ``cells.number`` (bigint, unique, positive; adr/0021).
+"""Cells get GitLab's numeric cell id: ``cells.number`` (bigint, unique, positive; adr/0021),
+and sequence ranges an index by cell (a cell's routing document lists its ranges).
 
 The number comes from the cell events (``CellRegistered.number``, ``CellUpdated.number``).
 Cells that exist already get the number the interim rule gave them (the digits their name
 ends with, after a dash or the whole name: ``cell-7`` -> 7), where that is unambiguous:
 when two cells' names end with the same number, both are left null, as the gRPC door
-refused to pick one. ``TOPOLOGY_GRPC_CELL_IDS`` is not read here: it keeps working above
-the column for cells without a number (service/gitlab_cells.py).
+refused to pick one. ``TOPOLOGY_GRPC_CELL_IDS`` is not read here: it still numbers the cells
+whose column is null (service/gitlab_cells.py).
 
 A number filled here is not in the log: a replay leaves it null until a ``CellUpdated``
 with that number records it (the cell rules accept it, and it changes nothing live).
@@ -21,7 +22,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0011"
-down_revision = "0009"
+down_revision = "0010"
 branch_labels = None
 depends_on = None
 
@@ -45,7 +46,10 @@ def upgrade() -> None:
     op.create_unique_constraint("cells_number_key", "cells", ["number"])
     op.create_check_constraint("cells_number_positive", "cells", "number > 0")
     op.execute(BACKFILL)
+    # A cell's routing document lists its sequence ranges (schemas/router_sync.py).
+    op.create_index("sequence_ranges_cell_id_idx", "sequence_ranges", ["cell_id"])
 
 
 def downgrade() -> None:
+    op.drop_index("sequence_ranges_cell_id_idx", table_name="sequence_ranges")
     op.drop_column("cells", "number")
