@@ -224,7 +224,7 @@ def up(data_dir: Path, api_port: int, demo: bool, tls: bool = False) -> int:
         watchdog = Watchdog()
         _reap_leftovers(data_dir)
         # A development CA and certificates for the demo cells and an admin (adr/0021).
-        pki = dev_pki(data_dir / "tls", [name for name, _ in DEMO_CELLS])
+        pki = dev_pki(data_dir / "tls", [name for name, _, _ in DEMO_CELLS])
         if env_kafka:
             bootstrap = env_kafka
             _say(f"using Kafka at {bootstrap}")

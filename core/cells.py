@@ -2,7 +2,9 @@
 
 Cells (adr/0004): a cell's fate depends only on earlier cell events, which live
 in the single partition of the cells topic, so any replay of that log reaches the
-same cells whatever the batch boundaries. The fold that applies these rules, and
+same cells whatever the batch boundaries. A cell may carry GitLab's numeric cell id
+(``number``, Rails' ``cell.id``, adr/0021): unique across cells, recorded once (at
+registration or by an update of a cell that has none), never changed. The fold that applies these rules, and
 the claim rules of :mod:`topology_store.core.claims`, to a log is :mod:`topology_store.core.fold`.
 """
 
@@ -25,6 +27,7 @@ class Cell:
     weight: int
     state: CellState
     state_reason: str
+    number: int | None = None  # GitLab's numeric cell id (Rails' cell.id); None: none recorded
 
 
 class Outcome(StrEnum):
@@ -68,6 +71,15 @@ CellEvent: TypeAlias = CellRegistered | CellUpdated | CellStateChanged
 CELL_EVENTS: tuple[type[CellEvent], ...] = get_args(CellEvent)
 
 
+def number_holder(cells: Mapping[str, Cell], number: int | None) -> str | None:
+    """The cell that holds GitLab's cell id ``number``, if any. Numbers are unique across
+    cells, decommissioned ones included: Rails' ``cell.id`` names the cell in leases and
+    records long after it is gone, so a number is never handed to another cell (adr/0021)."""
+    if number is None:
+        return None
+    return next((other.cell_id for other in cells.values() if other.number == number), None)
+
+
 def apply_cell_event(cells: Mapping[str, Cell], event: CellEvent) -> tuple[Decision, Cell | None]:
     """Decide one cell event against all known cells; return the decision and the
     cell's row afterwards (``None`` while the cell does not exist)."""
@@ -83,12 +95,14 @@ def apply_cell_event(cells: Mapping[str, Cell], event: CellEvent) -> tuple[Decis
             weight=0,
             state=CellState.PROVISIONING,
             state_reason="",
+            number=event.number,
         )
         if current is not None:
-            same = (current.address, current.session_prefix, current.region) == (
+            same = (current.address, current.session_prefix, current.region, current.number) == (
                 event.address,
                 event.session_prefix,
                 event.region,
+                event.number,
             )
             if same:
                 return _unchanged("cell already registered with these attributes"), current
@@ -96,17 +110,25 @@ def apply_cell_event(cells: Mapping[str, Cell], event: CellEvent) -> tuple[Decis
         for other in cells.values():
             if other.session_prefix == event.session_prefix:
                 return _rejected(f"session prefix already used by cell {other.cell_id}"), None
+        if (holder := number_holder(cells, event.number)) is not None:
+            return _rejected(f"cell number {event.number} already used by cell {holder}"), None
         return APPLIED, registered
 
     if current is None:
         return _rejected("unknown cell"), None
 
     if isinstance(event, CellUpdated):
+        if event.number is not None and event.number != current.number:
+            if current.number is not None:
+                return _rejected(f"cell number is {current.number}; a cell's number never changes"), current
+            if (holder := number_holder(cells, event.number)) is not None:
+                return _rejected(f"cell number {event.number} already used by cell {holder}"), current
         updated = replace(
             current,
             address=event.address if event.address is not None else current.address,
             region=event.region if event.region is not None else current.region,
             weight=event.weight if event.weight is not None else current.weight,
+            number=event.number if event.number is not None else current.number,
         )
         if updated == current:
             return _unchanged("no attribute changes"), current

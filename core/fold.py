@@ -83,8 +83,9 @@ class BatchResult:
 
     @property
     def routing_changed(self) -> bool:
-        """Whether routers would see a difference: a cell or a namespace route."""
-        return bool(self.cells or self.namespaces)
+        """Whether routers would see a difference: a cell, a namespace route, or a cell's
+        sequence ranges (part of its document, for GitLab's ``CellInfo``; adr/0021)."""
+        return bool(self.cells or self.namespaces or self.registry.granted_ranges)
 
 
 _DECIDE, _CELL, _FOLLOW = "decide", "cell", "follow"

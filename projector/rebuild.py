@@ -37,7 +37,6 @@ from psycopg import sql
 from sqlalchemy import pool
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from topology_store.core.cells import Cell
 from topology_store.projector.changelog import prune_routing_changes
 from topology_store.projector.replay import (
     LIVE_SCHEMA,
@@ -55,6 +54,7 @@ from topology_store.projector.sources import Conn, ReplayError, fetch_all, fetch
 from topology_store.projector.store import write_routing_changes
 from topology_store.runtime.database import VERSION_CHANNEL
 from topology_store.runtime.settings import Settings
+from topology_store.schemas.router_sync import CELL_DOCUMENTS_SQL
 
 DEFAULT_SCHEMA = "topology_shadow"
 RETIRED_SCHEMA = "topology_retired"
@@ -125,16 +125,25 @@ async def _pre_diff(conn: Conn, schema: str, state: State) -> _PreDiff:
     return _PreDiff(version, namespaces)
 
 
+async def _cell_documents(conn: Conn, schema: str) -> dict[str, dict[str, Any]]:
+    """Every cell's document in ``schema``'s tables, as routers see it (adr/0009, adr/0021)."""
+    query = sql.SQL(CELL_DOCUMENTS_SQL).format(cells=sql.Identifier(schema, "cells"),
+                                               ranges=sql.Identifier(schema, "sequence_ranges"), where=sql.SQL(""))
+    async with conn.cursor() as cursor:
+        await cursor.execute(query)
+        names = [column.name for column in cursor.description or ()]
+        return {row[0]: dict(zip(names, row, strict=True)) for row in await cursor.fetchall()}
+
+
 async def _routing_diff(conn: Conn, schema: str, state: State, pre: _PreDiff | None,
-                        version: int) -> tuple[dict[str, Cell], list[str], dict[str, str | None]]:
+                        version: int) -> tuple[dict[str, dict[str, Any]], list[str], dict[str, str | None]]:
     """What routers must change to go from the live tables (at ``version``, locked) to
-    the shadow's: cells (upserted, deleted) and namespace routes (None: not routed)."""
-    live = {row[0]: tuple(row) for row in await fetch_all(
-        conn, "SELECT cell_id, address, session_prefix, region, weight, state, state_reason FROM public.cells")}
-    upserts = {cell_id: cell for cell_id, cell in state.projection.cells.items()
-               if live.get(cell_id) != (cell.cell_id, cell.address, cell.session_prefix, cell.region, cell.weight,
-                                        cell.state.value, cell.state_reason)}
-    deleted = sorted(set(live) - set(state.projection.cells))
+    the shadow's: cells (their documents upserted, deleted) and namespace routes (None:
+    not routed). A cell's document holds its sequence ranges: compared whole."""
+    live = await _cell_documents(conn, LIVE_SCHEMA)
+    shadow = await _cell_documents(conn, schema)
+    upserts = {cell_id: document for cell_id, document in shadow.items() if live.get(cell_id) != document}
+    deleted = sorted(set(live) - set(shadow))
     covered = await fetch_one(conn, "SELECT count(*) FROM public.routing_versions WHERE version > %s AND version <= %s",
                               (pre.version if pre else 0, version))
     if pre is None or state.namespaces_touched is None or not covered or covered[0] != version - pre.version:

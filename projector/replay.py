@@ -104,7 +104,8 @@ def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
 
 # --- the projection's rows -----------------------------------------------------------------------
 
-CELL_COLUMNS = ["cell_id", "address", "session_prefix", "region", "weight", "state", "state_reason", "version"]
+CELL_COLUMNS = ["cell_id", "address", "session_prefix", "region", "weight", "state", "state_reason", "version",
+                "number"]
 CLAIM_COLUMNS = ["bucket", "value", "cell_id", "owner_type", "owner_id", "claimed_at", "version", "status", "lease_id",
                  "source_type", "source_id", "user_data"]
 LEASE_COLUMNS = ["lease_id", "request_id", "cell_id", "owner_type", "owner_id", "claims", "expires_at", "status",
@@ -113,7 +114,8 @@ RANGE_COLUMNS = ["sequence_name", "start", "end", "cell_id", "request_id", "vers
 
 
 def cell_row(c: Cell, version: int) -> tuple[Any, ...]:
-    return (c.cell_id, c.address, c.session_prefix, c.region, c.weight, c.state.value, c.state_reason, version)
+    return (c.cell_id, c.address, c.session_prefix, c.region, c.weight, c.state.value, c.state_reason, version,
+            c.number)
 
 
 def claim_row(h: HeldClaim, version: int) -> tuple[Any, ...]:
@@ -343,10 +345,10 @@ async def _load_state(conn: Conn, schema: str, checkpoint: Checkpoint, source: S
     """The schema's content as of its checkpoint, back in memory."""
     state = State(checkpoint)
     cells, claims, leases = state.projection.cells, state.projection.registry.claims, state.projection.registry.leases
-    for cell_id, address, prefix, region, weight, cell_state, reason in await fetch_all(conn, sql.SQL(
-            "SELECT cell_id, address, session_prefix, region, weight, state, state_reason FROM {}").format(
+    for cell_id, address, prefix, region, weight, cell_state, reason, number in await fetch_all(conn, sql.SQL(
+            "SELECT cell_id, address, session_prefix, region, weight, state, state_reason, number FROM {}").format(
             sql.Identifier(schema, "cells"))):
-        cells[cell_id] = Cell(cell_id, address, prefix, region, weight, CellState(cell_state), reason)
+        cells[cell_id] = Cell(cell_id, address, prefix, region, weight, CellState(cell_state), reason, number)
     for (bucket, value, cell_id, owner_type, owner_id, status, lease_id, claimed_at, source_type, source_id,
          user_data) in await fetch_all(conn, sql.SQL(
             "SELECT bucket, value, cell_id, owner_type, owner_id, status, lease_id, claimed_at, source_type, "
@@ -508,7 +510,8 @@ def replay(settings: Settings, schema: str, cut: Cut = WHOLE_LOG, source: str = 
 
 # The projection's content: everything but the version columns, ordered by key.
 DIGEST_QUERIES: dict[str, str] = {
-    "cells": "SELECT cell_id, address, session_prefix, region, weight, state, state_reason FROM {s}.cells ORDER BY 1",
+    "cells": "SELECT cell_id, address, session_prefix, region, weight, state, state_reason, number FROM {s}.cells "
+             "ORDER BY 1",
     "claims": "SELECT bucket, value, cell_id, owner_type, owner_id, claimed_at, status, lease_id, source_type, "
               "encode(source_id, 'hex'), encode(user_data, 'hex') FROM {s}.claims ORDER BY 1, 2",
     "leases": "SELECT lease_id, request_id, cell_id, owner_type, owner_id, claims, expires_at, status, cause, "

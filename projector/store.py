@@ -20,9 +20,10 @@ Each commit, atomically (adr/0002):
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 from uuid import UUID
 
 from sqlalchemy import select, text
@@ -47,6 +48,7 @@ from topology_store.schemas.models import (
     CellUpdated,
     Event,
 )
+from topology_store.schemas.router_sync import CELL_DOCUMENTS_SQL
 
 CLAIM_REGISTRY_LOCK = 0x746F706F636C6D  # pg advisory lock key held while deciding claims
 
@@ -170,14 +172,18 @@ class ProjectionStore:
                     ).scalar_one()
                 )
                 await _write_cells(conn, result.cells, version)
-                await write_routing_changes(conn, version, cells=result.cells, namespaces=result.namespaces)
+            else:
+                version = int((await conn.execute(select(topology_version.c.version))).scalar_one())
+            await write_registry(conn, result.registry, version)
+            if result.routing_changed:
+                # After the registry: a cell's document carries its sequence ranges (adr/0021).
+                changed = set(result.cells) | {r.cell_id for r in result.registry.granted_ranges}
+                await write_routing_changes(conn, version, cells=await cell_documents(conn, changed),
+                                            namespaces=result.namespaces)
                 await prune_routing_changes(conn, version)  # change-log coverage and retention (adr/0009)
                 await conn.execute(
                     text("SELECT pg_notify(:channel, :payload)"), {"channel": VERSION_CHANNEL, "payload": str(version)}
                 )
-            else:
-                version = int((await conn.execute(select(topology_version.c.version))).scalar_one())
-            await write_registry(conn, result.registry, version)
             await _append_to_outbox(conn, self._codec, result.claim_decisions)
             recorded = await _record_decisions(conn, result, version, digests)
             await write_audit_keys(conn, audit_rows(result, self._secret))
@@ -234,7 +240,7 @@ async def _load_cells(conn: AsyncConnection) -> dict[str, Cell]:
     # The cells table is small (one row per cell), and cell rules compare cells
     # with each other, so the whole table is the input.
     rows = await conn.execute(
-        text("SELECT cell_id, address, session_prefix, region, weight, state, state_reason FROM cells")
+        text("SELECT cell_id, address, session_prefix, region, weight, state, state_reason, number FROM cells")
     )
     return {
         row.cell_id: Cell(
@@ -245,6 +251,7 @@ async def _load_cells(conn: AsyncConnection) -> dict[str, Cell]:
             weight=row.weight,
             state=CellState(row.state),
             state_reason=row.state_reason,
+            number=row.number,
         )
         for row in rows
     }
@@ -256,13 +263,15 @@ async def _write_cells(conn: AsyncConnection, cells: Mapping[str, Cell], version
     rows = list(cells.values())
     await conn.execute(
         text(
-            "INSERT INTO cells (cell_id, address, session_prefix, region, weight, state, state_reason, version) "
+            "INSERT INTO cells (cell_id, address, session_prefix, region, weight, state, state_reason, number, "
+            "  version) "
             "SELECT u.*, CAST(:version AS bigint) FROM unnest(CAST(:ids AS text[]), CAST(:addresses AS text[]), "
             "  CAST(:prefixes AS text[]), CAST(:regions AS text[]), CAST(:weights AS int[]), "
-            "  CAST(:states AS text[]), CAST(:reasons AS text[])) AS u "
+            "  CAST(:states AS text[]), CAST(:reasons AS text[]), CAST(:numbers AS bigint[])) AS u "
             "ON CONFLICT (cell_id) DO UPDATE SET address = excluded.address, "
             "  session_prefix = excluded.session_prefix, region = excluded.region, weight = excluded.weight, "
-            "  state = excluded.state, state_reason = excluded.state_reason, version = excluded.version"
+            "  state = excluded.state, state_reason = excluded.state_reason, number = excluded.number, "
+            "  version = excluded.version"
         ),
         {
             "version": version,
@@ -273,33 +282,36 @@ async def _write_cells(conn: AsyncConnection, cells: Mapping[str, Cell], version
             "weights": [c.weight for c in rows],
             "states": [c.state.value for c in rows],
             "reasons": [c.state_reason for c in rows],
+            "numbers": [c.number for c in rows],
         },
     )
 
 
-def cell_document(cell: Cell) -> dict[str, object]:
-    """A cell as routers see it, in snapshots and in the change log."""
-    return {
-        "cell_id": cell.cell_id,
-        "address": cell.address,
-        "session_prefix": cell.session_prefix,
-        "region": cell.region,
-        "weight": cell.weight,
-        "state": cell.state.value,
-        "state_reason": cell.state_reason,
-    }
+_CELL_DOCUMENTS = text(CELL_DOCUMENTS_SQL.format(cells="cells", ranges="sequence_ranges",
+                                                 where="WHERE c.cell_id = ANY(CAST(:ids AS text[]))"))
+
+
+async def cell_documents(conn: AsyncConnection, cell_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The documents of these cells as routers see them, in snapshots and in the change
+    log (``schemas.router_sync.CELL_DOCUMENTS_SQL``), from the tables as this transaction
+    sees them: write the cells and their sequence ranges first."""
+    ids = sorted(cell_ids)
+    if not ids:
+        return {}
+    return {row.cell_id: dict(row._mapping) for row in await conn.execute(_CELL_DOCUMENTS, {"ids": ids})}
 
 
 async def write_routing_changes(
-    conn: AsyncConnection, version: int, cells: Mapping[str, Cell], namespaces: Mapping[str, str | None]
+    conn: AsyncConnection, version: int, cells: Mapping[str, Mapping[str, Any]], namespaces: Mapping[str, str | None]
 ) -> None:
-    """Record what ``version`` changed for routers: each cell's new row, and each
-    namespace's new owning cell (``None``: no longer claimed)."""
+    """Record what ``version`` changed for routers: each cell's new document
+    (:func:`cell_documents`), and each namespace's new owning cell (``None``: no longer
+    claimed)."""
     kinds = ["cell"] * len(cells) + ["namespace"] * len(namespaces)
     keys = [*cells, *namespaces]
     # A namespace's value names one of a few cells: serialize each once per batch.
     routes = {cell_id: json.dumps({"cell_id": cell_id}) for cell_id in set(namespaces.values()) if cell_id is not None}
-    values = [json.dumps(cell_document(c)) for c in cells.values()] + [
+    values = [json.dumps(c) for c in cells.values()] + [
         routes[cell_id] if cell_id is not None else None for cell_id in namespaces.values()
     ]
     if not keys:

@@ -36,6 +36,10 @@ cells = Table(
     Column("state", Text, nullable=False),
     Column("state_reason", Text, nullable=False),
     Column("version", BigInteger, nullable=False, comment="topology version of the last change"),
+    # GitLab's numeric cell id (Rails' cell.id), from the cell events (adr/0021).
+    Column("number", BigInteger, comment="GitLab's cell id (CellInfo.id); null: none recorded"),
+    UniqueConstraint("number", name="cells_number_key"),
+    CheckConstraint("number > 0", name="cells_number_positive"),
 )
 
 claims = Table(
@@ -95,6 +99,7 @@ sequence_ranges = Table(
     Column("version", BigInteger, nullable=False),
     PrimaryKeyConstraint("sequence_name", "start"),
     CheckConstraint('"end" > start', name="sequence_ranges_not_empty"),
+    Index("sequence_ranges_cell_id_idx", "cell_id"),  # a cell's document lists its ranges (adr/0021)
 )
 
 # The decisions outbox; its definition is the contract in producer/outbox.sql.

@@ -25,6 +25,12 @@ def any_case_pattern(names: Iterable[str]) -> str:
     return "^(" + "|".join("".join(map(letter, name)) for name in names) + ")$"
 
 
+class SequenceRangeView(BaseModel):
+    sequence_name: str
+    start: int = Field(description="The first id of the range")
+    end: int = Field(description="The id after the last one: the range is [start, end)")
+
+
 class CellView(BaseModel):
     cell_id: str
     address: str
@@ -33,6 +39,10 @@ class CellView(BaseModel):
     weight: int
     state: CellState
     state_reason: str
+    number: int | None = Field(default=None, description="GitLab's numeric cell id (Rails' cell.id); null: none "
+                               "recorded (adr/0021). Absent from servers before it was added")
+    sequence_ranges: list[SequenceRangeView] = Field(
+        default_factory=list, description="The id ranges granted to the cell, by sequence name and start")
 
 
 class SnapshotDocument(BaseModel):

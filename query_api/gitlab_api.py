@@ -209,8 +209,8 @@ def gitlab_router(sync: RouterSync) -> APIRouter:
                   "missing or malformed value (invalid_argument); a claim kind not classified yet (not_served; "
                   "GitLab answers 501 UNIMPLEMENTED)"},
             404: {"model": ErrorDocument, "description": "No cell has this session prefix, cell id or route"},
-            409: {"model": ErrorDocument, "description": "Two cells end with this cell id (failed_precondition: "
-                  "name each cell's id in TOPOLOGY_GRPC_CELL_IDS)"},
+            409: {"model": ErrorDocument, "description": "Two cells claim this cell id (failed_precondition: "
+                  "record each cell's number, adr/0021, or name it in TOPOLOGY_GRPC_CELL_IDS)"},
             503: {"model": ErrorDocument, "description": "No snapshot loaded yet (Retry-After)"},
             **refusals(SNAPSHOT_READ),
         },

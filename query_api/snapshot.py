@@ -40,13 +40,17 @@ from topology_store.query_api.encodings import Compression, Observer, Representa
 from topology_store.query_api.metrics import ApiMetrics
 from topology_store.runtime.database import VERSION_CHANNEL
 from topology_store.runtime.retry import backoff
-from topology_store.schemas.router_sync import JSON, MSGPACK, digest_after, namespace_digest, representation_etag
+from topology_store.schemas.router_sync import (
+    CELLS_QUERY,
+    JSON,
+    MSGPACK,
+    digest_after,
+    namespace_digest,
+    representation_etag,
+)
 
 log = logging.getLogger(__name__)
 
-CELLS_QUERY = (
-    "SELECT cell_id, address, session_prefix, region, weight, state, state_reason FROM cells ORDER BY cell_id"
-)
 # Only committed NAMESPACE claims route (a leased claim does not, yet). Byte order ("C")
 # is code point order for UTF-8, Python's string order: the table comes back sorted.
 NAMESPACES_QUERY = (

@@ -128,8 +128,9 @@ class Settings(BaseSettings):
         "stale ones with ListLeases; a call may ask for one with x-topology-lease-ttl-ms metadata (adr/0022)"
     )
     grpc_cell_ids: str = Field(
-        default="", description='JSON object: cell name -> GitLab\'s numeric cell id (int64 > 0), e.g. {"cell-1": 1}; '
-        "a cell not named here has the number its name ends with (cell-7 -> 7, 12 -> 12)"
+        default="", description='JSON object: cell name -> GitLab\'s numeric cell id (int64 > 0), e.g. {"cell-1": 1}, '
+        "for cells whose events recorded no number (a recorded number wins); a cell with neither has the number its "
+        "name ends with (cell-7 -> 7, 12 -> 12)"
     )
 
     # TLS of the HTTP and gRPC doors (adr/0021): both ports, the same files

@@ -321,6 +321,8 @@ class CellRegistered(_CellEvent):
     address: str = Field(pattern=r"^https?://\S+$", max_length=2048)
     session_prefix: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     region: str = Field(min_length=1, max_length=64)
+    # GitLab's numeric cell id (CellInfo.id, Rails' cell.id), unique across cells (adr/0021).
+    number: int | None = Field(default=None, ge=1, le=MAX_BIGINT)
 
 
 class CellUpdated(_CellEvent):
@@ -329,11 +331,13 @@ class CellUpdated(_CellEvent):
     address: str | None = Field(default=None, pattern=r"^https?://\S+$", max_length=2048)
     region: str | None = Field(default=None, min_length=1, max_length=64)
     weight: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    # Records the number of a cell registered without one; a number never changes (adr/0021).
+    number: int | None = Field(default=None, ge=1, le=MAX_BIGINT)
 
     @model_validator(mode="after")
     def _changes_something(self) -> CellUpdated:
-        if self.address is None and self.region is None and self.weight is None:
-            raise ValueError("CellUpdated must set at least one of address, region, weight")
+        if self.address is None and self.region is None and self.weight is None and self.number is None:
+            raise ValueError("CellUpdated must set at least one of address, region, weight, number")
         return self
 
 

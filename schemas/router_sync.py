@@ -217,6 +217,22 @@ def decode_msgpack_snapshot(document: dict[str, Any]) -> dict[str, Any]:
     return document
 
 
+# A cell's document, as routers and the gRPC door see it, from the projection tables: the
+# projector writes the change log with it and the read API loads a full snapshot with it, so
+# a version's cells are the same whichever way a process built them. ``number``: GitLab's cell
+# id or null; ``sequence_ranges``: the ids [start, end) granted to the cell, by sequence and
+# start (adr/0021). Both were added after the first readers: a reader ignores fields it does
+# not know. Placeholders: {cells}, {ranges} (the tables), {where} (a filter on ``c``).
+CELL_DOCUMENTS_SQL = (
+    "SELECT c.cell_id, c.address, c.session_prefix, c.region, c.weight, c.state, c.state_reason, c.number, "
+    "coalesce((SELECT jsonb_agg(jsonb_build_object('sequence_name', r.sequence_name, 'start', r.start, "
+    "'end', r.\"end\") ORDER BY r.sequence_name, r.start) FROM {ranges} r WHERE r.cell_id = c.cell_id), "
+    "'[]'::jsonb) AS sequence_ranges FROM {cells} c {where} ORDER BY c.cell_id"
+)
+# Every cell, from the tables the search path finds.
+CELLS_QUERY = CELL_DOCUMENTS_SQL.format(cells="cells", ranges="sequence_ranges", where="")
+
+
 CLASSIFY_TYPES = ("ROUTE", "SESSION_PREFIX", "CELL_ID")
 
 

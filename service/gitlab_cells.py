@@ -1,14 +1,25 @@
 """Our cells in GitLab's shape (adr/0021): a numeric id per cell, and ``CellInfo``.
 
 GitLab names a cell by an int64 (``CellInfo.id``, the ``cell.id`` of Rails' config); our
-cells have a name (``cell-1``). Until a cell event carries the number, it comes from
-``TOPOLOGY_GRPC_CELL_IDS`` (a name -> number map) or, for a cell not named there, from
-the digits its name ends with (``cell-7`` -> 7, ``12`` -> 12). Two cells that would get
-the same number get neither: the number is *ambiguous*, and asking for it says so, with
-the setting that resolves it. A cell with no number is left out of ``GetCells``.
+cells have a name (``cell-1``). A cell's number is, in this order:
+
+1. **recorded**: the ``number`` of its ``CellRegistered`` or ``CellUpdated`` event, in the
+   snapshot's cell document (data, decided in the log: unique across cells, never changed);
+2. **configured**: ``TOPOLOGY_GRPC_CELL_IDS`` (a name -> number map), for a cell with none
+   recorded. A configured number that disagrees with a recorded one is ignored (and logged):
+   the event wins;
+3. **derived**: the digits its name ends with (``cell-7`` -> 7, ``12`` -> 12), for a cell
+   with neither.
+
+For each number, the claimants of the highest of these tiers decide: one gets it (a recorded
+number beats a configured or derived one, a configured one beats a derived one); two of the
+same tier get neither: the number is *ambiguous*, and asking for it says so, with what
+resolves it. A cell with no number is left out of ``GetCells``.
 
 Our cells' addresses are URLs (``https://cell-1.example.com``); GitLab's are
 ``host:port`` (its mail router refuses an address with a ``/``): :func:`gitlab_address`.
+A cell's ``CellInfo.sequence_ranges`` are the ranges granted to it (our ``[start, end)``,
+GitLab's inclusive ``minval``/``maxval``): :func:`sequence_ranges`.
 
 Pure functions over the snapshot's plain cell rows; the servicers call them.
 """
@@ -45,26 +56,44 @@ class CellNumbers:
     ambiguous: Mapping[int, tuple[str, ...]]
 
 
-def number_cells(cell_ids: Iterable[str], configured: Mapping[str, int]) -> CellNumbers:
-    """Each cell's number: the configured one, else the derived one unless another cell
-    has (or derives) the same number."""
+# The tiers of a cell's number, strongest first (the module docstring).
+RECORDED, CONFIGURED, DERIVED = 0, 1, 2
+
+
+def recorded_numbers(cells_by_id: Mapping[str, Mapping[str, Any]]) -> dict[str, int]:
+    """The numbers the cell events recorded, by cell name (a document from before the
+    field has none)."""
+    return {name: cell["number"] for name, cell in cells_by_id.items() if cell.get("number") is not None}
+
+
+def number_cells(cell_ids: Iterable[str], configured: Mapping[str, int],
+                 recorded: Mapping[str, int] | None = None) -> CellNumbers:
+    """Each cell's number: the recorded one, else the configured one, else the derived one;
+    for each number the strongest tier's single claimant, or no one (ambiguous)."""
+    recorded = recorded or {}
     names = sorted(cell_ids)
-    claimants: dict[int, list[str]] = {}
+    claimants: dict[int, list[tuple[int, str]]] = {}
     for name in names:
-        number = configured[name] if name in configured else derived_number(name)
+        if name in recorded:
+            tier, number = RECORDED, recorded[name]
+        elif name in configured:
+            tier, number = CONFIGURED, configured[name]
+        else:
+            tier, number = DERIVED, derived_number(name)
         if number is not None:
-            claimants.setdefault(number, []).append(name)
+            claimants.setdefault(number, []).append((tier, name))
     for name, number in configured.items():
-        if name not in claimants.get(number, ()):
-            claimants.setdefault(number, []).append(name)  # reserved even for a cell not (yet) known
+        if name not in recorded and (CONFIGURED, name) not in claimants.get(number, ()):
+            claimants.setdefault(number, []).append((CONFIGURED, name))  # reserved even for a cell not (yet) known
     by_number: dict[int, str] = {}
     ambiguous: dict[int, tuple[str, ...]] = {}
     for number, holders in claimants.items():
-        chosen = [name for name in holders if configured.get(name) == number]
-        if len(holders) == 1 or len(chosen) == 1:
-            by_number[number] = (chosen or holders)[0]  # a configured number beats derived ones
+        strongest = min(tier for tier, _ in holders)
+        chosen = sorted(name for tier, name in holders if tier == strongest)
+        if len(chosen) == 1:
+            by_number[number] = chosen[0]
         else:
-            ambiguous[number] = tuple(sorted(holders))
+            ambiguous[number] = tuple(chosen)
     known = set(names)
     by_number = {number: name for number, name in by_number.items() if name in known}
     return CellNumbers(by_number, {name: number for number, name in by_number.items()}, ambiguous)
@@ -84,11 +113,21 @@ def gitlab_address(url: str) -> str:
     return f"{host}:{port}" if port else host
 
 
+def sequence_ranges(cell: Mapping[str, Any]) -> list[cell_info_pb2.SequenceRange]:
+    """The ranges granted to a snapshot cell, by sequence name and start, as GitLab's
+    ``SequenceRange``: our ``[start, end)`` is its inclusive ``minval``..``maxval``."""
+    return [cell_info_pb2.SequenceRange(minval=r["start"], maxval=r["end"] - 1)
+            for r in cell.get("sequence_ranges", ())]
+
+
 def cell_info(cell: Mapping[str, Any], number: int) -> cell_info_pb2.CellInfo:
-    """A snapshot cell row as GitLab's ``CellInfo``. Sequence ranges are not part of the
-    snapshot, so none are sent (adr/0021)."""
+    """A snapshot cell row as GitLab's ``CellInfo``. ``sequence_ranges``: every range granted
+    to the cell; the older single ``sequence_range``: the cell's range when it has exactly one
+    (given one of several, an older client could not tell that it misses the others)."""
+    ranges = sequence_ranges(cell)
     return cell_info_pb2.CellInfo(id=number, address=gitlab_address(cell["address"]),
-                                  session_prefix=cell["session_prefix"])
+                                  session_prefix=cell["session_prefix"], sequence_ranges=ranges,
+                                  sequence_range=ranges[0] if len(ranges) == 1 else None)
 
 
 def all_cell_infos(cells_by_id: Mapping[str, Mapping[str, Any]], numbers: CellNumbers) -> list[cell_info_pb2.CellInfo]:

@@ -39,7 +39,14 @@ from topology_store.schemas.generated.proto import cell_info_pb2, classify_servi
 from topology_store.schemas.generated.proto.types.v1 import claim_pb2
 from topology_store.schemas.models import stored_claim_value
 from topology_store.schemas.router_sync import classify_in
-from topology_store.service.gitlab_cells import CellNumbers, all_cell_infos, first_cell, gitlab_address, number_cells
+from topology_store.service.gitlab_cells import (
+    CellNumbers,
+    all_cell_infos,
+    first_cell,
+    gitlab_address,
+    number_cells,
+    recorded_numbers,
+)
 from topology_store.service.gitlab_claims import BUCKET_OF_CLAIM_FIELD, our_bucket
 from topology_store.service.refusals import Refusal as Refusal  # re-exported: the doors import it from here
 from topology_store.service.refusals import invalid as invalid
@@ -105,8 +112,8 @@ def cell_by_number(tables: RoutingTables, numbers: CellNumbers, number: int) -> 
         raise invalid(f"cell id must be a positive integer (GitLab's int64 cell id), got {number}")
     if number in numbers.ambiguous:
         raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
-                      f"cell id {number} is ambiguous: cells {', '.join(numbers.ambiguous[number])} all end with it; "
-                      "name each cell's id in TOPOLOGY_GRPC_CELL_IDS")
+                      f"cell id {number} is ambiguous: cells {', '.join(numbers.ambiguous[number])} all claim it; "
+                      "record each cell's number (CellUpdated number, adr/0021) or name it in TOPOLOGY_GRPC_CELL_IDS")
     name = numbers.by_number.get(number)
     if name is None or name not in tables.cells_by_id:
         raise Refusal(grpc.StatusCode.NOT_FOUND, f"no cell has id {number}")
@@ -124,7 +131,7 @@ def classify(request: classify_service_pb2.ClassifyRequest, tables: RoutingTable
         name = first_cell(tables.cells_by_id, numbers)
         if name is None:
             raise Refusal(grpc.StatusCode.NOT_FOUND, "no cell can be the first cell: no cell has a numeric id, or "
-                          "every one is decommissioned (TOPOLOGY_GRPC_CELL_IDS)")
+                          "every one is decommissioned (record a cell's number, adr/0021)")
         return Classified(tables.cells_by_id[name])
     if kind == classify_service_pb2.SESSION_PREFIX:
         return Classified(_lookup(tables, "SESSION_PREFIX", _value(request.value, "SESSION_PREFIX needs a session "
@@ -219,27 +226,54 @@ class SnapshotSource(Protocol):
 
 
 class Tables:
-    """The current snapshot, and its cells' numbers (computed again when the set of cells changes).
-    One per door; the numbers depend on the cell names and ``TOPOLOGY_GRPC_CELL_IDS`` only."""
+    """The current snapshot, and its cells' numbers (computed again when the cells or their
+    recorded numbers change). One per door; the numbers depend on the cell names, the numbers
+    their events recorded and ``TOPOLOGY_GRPC_CELL_IDS`` only (service/gitlab_cells.py)."""
 
     def __init__(self, snapshots: SnapshotSource, configured: dict[str, int]) -> None:
         self._snapshots = snapshots
         self._configured = configured
-        self._numbers: tuple[tuple[str, ...], CellNumbers] | None = None
+        self._numbers: tuple[tuple[tuple[str, int | None], ...], CellNumbers] | None = None
 
     def current(self) -> tuple[RoutingTables, CellNumbers]:
         tables = self._snapshots.current
         if tables is None:
             raise Refusal(grpc.StatusCode.UNAVAILABLE, "no snapshot loaded yet; retry shortly")
-        names = tuple(tables.cells_by_id)  # numbers depend on the names only, not on a version
-        if self._numbers is None or self._numbers[0] != names:
-            numbers = number_cells(names, self._configured)
-            unnumbered = sorted(set(names) - set(numbers.by_name))
+        recorded = recorded_numbers(tables.cells_by_id)
+        key = tuple((name, recorded.get(name)) for name in tables.cells_by_id)  # not the version: few changes
+        if self._numbers is None or self._numbers[0] != key:
+            numbers = number_cells(tables.cells_by_id, self._configured, recorded)
+            unnumbered = sorted(set(tables.cells_by_id) - set(numbers.by_name))
             if unnumbered:
-                log.warning("cells without a numeric id are left out of GetCells: %s (TOPOLOGY_GRPC_CELL_IDS)",
-                            ", ".join(unnumbered))
-            self._numbers = (names, numbers)
+                log.warning("cells without a numeric id are left out of GetCells: %s (record their numbers, "
+                            "adr/0021)", ", ".join(unnumbered))
+            overridden = sorted(f"{name} (recorded {recorded[name]}, configured {self._configured[name]})"
+                                for name in recorded.keys() & self._configured.keys()
+                                if recorded[name] != self._configured[name])
+            if overridden:
+                log.warning("TOPOLOGY_GRPC_CELL_IDS disagrees with the numbers the cell events recorded; the "
+                            "events win: %s", ", ".join(overridden))
+            self._numbers = (key, numbers)
         return tables, self._numbers[1]
+
+    def cell_name(self, number: int) -> str:
+        """Our cell name of GitLab's int64 cell id ``number`` (a request's ``cell_id``), in the
+        current snapshot; else a :class:`Refusal`: INVALID_ARGUMENT (not a positive id),
+        FAILED_PRECONDITION (two cells claim it), NOT_FOUND (no cell has it)."""
+        tables, numbers = self.current()
+        return cell_by_number(tables, numbers, number)
+
+    def cell_number(self, name: str) -> int:
+        """GitLab's int64 cell id of our cell ``name``; a :class:`Refusal` NOT_FOUND for a cell
+        the snapshot does not hold or that has no number."""
+        tables, numbers = self.current()
+        if name not in tables.cells_by_id:
+            raise Refusal(grpc.StatusCode.NOT_FOUND, f"no cell is named {name[:200]!r}")
+        number = numbers.by_name.get(name)
+        if number is None:
+            raise Refusal(grpc.StatusCode.NOT_FOUND, f"cell {name!r} has no numeric id (GitLab's cell id): record "
+                          "it with a CellUpdated number (adr/0021)")
+        return number
 
     def classify(self, request: classify_service_pb2.ClassifyRequest) -> classify_service_pb2.ClassifyResponse:
         """GitLab's Classify over the current snapshot, or a :class:`Refusal`."""

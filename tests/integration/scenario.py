@@ -41,7 +41,7 @@ def build(namespaces: int, seed: int = 11) -> Scenario:
     for n, cell_id in enumerate(cell_ids, start=1):
         scenario.events += [
             CellRegistered(source="ops", cell_id=cell_id, address=f"https://{cell_id}.example.com",
-                           session_prefix=f"c{n}", region="eu" if n % 2 else "us"),
+                           session_prefix=f"c{n}", region="eu" if n % 2 else "us", number=100 + n),
             CellUpdated(source="ops", cell_id=cell_id, weight=10 * n),
             CellStateChanged(source="ops", cell_id=cell_id, state=CellState.ACTIVE, reason="launch"),
         ]
@@ -49,6 +49,7 @@ def build(namespaces: int, seed: int = 11) -> Scenario:
         scenario.cells[cell_id] = {
             "cell_id": cell_id, "address": f"https://{cell_id}.example.com", "session_prefix": f"c{n}",
             "region": "eu" if n % 2 else "us", "weight": 10 * n, "state": "ACTIVE", "state_reason": "launch",
+            "number": 100 + n, "sequence_ranges": [],
         }
     scenario.events.append(CellStateChanged(source="ops", cell_id="cell-5", state=CellState.DECOMMISSIONED, reason="x"))
     scenario.rejected += 1  # ACTIVE cannot jump to DECOMMISSIONED without draining

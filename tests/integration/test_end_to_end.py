@@ -48,7 +48,8 @@ def table_rows(settings: Settings) -> dict[str, list[tuple[object, ...]]]:
     with psycopg.connect(settings.libpq_url) as conn:
         return {
             "cells": conn.execute(
-                "SELECT cell_id, address, session_prefix, region, weight, state, state_reason FROM cells ORDER BY 1"
+                "SELECT cell_id, address, session_prefix, region, weight, state, state_reason, number FROM cells "
+                "ORDER BY 1"
             ).fetchall(),
             "claims": conn.execute(
                 "SELECT bucket, value, cell_id, owner_type, owner_id, claimed_at FROM claims ORDER BY 1, 2"

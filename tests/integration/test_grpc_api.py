@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -47,7 +48,15 @@ from topology_store.schemas.generated.proto import (
 from topology_store.schemas.generated.proto.claims.v1 import service_pb2 as claims_pb2
 from topology_store.schemas.generated.proto.claims.v1 import service_pb2_grpc as claims_pb2_grpc
 from topology_store.schemas.generated.proto.types.v1 import claim_pb2
-from topology_store.schemas.models import CellRegistered, ClaimBucket, ClaimCreated, Event, OwnerType
+from topology_store.schemas.models import (
+    CellRegistered,
+    CellUpdated,
+    ClaimBucket,
+    ClaimCreated,
+    Event,
+    OwnerType,
+    SequenceRangeRequested,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -387,3 +396,78 @@ def test_topology_up_opens_the_grpc_door_and_prints_its_address(topics: Settings
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGKILL)
             up.wait()
+
+
+def test_cells_answer_their_recorded_numbers_and_granted_sequence_ranges(topics: Settings, tmp_path: Path) -> None:
+    """GitLab's cell id as data (adr/0021): the number a cell event recorded is the cell's id
+    (over TOPOLOGY_GRPC_CELL_IDS and the name's digits), a taken number is refused by the cell
+    rules, and CellInfo carries the sequence ranges the decider granted the cell."""
+    cells: list[Event] = [
+        CellRegistered(source="ops", cell_id="legacy", address="https://legacy.example.com",
+                       session_prefix="legacy-", region="eu", number=5),  # configured as 1: the event wins
+        CellRegistered(source="ops", cell_id="cell-2", address="https://cell-2.example.com",
+                       session_prefix="cell-2-", region="eu", number=20),  # not its digits
+        CellRegistered(source="ops", cell_id="core", address="https://core.example.com",
+                       session_prefix="core-", region="eu", number=10),
+        CellRegistered(source="ops", cell_id="late", address="https://late.example.com",
+                       session_prefix="late-", region="eu"),
+        CellUpdated(source="ops", cell_id="late", number=50),  # recorded after registration
+        CellRegistered(source="ops", cell_id="cell-7", address="https://cell-7.example.com",
+                       session_prefix="cell-7-", region="eu", number=20),  # taken by cell-2: rejected
+    ]
+    ranges: list[Event] = [
+        SequenceRangeRequested(source="core", cell_id="core", sequence_name="projects.id", size=1000),
+        SequenceRangeRequested(source="core", cell_id="core", sequence_name="projects.id", size=500),
+        SequenceRangeRequested(source="core", cell_id="core", sequence_name="users.id", size=100),
+    ]
+    asyncio.run(publish(topics, cells))
+    projector = start(["project"], topics, tmp_path / "projector.log")
+    try:
+        asyncio.run(publish(topics, ranges))  # decided by the live projector
+        with serve(topics, tmp_path / "serve.log") as door:
+
+            def projected() -> dict[str, Any] | None:
+                response = httpx.get(f"{door.http}/v1/snapshot", headers=AUTH, timeout=2)
+                if response.status_code != 200:
+                    return None
+                served = {c["cell_id"]: c for c in response.json()["cells"]}
+                done = (len(served) == 4 and served["late"]["number"] == 50
+                        and len(served["core"]["sequence_ranges"]) == 3)
+                return served if done else None
+
+            served = wait_until(projected, timeout_s=90, interval_s=0.2, what="numbers and ranges in the snapshot")
+            assert "cell-7" not in served
+            assert {name: c["number"] for name, c in served.items()} == {"legacy": 5, "cell-2": 20, "core": 10,
+                                                                          "late": 50}
+            with psycopg.connect(topics.libpq_url) as conn:
+                granted = conn.execute('SELECT sequence_name, start, "end" FROM sequence_ranges WHERE cell_id = '
+                                       "'core' ORDER BY 1, 2").fetchall()
+            assert len(granted) == 3
+            assert [(r["sequence_name"], r["start"], r["end"]) for r in served["core"]["sequence_ranges"]] == granted
+            expected = [cell_info_pb2.SequenceRange(minval=start, maxval=end - 1) for _, start, end in granted]
+
+            def current_cells() -> list[tuple[int, str]]:  # the door follows the snapshot every 0.25 s
+                with door.channel() as channel:
+                    listed = claims_pb2_grpc.ClaimServiceStub(channel).GetCells(
+                        cell_info_pb2.GetCellsRequest(), metadata=READ, timeout=5).cells
+                return [(c.id, c.address) for c in listed]
+
+            wait_until(lambda: [n for n, _ in current_cells()] == [5, 10, 20, 50], timeout_s=10, interval_s=0.1,
+                       what="GetCells answering the recorded numbers")
+            with door.channel() as channel:
+                stub = cell_service_pb2_grpc.CellServiceStub(channel)
+                core = stub.GetCell(cell_service_pb2.GetCellRequest(cell_id=10), metadata=READ, timeout=5).cell_info
+                assert (core.id, core.address, core.session_prefix) == (10, "core.example.com:443", "core-")
+                assert list(core.sequence_ranges) == expected
+                assert not core.HasField("sequence_range")  # several ranges: the older single field stays unset
+                legacy = stub.GetCell(cell_service_pb2.GetCellRequest(cell_id=5), metadata=READ, timeout=5).cell_info
+                assert legacy.address == "legacy.example.com:443" and list(legacy.sequence_ranges) == []
+                for gone in (1, 2, 7):  # the configured, the digits, the rejected cell's: none is a cell's id
+                    assert refused(stub.GetCell, cell_service_pb2.GetCellRequest(cell_id=gone)).code() == \
+                        Code.NOT_FOUND
+                sessions = classify_service_pb2_grpc.ClassifyServiceStub(channel).GetCells(
+                    cell_info_pb2.GetCellsRequest(), metadata=READ, timeout=5).cells
+                assert [list(c.sequence_ranges) for c in sessions if c.id == 10] == [expected]
+        assert "TOPOLOGY_GRPC_CELL_IDS disagrees" in (tmp_path / "serve.log").read_text()
+    finally:
+        stop(projector)

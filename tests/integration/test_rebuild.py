@@ -58,7 +58,7 @@ from topology_store.schemas.models import (
     RequestRejected,
     SequenceRangeGranted,
 )
-from topology_store.schemas.router_sync import VERSION_HEADER
+from topology_store.schemas.router_sync import CELLS_QUERY, VERSION_HEADER
 
 pytestmark = pytest.mark.integration
 
@@ -338,10 +338,9 @@ def live_routes(settings: Settings) -> tuple[int, dict[str, str], dict[str, dict
         version = conn.execute("SELECT version FROM topology_version").fetchone()
         namespaces: dict[str, str] = dict(conn.execute("SELECT value, cell_id FROM claims WHERE bucket = 'NAMESPACE' "
                                        "AND status = 'COMMITTED'").fetchall())
-        cells = {row[0]: dict(zip(("cell_id", "address", "session_prefix", "region", "weight", "state",
-                                    "state_reason"), row, strict=True))
-                 for row in conn.execute("SELECT cell_id, address, session_prefix, region, weight, state, "
-                                         "state_reason FROM cells")}
+        cursor = conn.execute(CELLS_QUERY)  # each cell's document as routers see it
+        names = [column.name for column in cursor.description or ()]
+        cells = {row[0]: dict(zip(names, row, strict=True)) for row in cursor}
     assert version is not None
     return int(version[0]), namespaces, cells
 

@@ -16,7 +16,14 @@ from topology_store.projector.store import DeadLetter, FencedError, PartitionAdv
 from topology_store.runtime.database import VERSION_CHANNEL as NOTIFY_CHANNEL
 from topology_store.runtime.database import create_engine
 from topology_store.runtime.settings import Settings
-from topology_store.schemas.models import CellRegistered, ClaimBucket, ClaimCreated, ClaimReleased, OwnerType
+from topology_store.schemas.models import (
+    CellRegistered,
+    ClaimBucket,
+    ClaimCreated,
+    ClaimReleased,
+    OwnerType,
+    SequenceRangeRequested,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -173,10 +180,33 @@ async def test_routing_changes_record_each_version_in_the_same_transaction(engin
     changes = await rows(engine, "SELECT version, kind, key, value FROM routing_changes ORDER BY version, kind, key")
     assert changes == [
         (1, "cell", "cell-1", {"cell_id": "cell-1", "address": "https://c1.example.com", "session_prefix": "c1",
-                               "region": "eu", "weight": 0, "state": "PROVISIONING", "state_reason": ""}),
+                               "region": "eu", "weight": 0, "state": "PROVISIONING", "state_reason": "",
+                               "number": None, "sequence_ranges": []}),
         (2, "namespace", "alpha", {"cell_id": "cell-1"}),  # the USERNAME claim does not route
         (3, "namespace", "alpha", None),
     ]
+
+
+async def test_a_cells_number_and_granted_ranges_are_in_its_row_and_routing_document(engine: AsyncEngine) -> None:
+    # GitLab's CellInfo (adr/0021): the number from the event, the ranges the decider granted;
+    # a grant is a new version whose change is the cell's whole document.
+    store = ProjectionStore(engine, b"test-secret")
+    await store.stored_offsets([("cells", 0), ("requests", 0)])
+    cell = CellRegistered(source="ops", cell_id="cell-1", address="https://c1.example.com", session_prefix="c1",
+                          region="eu", number=7)
+    await store.commit_batch([at(cell, 0, topic="cells")], [], {("cells", 0): PartitionAdvance(0, 1)})
+    assert await rows(engine, "SELECT cell_id, number, version FROM cells") == [("cell-1", 7, 1)]
+    requests = [SequenceRangeRequested(source="cell-1", cell_id="cell-1", sequence_name=name, size=size)
+                for name, size in (("projects.id", 100), ("projects.id", 50), ("users.id", 10))]
+    committed = await store.commit_batch([at(r, n, topic="requests") for n, r in enumerate(requests)], [],
+                                         {("requests", 0): PartitionAdvance(0, 3)})
+    assert committed.changed and committed.version == 2
+    granted = await rows(engine, 'SELECT sequence_name, start, "end" FROM sequence_ranges ORDER BY 1, 2')
+    assert len(granted) == 3
+    (document,) = [value for version, kind, key, value in await rows(
+        engine, "SELECT version, kind, key, value FROM routing_changes WHERE version = 2")]
+    assert isinstance(document, dict) and document["number"] == 7
+    assert [(r["sequence_name"], r["start"], r["end"]) for r in document["sequence_ranges"]] == granted
 
 
 async def test_a_batch_larger_than_the_lock_table_records_its_decisions_in_decision_order(engine: AsyncEngine) -> None:

@@ -71,7 +71,7 @@ def test_an_edit_in_place_fails_even_when_avro_would_resolve_it(schemas: Path) -
     write(schemas / "CellRegistered.avsc", raw)
     report = check(schemas, update_lock=True)
     text = messages(report.problems)
-    assert "CellRegistered v1 (CellRegistered.avsc" in text and "is gone" in text
+    assert "CellRegistered v2 (CellRegistered.avsc" in text and "is gone" in text
     # --update-lock never papers over a lost version.
     assert read(schemas / "fingerprints.json") == read(SCHEMA_DIR / "fingerprints.json")
 
@@ -114,7 +114,7 @@ def test_removing_a_field_the_old_reader_needs_breaks_forward_compatibility(sche
     raw["fields"] = [f for f in raw["fields"] if f["name"] != "region"]
     write(schemas / "CellRegistered.avsc", raw)
     text = messages(check(schemas).problems)
-    assert "forward: CellRegistered v2 data read with CellRegistered v1: region: the reader's field has no default" \
+    assert "forward: CellRegistered v3 data read with CellRegistered v1: region: the reader's field has no default" \
            in text
     assert "backward" not in text  # dropping a field is fine for the newer reader
 
@@ -125,7 +125,7 @@ def test_widening_a_type_breaks_forward_compatibility(schemas: Path) -> None:
     weight["type"] = ["null", "long"]  # was ["null", "int"]: old data reads, new data does not
     write(schemas / "CellUpdated.avsc", raw)
     text = messages(check(schemas).problems)
-    assert "forward: CellUpdated v2 data read with CellUpdated v1: weight: a long value matches no branch" in text
+    assert "forward: CellUpdated v3 data read with CellUpdated v1: weight: a long value matches no branch" in text
     assert "backward" not in text
 
 

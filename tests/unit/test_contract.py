@@ -186,11 +186,12 @@ history_params = pytest.mark.parametrize(("name", "raw"), _history(), ids=[p.nam
 def test_there_are_schema_files() -> None:
     assert len(SCHEMA_FILES) == 20
     # GitLab's buckets, owner type and record metadata (adr/0022) made a new version of
-    # every claim event.
+    # every claim event; GitLab's cell id (adr/0021) one of CellRegistered and CellUpdated.
     claim_events = ["ClaimsCommitted", "ClaimsDestroyRequested", "ClaimsDestroyed", "ClaimsRequested",
                     "LeaseCommitted", "LeaseGranted", "LeaseReleased", "OwnerTransferRequested",
                     "OwnerTransferred", "RequestRejected"]
     assert {path.name for path in HISTORY_FILES} == {
+        "CellRegistered.v1.avsc", "CellUpdated.v1.avsc",
         "ClaimCreated.v1.avsc", "ClaimCreated.v2.avsc", "ClaimReleased.v1.avsc", "ClaimReleased.v2.avsc",
         "LeaseExpiryTick.v1.avsc", *(f"{name}.v1.avsc" for name in claim_events)}
 

@@ -62,6 +62,7 @@ def a_cell(
     region: str = "eu-west-1",
     weight: int = 3,
     state_reason: str = "",
+    number: int | None = None,
 ) -> Cell:
     return Cell(
         cell_id=cell_id,
@@ -71,6 +72,7 @@ def a_cell(
         weight=weight,
         state=state,
         state_reason=state_reason,
+        number=number,
     )
 
 
@@ -81,6 +83,7 @@ def register(
     session_prefix: str | None = None,
     region: str = "eu-west-1",
     event_id: uuid.UUID | None = None,
+    number: int | None = None,
 ) -> CellRegistered:
     return CellRegistered(
         event_id=event_id or uuid.uuid4(),
@@ -90,6 +93,7 @@ def register(
         address=address or f"https://{cell_id}.example.com",
         session_prefix=session_prefix or f"{cell_id}_",
         region=region,
+        number=number,
     )
 
 
@@ -386,6 +390,81 @@ def test_events_on_unknown_cells_are_rejected(event: CellUpdated | CellStateChan
     assert row is None
 
 
+# --- GitLab's numeric cell id (adr/0021) -----------------------------------------------------
+
+
+def test_a_cell_registers_with_its_number() -> None:
+    decision, row = apply_cell_event({}, register("cell-1", number=7))
+    assert decision.outcome is Outcome.APPLIED and row is not None and row.number == 7
+
+
+def test_a_cell_registered_without_a_number_has_none() -> None:
+    _, row = apply_cell_event({}, register("cell-3"))
+    assert row is not None and row.number is None  # no digits are read into the data
+
+
+@pytest.mark.parametrize("holder_state", [CellState.ACTIVE, CellState.DECOMMISSIONED])
+def test_a_second_cell_claiming_a_taken_number_is_rejected(holder_state: CellState) -> None:
+    cells = {"cell-1": a_cell("cell-1", number=1, state=holder_state)}
+    decision, row = apply_cell_event(cells, register("cell-2", number=1))
+    assert decision == Decision(Outcome.REJECTED, "cell number 1 already used by cell cell-1")
+    assert row is None
+
+
+def test_re_registration_with_another_number_is_rejected_and_the_same_one_unchanged() -> None:
+    _, row = apply_cell_event({}, register("cell-1", number=1))
+    assert row is not None
+    cells = {"cell-1": row}
+    assert apply_cell_event(cells, register("cell-1", number=1))[0].outcome is Outcome.UNCHANGED
+    assert apply_cell_event(cells, register("cell-1", number=2))[0] == Decision(Outcome.REJECTED,
+                                                                                "cell already registered")
+    assert apply_cell_event(cells, register("cell-1"))[0].outcome is Outcome.REJECTED
+
+
+def test_an_update_records_the_number_of_a_cell_that_has_none() -> None:
+    decision, row = apply_cell_event({"cell-1": a_cell()}, update(number=5))
+    assert decision.outcome is Outcome.APPLIED and row == a_cell(number=5)
+
+
+def test_an_update_naming_the_cells_own_number_is_unchanged() -> None:
+    decision, row = apply_cell_event({"cell-1": a_cell(number=5)}, update(number=5))
+    assert decision.outcome is Outcome.UNCHANGED and row == a_cell(number=5)
+
+
+def test_a_cells_number_never_changes() -> None:
+    decision, row = apply_cell_event({"cell-1": a_cell(number=5)}, update(number=6, weight=9))
+    assert decision == Decision(Outcome.REJECTED, "cell number is 5; a cell's number never changes")
+    assert row == a_cell(number=5)  # nothing of the event applied, the weight neither
+
+
+def test_an_update_to_a_number_another_cell_holds_is_rejected() -> None:
+    cells = {"cell-1": a_cell("cell-1", number=1), "cell-2": a_cell("cell-2")}
+    decision, row = apply_cell_event(cells, update("cell-2", number=1))
+    assert decision == Decision(Outcome.REJECTED, "cell number 1 already used by cell cell-1")
+    assert row == cells["cell-2"]
+
+
+def test_a_number_is_kept_through_other_updates_and_state_changes() -> None:
+    cells = {"cell-1": a_cell(number=5, state=CellState.PROVISIONING)}
+    _, updated = apply_cell_event(cells, update(weight=1))
+    _, active = apply_cell_event(cells, change_state(CellState.ACTIVE))
+    assert updated is not None and updated.number == 5 and active is not None and active.number == 5
+
+
+@pytest.mark.parametrize("number", [0, -1, 2**63])
+def test_a_number_outside_gitlabs_positive_int64_is_invalid(number: int) -> None:
+    with pytest.raises(ValueError, match="number"):
+        register(number=number)
+    with pytest.raises(ValueError, match="number"):
+        update(number=number)
+
+
+def test_an_update_of_the_number_alone_is_valid() -> None:
+    assert update(number=3).number == 3
+    with pytest.raises(ValueError, match="at least one of address, region, weight, number"):
+        update()
+
+
 def test_apply_cell_event_does_not_mutate_cells() -> None:
     cells = {"cell-1": a_cell(state=CellState.PROVISIONING)}
     snapshot = dict(cells)
@@ -667,14 +746,19 @@ def test_without_log_time_the_event_time_is_used() -> None:
     assert isinstance(granted, LeaseGranted) and granted.expires_at == request.occurred_at + 5 * SEC
 
 
-def test_leases_and_ranges_change_the_registry_but_not_routing() -> None:
+def test_leases_change_the_registry_but_not_routing() -> None:
     # Routers must not see a new version when nothing they route by changed.
     request = claims_support.begin("a")
     leased = batch(positioned([request]))
     assert not leased.routing_changed and leased.registry.changed_leases == {request.lease_id}
     assert leased.namespaces == {}  # a lease does not route
+
+
+def test_a_granted_sequence_range_changes_routing() -> None:
+    # The cell's document carries its ranges (GitLab's CellInfo.sequence_ranges, adr/0021).
     ranged = batch(positioned([claims_support.sequence()]))
-    assert not ranged.routing_changed and len(ranged.registry.granted_ranges) == 1
+    assert ranged.routing_changed and len(ranged.registry.granted_ranges) == 1
+    assert ranged.cells == {} and ranged.namespaces == {}
 
 
 def test_project_batch_does_not_mutate_its_inputs() -> None:
