@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, pool, text
 from topology_store.projector.migrate import SchemaNotMigrated, alembic_config, check_at_head, upgrade_to_head
 from topology_store.projector.tables import metadata
 from topology_store.runtime.settings import Settings
-from topology_store.service.gitlab_cells import derived_number
+from topology_store.service.gitlab_cells import number_cells
 
 pytestmark = pytest.mark.integration
 
@@ -82,26 +82,25 @@ CELL_ROW = ("INSERT INTO cells (cell_id, address, session_prefix, region, weight
             "VALUES (%s, 'https://x.example.com', %s, 'eu', 0, 'ACTIVE', '', 1)")
 
 
-def test_cell_numbers_are_backfilled_from_unambiguous_trailing_digits(settings: Settings) -> None:
-    """0011 gives existing cells the number the interim rule derived (adr/0021): the digits
-    a name ends with, after a dash or the whole name, when no other cell ends with them."""
+def test_0011_leaves_existing_cells_numbered_as_before(settings: Settings) -> None:
+    """0011 writes no number (adr/0021): existing cells keep the number the doors derive (the
+    digits a name ends with, or TOPOLOGY_GRPC_CELL_IDS), and the projection stays what a replay
+    of the log gives; the column only takes unique positive numbers."""
     config = alembic_config(settings.sqlalchemy_url)
     command.downgrade(config, "0011-1")
-    names = {
-        "cell-1": 1, "7": 7, "eu-west-12": 12,  # unambiguous
-        "us-3": None, "ap-3": None,  # both end with 3: neither gets it
-        "cell-01": None, "cell-x": None, "cell-0": None, "cell1": None,  # no number the interim rule read
-        "big-9223372036854775807": 2**63 - 1, "huge-9223372036854775808": None,  # int64's end
-    }
+    names = ["cell-1", "7", "us-3", "ap-3", "cell-x"]
     with psycopg.connect(settings.libpq_url, autocommit=True) as conn:
         for n, name in enumerate(names):
             conn.execute(CELL_ROW, (name, f"p{n}"))
     command.upgrade(config, "0011")
     with psycopg.connect(settings.libpq_url) as conn:
-        stored = dict(conn.execute("SELECT cell_id, number FROM cells").fetchall())
-        assert stored == names
-        assert {name: derived_number(name) for name in names if names[name] is not None} == {
-            name: number for name, number in names.items() if number is not None}  # the same rule as the door's
+        assert dict(conn.execute("SELECT cell_id, number FROM cells").fetchall()) == dict.fromkeys(names)
+        # The doors still number them as before: unambiguous digits only.
+        numbers = number_cells(names, {})
+        assert numbers.by_name == {"cell-1": 1, "7": 7}
+        conn.execute("UPDATE cells SET number = 1 WHERE cell_id = 'cell-1'")
         with pytest.raises(psycopg.errors.UniqueViolation):
             conn.execute("UPDATE cells SET number = 1 WHERE cell_id = 'cell-x'")
+    with psycopg.connect(settings.libpq_url) as conn, pytest.raises(psycopg.errors.CheckViolation):
+        conn.execute("UPDATE cells SET number = 0 WHERE cell_id = 'cell-x'")
     upgrade_to_head(settings.sqlalchemy_url)
