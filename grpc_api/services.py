@@ -181,17 +181,33 @@ class ClaimService(claims_service_pb2_grpc.ClaimServiceServicer):
     async def BeginUpdate(self, request: claims_service_pb2.BeginUpdateRequest,
                           context: grpc.aio.ServicerContext) -> claims_service_pb2.BeginUpdateResponse:
         self._access.require_cell(context, request.cell_id)
-        _, records = self._writes()
+        claims, records = self._writes()
         cell, number = self._cell(request.cell_id)
         ttl_ms = _lease_ttl_ms(context, self._ttl_ms)
-        request_id, start = None, 0
-        while request_id is None:  # one lookup unless this content was begun and ended ATTEMPTS times
-            ids = gitlab_claims.attempt_ids(request, cell, start)
-            request_id = gitlab_claims.choose_attempt(ids, await _read(records.attempts(ids)))
-            start += gitlab_claims.ATTEMPTS
-        command = gitlab_claims.begin_command(request, cell, request_id, ttl_ms, self._source, self._secret)
-        decision = await self._submit(command, context)
-        lease = gitlab_claims.granted_lease(decision)
+        # Past the budget, refused before anything is read or published (adr/0018).
+        if claims.admission is not None and (overloaded := claims.admission.refuse()) is not None:
+            raise gitlab_claims.refusal_of(overloaded)  # type: ignore[misc]
+        first = gitlab_claims.attempt_ids(request, cell)[0]
+        build = functools.partial(gitlab_claims.begin_command, request, cell, lease_ttl_ms=ttl_ms, source=self._source,
+                                  secret=self._secret)
+        # A first attempt (the common case) goes out at once under its id; the claims service's
+        # own lookup answers one decided before, with no acknowledgement.
+        submission = await claims.submit(build(request_id=first), wait_s=_deadline(context, self._wait_s))
+        if isinstance(submission, Decided) and submission.acknowledgement is None:
+            # Decided before: a retry (its lease still open: that answer stands), or these bytes
+            # again after that attempt ended or was refused: the next attempt's id.
+            request_id, start = None, 0
+            while request_id is None:  # one lookup unless this content was begun and ended ATTEMPTS times
+                ids = gitlab_claims.attempt_ids(request, cell, start)
+                request_id = gitlab_claims.choose_attempt(ids, await _read(records.attempts(ids)))
+                start += gitlab_claims.ATTEMPTS
+            if request_id != first:
+                submission = await claims.submit(build(request_id=request_id), wait_s=_deadline(context, self._wait_s))
+        refusal = gitlab_claims.refusal_of(submission)
+        if refusal is not None:
+            raise refusal
+        assert isinstance(submission, Decided)
+        lease = gitlab_claims.granted_lease(submission.decision)
         return claims_service_pb2.BeginUpdateResponse(cell_id=number, lease_uuid=uuid_pb2.UUID(value=str(lease)))
 
     @answers
