@@ -66,7 +66,9 @@ async def run_projector(settings: Settings) -> None:
         health.broker_failed, stop,
     ):
         return
-    engine = create_engine(settings.sqlalchemy_url)
+    # No pre-ping: a batch on a connection the server dropped fails as transient and is
+    # read again (projector/poison.py), so the round trip every batch would pay buys nothing.
+    engine = create_engine(settings.sqlalchemy_url, pre_ping=False)
     tune_gc_for_batches()
     try:
         projector = Projector(settings, ProjectionStore(engine, settings.claim_secret), metrics, health=health)
