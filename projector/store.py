@@ -231,14 +231,16 @@ async def _advance_offsets(
     archived_here = 0 < len(archive) <= STATEMENT_ROWS
     archiving = ""
     if archived_here:
-        # A fenced batch raises below and rolls the whole transaction back, archive included.
+        # Only when every partition advanced: a fenced batch's records are archived already
+        # (by the member that advanced them), and a unique violation here would read as a
+        # poisonous record instead of fencing, raised below.
         archiving = (
             ', archived AS (INSERT INTO event_archive (topic, partition, "offset", key, value, headers, log_time) '
             "SELECT * FROM unnest(%(a_topics)b::text[], %(a_numbers)b::int[], %(a_offsets)b::bigint[], "
             "  %(a_keys)b::bytea[], %(a_values)b::bytea[], %(a_headers)b::text[]::jsonb[], "
-            "  %(a_times)b::timestamptz[])) "
+            "  %(a_times)b::timestamptz[]) WHERE (SELECT count(*) FROM advanced) = %(partitions)b) "
         )
-        params.update(archive_columns(archive))
+        params.update(archive_columns(archive), partitions=len(items))
     rows = await execute_binary(
         conn,
         "WITH advanced AS (UPDATE partition_offsets AS o SET next_offset = u.next_offset, updated_at = now() "
