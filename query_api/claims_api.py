@@ -261,8 +261,9 @@ class ClaimsDoor:
             if self._publisher is None:
                 # No linger: a claim call waits for its acknowledgement, and aiokafka sends one
                 # request per broker at a time, so what arrives meanwhile is batched anyway
-                # (adr/0018).
-                publisher = EventPublisher(self.settings.model_copy(update={"producer_linger_ms": 0}))
+                # (adr/0018). No gzip: a claim command is a few hundred bytes.
+                publisher = EventPublisher(self.settings.model_copy(update={"producer_linger_ms": 0}),
+                                           compress=False)
                 await publisher.start()
                 self._publisher = publisher
             return self._publisher
