@@ -67,8 +67,13 @@ class EventPublisher:
         codec: EventCodec | None = None,
         window: int = 1000,
         max_batch_bytes: int | None = None,
+        compress: bool = True,
     ) -> None:
+        """``compress``: gzip the record batches (False: a caller that publishes one small
+        record at a time and waits for it, where gzip costs CPU here and in the broker, which
+        decompresses to validate, and saves nothing)."""
         self._settings = settings
+        self._compression = "gzip" if compress else None
         self._codec = codec or EventCodec()
         self._window = window
         self._max_batch_bytes = max_batch_bytes
@@ -90,7 +95,7 @@ class EventPublisher:
             enable_idempotence=idempotent,
             linger_ms=self._settings.producer_linger_ms,
             request_timeout_ms=self._settings.producer_request_timeout_ms,
-            compression_type="gzip",
+            compression_type=self._compression,
             **sizing,
         )
 

@@ -98,6 +98,20 @@ async def write_archive(conn: AsyncConnection, records: Sequence[RawRecord]) -> 
     )
 
 
+def archive_columns(records: Sequence[RawRecord]) -> dict[str, list[Any]]:
+    """The archive's rows as columns, the array parameters of an INSERT from ``unnest``
+    (``a_topics``, ``a_numbers``, ...): a small batch archives in a statement it sends anyway."""
+    return {
+        "a_topics": [r.topic for r in records],
+        "a_numbers": [r.partition for r in records],
+        "a_offsets": [r.offset for r in records],
+        "a_keys": [r.key for r in records],
+        "a_values": [r.value for r in records],
+        "a_headers": [headers_json(r.headers) for r in records],
+        "a_times": [r.log_time for r in records],
+    }
+
+
 async def write_audit_keys(conn: AsyncConnection, rows: Sequence[tuple[str, str, UUID]]) -> None:
     if not rows:
         return

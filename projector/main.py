@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
@@ -19,6 +18,7 @@ from topology_store.projector.migrate import check_at_head
 from topology_store.projector.poison import is_transient
 from topology_store.projector.store import ProjectionStore
 from topology_store.projector.ticks import publish_ticks
+from topology_store.runtime.collector import freeze_startup_heap
 from topology_store.runtime.database import create_engine
 from topology_store.runtime.retry import backoff, sleep_unless
 from topology_store.runtime.settings import Settings
@@ -36,10 +36,7 @@ GC_YOUNG_THRESHOLD = 50_000
 def tune_gc_for_batches() -> None:
     """Move what startup allocated out of the collector's view and collect young
     objects less often. Process-wide: called once by the projector's entry point."""
-    gc.collect()
-    gc.freeze()
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+    freeze_startup_heap(GC_YOUNG_THRESHOLD)
 
 
 async def run_projector(settings: Settings) -> None:
@@ -66,7 +63,9 @@ async def run_projector(settings: Settings) -> None:
         health.broker_failed, stop,
     ):
         return
-    engine = create_engine(settings.sqlalchemy_url)
+    # No pre-ping: a batch on a connection the server dropped fails as transient and is
+    # read again (projector/poison.py), so the round trip every batch would pay buys nothing.
+    engine = create_engine(settings.sqlalchemy_url, pre_ping=False)
     tune_gc_for_batches()
     try:
         projector = Projector(settings, ProjectionStore(engine, settings.claim_secret), metrics, health=health)

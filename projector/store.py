@@ -33,7 +33,7 @@ from topology_store.core.audit import audit_rows
 from topology_store.core.cells import Cell, Outcome
 from topology_store.core.claims import CLAIM_COMMANDS, DOOR_REQUESTS, Registry, needs, request_digest
 from topology_store.core.fold import BatchResult, PositionedEvent, project_batch
-from topology_store.projector.archive import RawRecord, headers_json, write_archive, write_audit_keys
+from topology_store.projector.archive import RawRecord, archive_columns, headers_json, write_archive, write_audit_keys
 from topology_store.projector.bulk import copy_rows, execute_binary
 from topology_store.projector.changelog import prune_routing_changes
 from topology_store.projector.registry_store import load_registry, write_registry
@@ -51,6 +51,15 @@ from topology_store.schemas.models import (
 from topology_store.schemas.router_sync import CELL_DOCUMENTS_SQL
 
 CLAIM_REGISTRY_LOCK = 0x746F706F636C6D  # pg advisory lock key held while deciding claims
+# Taking the decider's lock also tells the outbox trigger that this transaction draws its
+# outbox ids under it (producer/outbox.sql).
+_LOCK_DECIDER = ("SELECT pg_advisory_xact_lock(:key), "
+                 "set_config('topology.outbox_ids_drawn_under_lock', 'on', true)")
+
+# A batch's round trips are most of its fixed cost (issue 13): up to this many rows a table,
+# the archive and the decisions' records go as array parameters (binary) of statements the
+# batch sends anyway; a larger batch (catching up) COPYs them, which is faster per row.
+STATEMENT_ROWS = 500
 
 TopicPartitionKey = tuple[str, int]
 
@@ -140,22 +149,25 @@ class ProjectionStore:
         digests = {p.event.event_id: request_digest(p.event, self._secret)
                    for p in events if isinstance(p.event, DOOR_REQUESTS)}
         async with self._engine.begin() as conn:
-            await _advance_offsets(conn, advances)
             # What needs no decision is written before the claim lock is taken, so the
-            # lock is held for less (adr/0018): the records as received, the dead letters.
+            # lock is held for less (adr/0018): the records as received (in the statement
+            # that advances the offsets), the dead letters.
+            await _advance_offsets(conn, advances, archive)
             await _write_dead_letters(conn, dead_letters)
-            await write_archive(conn, archive)
             cells = await _load_cells(conn) if any(_is_cell_event(p) for p in events) else {}
             decided_at = None
             if commands:
                 # One decider at a time across all members: a multi-claim request
                 # spans partitions, and uniqueness needs every decision to see the
-                # one before it (adr/0010). Claims are rare next to reads.
-                await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_REGISTRY_LOCK})
+                # one before it (adr/0010). Claims are rare next to reads. The same
+                # statement tells the outbox trigger that this transaction draws its
+                # outbox ids under that lock (producer/outbox.sql).
+                await conn.execute(text(_LOCK_DECIDER), {"key": CLAIM_REGISTRY_LOCK})
                 decided_at = datetime.now(UTC)  # a grant's end counts from here (adr/0017)
-            # Under the lock: a copy of a request on another partition decided by another
-            # member a moment ago is a duplicate here, not a second decision (adr/0017).
-            seen = await _seen_event_ids(conn, [p.event.event_id for p in events])
+            # Under the lock, in a statement of its own (its snapshot is taken after the lock
+            # is granted): a copy of a request on another partition decided by another member
+            # a moment ago is a duplicate here, not a second decision (adr/0017).
+            seen, version = await _seen_event_ids_and_version(conn, [p.event.event_id for p in events])
             registry = await load_registry(conn, needs(commands, self._secret)) if commands else Registry()
             result = project_batch(events, cells, registry, seen, self._secret, decided_at)
             # The version moves only when routers would see a difference, so an
@@ -172,8 +184,6 @@ class ProjectionStore:
                     ).scalar_one()
                 )
                 await _write_cells(conn, result.cells, version)
-            else:
-                version = int((await conn.execute(select(topology_version.c.version))).scalar_one())
             await write_registry(conn, result.registry, version)
             if result.routing_changed:
                 # After the registry: a cell's document carries its sequence ranges (adr/0021).
@@ -184,11 +194,12 @@ class ProjectionStore:
                 await conn.execute(
                     text("SELECT pg_notify(:channel, :payload)"), {"channel": VERSION_CHANNEL, "payload": str(version)}
                 )
+            if result.claim_decisions and not commands:
+                # The outbox ids must be drawn under the decider's lock, taken only for commands.
+                raise RuntimeError("claim decisions without a claim command in the batch")
             await _append_to_outbox(conn, self._codec, result.claim_decisions)
-            recorded = await _record_decisions(conn, result, version, digests)
-            await write_audit_keys(conn, audit_rows(result, self._secret))
-            if commands:
-                await _notify_decisions(conn, recorded)
+            await _record_decisions(conn, result, version, digests, audit_rows(result, self._secret),
+                                    notify=bool(commands))
             if then is not None:
                 await then(conn, result)
         return CommitResult(
@@ -200,40 +211,63 @@ def _is_cell_event(positioned: PositionedEvent) -> bool:
     return isinstance(positioned.event, CellRegistered | CellUpdated | CellStateChanged)
 
 
-async def _advance_offsets(conn: AsyncConnection, advances: Mapping[TopicPartitionKey, PartitionAdvance]) -> None:
+async def _advance_offsets(
+    conn: AsyncConnection, advances: Mapping[TopicPartitionKey, PartitionAdvance], archive: Sequence[RawRecord] = ()
+) -> None:
+    """Advance the stored offsets by compare-and-set (a partition another member committed
+    meanwhile raises :class:`FencedError`, and the transaction writes nothing) and archive
+    the batch's records, in one statement up to :data:`STATEMENT_ROWS` records."""
     if not advances:
+        await write_archive(conn, archive)
         return
     # Sorted, so two members touching overlapping partitions lock in the same order.
     items = sorted(advances.items())
-    rows = await conn.execute(
-        text(
-            "UPDATE partition_offsets AS o SET next_offset = u.next_offset, updated_at = now() "
-            "FROM unnest(CAST(:topics AS text[]), CAST(:numbers AS int[]), "
-            "            CAST(:expected AS bigint[]), CAST(:next AS bigint[])) "
-            "     AS u(topic, partition, expected, next_offset) "
-            "WHERE o.topic = u.topic AND o.partition = u.partition AND o.next_offset = u.expected "
-            "RETURNING o.topic, o.partition"
-        ),
-        {
-            "topics": [t for (t, _), _ in items],
-            "numbers": [p for (_, p), _ in items],
-            "expected": [a.expected for _, a in items],
-            "next": [a.next_offset for _, a in items],
-        },
+    params: dict[str, object] = {
+        "topics": [t for (t, _), _ in items],
+        "numbers": [p for (_, p), _ in items],
+        "expected": [a.expected for _, a in items],
+        "next": [a.next_offset for _, a in items],
+    }
+    archived_here = 0 < len(archive) <= STATEMENT_ROWS
+    archiving = ""
+    if archived_here:
+        # Only when every partition advanced: a fenced batch's records are archived already
+        # (by the member that advanced them), and a unique violation here would read as a
+        # poisonous record instead of fencing, raised below.
+        archiving = (
+            ', archived AS (INSERT INTO event_archive (topic, partition, "offset", key, value, headers, log_time) '
+            "SELECT * FROM unnest(%(a_topics)b::text[], %(a_numbers)b::int[], %(a_offsets)b::bigint[], "
+            "  %(a_keys)b::bytea[], %(a_values)b::bytea[], %(a_headers)b::text[]::jsonb[], "
+            "  %(a_times)b::timestamptz[]) WHERE (SELECT count(*) FROM advanced) = %(partitions)b) "
+        )
+        params.update(archive_columns(archive), partitions=len(items))
+    rows = await execute_binary(
+        conn,
+        "WITH advanced AS (UPDATE partition_offsets AS o SET next_offset = u.next_offset, updated_at = now() "
+        "FROM unnest(%(topics)b::text[], %(numbers)b::int[], %(expected)b::bigint[], %(next)b::bigint[]) "
+        "     AS u(topic, partition, expected, next_offset) "
+        "WHERE o.topic = u.topic AND o.partition = u.partition AND o.next_offset = u.expected "
+        "RETURNING o.topic, o.partition)" + archiving + "SELECT topic, partition FROM advanced",
+        params,
     )
-    advanced = {(row.topic, row.partition) for row in rows}
+    advanced = {(topic, partition) for topic, partition in rows}
     lost = [tp for tp, _ in items if tp not in advanced]
     if lost:
         raise FencedError(lost)
+    if not archived_here:
+        await write_archive(conn, archive)
 
 
-async def _seen_event_ids(conn: AsyncConnection, event_ids: list[UUID]) -> set[UUID]:
-    if not event_ids:
-        return set()
+async def _seen_event_ids_and_version(conn: AsyncConnection, event_ids: list[UUID]) -> tuple[set[UUID], int]:
+    """The event ids of ``event_ids`` processed already, and the routing version, in one round trip."""
     rows = await execute_binary(
-        conn, "SELECT event_id FROM processed_events WHERE event_id = ANY(%(ids)b::uuid[])", {"ids": event_ids}
+        conn,
+        "SELECT (SELECT version FROM topology_version), "
+        "ARRAY(SELECT event_id FROM processed_events WHERE event_id = ANY(%(ids)b::uuid[]))",
+        {"ids": event_ids},
     )
-    return {event_id for (event_id,) in rows}
+    version, seen = rows[0]
+    return set(seen), int(version)
 
 
 async def _load_cells(conn: AsyncConnection) -> dict[str, Cell]:
@@ -326,27 +360,65 @@ async def write_routing_changes(
 
 
 async def _record_decisions(
-    conn: AsyncConnection, result: BatchResult, version: int, digests: Mapping[UUID, bytes]
-) -> list[DecisionRow]:
-    """Write one ``processed_events`` row per fresh event; return the requests' rows as the
-    notification carries them (their decision JSON built once, for both)."""
+    conn: AsyncConnection, result: BatchResult, version: int, digests: Mapping[UUID, bytes],
+    audit_keys: Sequence[tuple[str, str, UUID]], notify: bool,
+) -> None:
+    """Write one ``processed_events`` row per fresh event and the audit index
+    (``event_keys``), and, with ``notify``, wake the claims doors with the requests'
+    decisions (delivered on commit; their decision JSON built once, for both). Up to
+    :data:`STATEMENT_ROWS` rows a table, one statement for all of it."""
     # Duplicates are not recorded again: the first decision for an event_id stands.
     fresh = [(p, d, _detail(d.events)) for p, d in result.decisions if d.outcome is not Outcome.DUPLICATE]
-    if not fresh:
-        return []
-    await copy_rows(
-        conn,
-        "processed_events",
-        ("event_id", "event_type", "topic", "partition", "offset", "outcome", "reason", "source", "occurred_at",
-         "detail", "version", "request_digest"),
-        (
-            (p.event.event_id, p.event.EVENT_TYPE, p.topic, p.partition, p.offset, d.outcome.value, d.reason,
-             p.event.source, p.event.occurred_at, detail, version, digests.get(p.event.event_id))
-            for p, d, detail in fresh
-        ),
-    )
-    return [(p.event.event_id, p.event.EVENT_TYPE, d.outcome.value, d.reason, detail, digests.get(p.event.event_id))
-            for p, d, detail in fresh if p.event.EVENT_TYPE in _ANSWERED]
+    answered: list[DecisionRow] = [
+        (p.event.event_id, p.event.EVENT_TYPE, d.outcome.value, d.reason, detail, digests.get(p.event.event_id))
+        for p, d, detail in fresh if p.event.EVENT_TYPE in _ANSWERED]
+    # The decisions themselves travel in the notification, so a waiting request is answered
+    # without a lookup; what does not fit in a payload is announced by an empty one, which
+    # makes the doors look it up (adr/0018).
+    payloads = encode_decision_notices(answered) if notify else []
+    processed = [
+        (p.event.event_id, p.event.EVENT_TYPE, p.topic, p.partition, p.offset, d.outcome.value, d.reason,
+         p.event.source, p.event.occurred_at, detail, version, digests.get(p.event.event_id))
+        for p, d, detail in fresh
+    ]
+    parts: list[str] = []
+    params: dict[str, object] = {}
+    if processed and len(processed) <= STATEMENT_ROWS:
+        parts.append(
+            "INSERT INTO processed_events (event_id, event_type, topic, partition, \"offset\", outcome, reason, "
+            "  source, occurred_at, detail, version, request_digest) "
+            "SELECT * FROM unnest(%(p_ids)b::uuid[], %(p_types)b::text[], %(p_topics)b::text[], "
+            "  %(p_numbers)b::int[], %(p_offsets)b::bigint[], %(p_outcomes)b::text[], %(p_reasons)b::text[], "
+            "  %(p_sources)b::text[], %(p_occurred)b::timestamptz[], %(p_details)b::text[]::jsonb[], "
+            "  %(p_versions)b::bigint[], %(p_digests)b::bytea[])"
+        )
+        columns = list(zip(*processed, strict=True))
+        params.update({name: list(column) for name, column in zip(
+            ("p_ids", "p_types", "p_topics", "p_numbers", "p_offsets", "p_outcomes", "p_reasons", "p_sources",
+             "p_occurred", "p_details", "p_versions", "p_digests"), columns, strict=True)})
+    elif processed:
+        await copy_rows(
+            conn, "processed_events",
+            ("event_id", "event_type", "topic", "partition", "offset", "outcome", "reason", "source", "occurred_at",
+             "detail", "version", "request_digest"),
+            processed,
+        )
+    if audit_keys and len(audit_keys) <= STATEMENT_ROWS:
+        parts.append("INSERT INTO event_keys (kind, key, event_id) "
+                     "SELECT * FROM unnest(%(k_kinds)b::text[], %(k_keys)b::text[], %(k_ids)b::uuid[])")
+        params.update({"k_kinds": [k for k, _, _ in audit_keys], "k_keys": [k for _, k, _ in audit_keys],
+                       "k_ids": [i for _, _, i in audit_keys]})
+    elif audit_keys:
+        await write_audit_keys(conn, audit_keys)
+    if payloads:
+        parts.append(f"SELECT pg_notify('{DECISIONS_CHANNEL}', payload) FROM unnest(%(payloads)b::text[]) AS payload")
+        params["payloads"] = payloads
+    if not parts:
+        return
+    # Data-modifying CTEs run to completion whether or not the last statement reads them.
+    *writes, last = parts
+    statement = ("WITH " + ", ".join(f"w{n} AS ({w})" for n, w in enumerate(writes)) + " " if writes else "") + last
+    await execute_binary(conn, statement, params)
 
 
 def _detail(decisions: tuple[Event, ...]) -> str | None:
@@ -362,24 +434,20 @@ async def _append_to_outbox(conn: AsyncConnection, codec: EventCodec, decisions:
     """Record the decisions in the log: the relay publishes the outbox to the
     claim-decisions topic, in id order. The ids are drawn here, in decision order,
     while the registry lock is held, so id order is decision order and commit order
-    (producer/outbox.sql: such rows skip the per-row trigger and its per-key locks)."""
+    (producer/outbox.sql: the statement that took the lock said so, and such rows skip
+    the per-row trigger and its per-key locks)."""
     if not decisions:
         return
-    # The flag and the ids in one round trip (the lock is held meanwhile).
-    drawn = await conn.execute(
-        text("WITH flag AS MATERIALIZED (SELECT set_config('topology.outbox_ids_drawn_under_lock', 'on', true)) "
-             "SELECT nextval('topology_outbox_id_seq') FROM flag, generate_series(1, :count)"),
-        {"count": len(decisions)},
-    )
-    ids = sorted(row[0] for row in drawn)
-    await copy_rows(
+    # ORDER BY the position: PostgreSQL evaluates a volatile target (nextval) after the
+    # sort, so the ids follow the decisions' order.
+    await execute_binary(
         conn,
-        "topology_outbox",
-        ("id", "event_id", "event_type", "partition_key", "payload"),
-        (
-            (outbox_id, d.event_id, d.EVENT_TYPE, d.partition_key, codec.encode(d.EVENT_TYPE, d.to_avro()))
-            for outbox_id, d in zip(ids, decisions, strict=True)
-        ),
+        "INSERT INTO topology_outbox (id, event_id, event_type, partition_key, payload) "
+        "SELECT nextval('topology_outbox_id_seq'), e, t, k, p FROM unnest(%(ids)b::uuid[], %(types)b::text[], "
+        "  %(keys)b::text[], %(payloads)b::bytea[]) WITH ORDINALITY AS u(e, t, k, p, n) ORDER BY n",
+        {"ids": [d.event_id for d in decisions], "types": [d.EVENT_TYPE for d in decisions],
+         "keys": [d.partition_key for d in decisions],
+         "payloads": [codec.encode(d.EVENT_TYPE, d.to_avro()) for d in decisions]},
     )
 
 
@@ -404,14 +472,6 @@ async def _write_dead_letters(conn: AsyncConnection, dead_letters: Sequence[Dead
             "errors": [d.error.encode("ascii", "backslashreplace").decode("ascii") for d in dead_letters],
         },
     )
-
-
-async def _notify_decisions(conn: AsyncConnection, rows: Sequence[DecisionRow]) -> None:
-    """Wake the claims doors with the decisions themselves (delivered on commit), so a
-    waiting request is answered without a lookup; what does not fit in a payload is
-    announced by an empty one, which makes the doors look it up (adr/0018)."""
-    await conn.execute(text("SELECT pg_notify(:channel, payload) FROM unnest(CAST(:payloads AS text[])) AS payload"),
-                       {"channel": DECISIONS_CHANNEL, "payloads": encode_decision_notices(rows)})
 
 
 # The requests a door waits on (a tick is the projector's own and answered to no one).

@@ -261,15 +261,18 @@ class ClaimsDoor:
             if self._publisher is None:
                 # No linger: a claim call waits for its acknowledgement, and aiokafka sends one
                 # request per broker at a time, so what arrives meanwhile is batched anyway
-                # (adr/0018).
-                publisher = EventPublisher(self.settings.model_copy(update={"producer_linger_ms": 0}))
+                # (adr/0018). No gzip: a claim command is a few hundred bytes.
+                publisher = EventPublisher(self.settings.model_copy(update={"producer_linger_ms": 0}),
+                                           compress=False)
                 await publisher.start()
                 self._publisher = publisher
             return self._publisher
 
-    async def submit(self, command: Event, created: bool = False) -> JSONResponse:
-        """Publish ``command`` (unless already decided) and answer with its decision."""
-        return _respond(await self.service.submit(command), self.service.wait_s, created)
+    async def submit(self, command: Event, created: bool = False, new_id: bool = False) -> JSONResponse:
+        """Publish ``command`` (unless already decided) and answer with its decision.
+        ``new_id``: the client gave no request id, so the command's is new and nothing
+        is looked up before publishing it."""
+        return _respond(await self.service.submit(command, new_id=new_id), self.service.wait_s, created)
 
 
 def claims_router() -> APIRouter:
@@ -310,7 +313,7 @@ def claims_router() -> APIRouter:
             )
         except ValidationError as exc:
             return invalid(exc)
-        return await service(request).submit(command, created=True)
+        return await service(request).submit(command, created=True, new_id=body.request_id is None)
 
     async def lease_action(request: Request, lease_id: uuid.UUID, body: LeaseAction, commit: bool) -> JSONResponse:
         if refused := denied(request, service(request).authorizer, CLAIMS_WRITE, cell=body.cell_id):
@@ -321,7 +324,7 @@ def claims_router() -> APIRouter:
                             cell_id=body.cell_id)
         except ValidationError as exc:
             return invalid(exc)
-        return await service(request).submit(command)
+        return await service(request).submit(command, new_id=body.request_id is None)
 
     @router.post("/v1/leases/{lease_id}/commit", response_model=RequestAnswer, responses=errors,
                  summary="Make a lease's claims permanent", openapi_extra=secured(CLAIMS_WRITE))
@@ -359,7 +362,7 @@ def claims_router() -> APIRouter:
             )
         except ValidationError as exc:
             return invalid(exc)
-        return await service(request).submit(command)
+        return await service(request).submit(command, new_id=request_id is None)
 
     @router.get(
         "/v1/claims/{bucket}/{value:path}",

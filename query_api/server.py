@@ -21,6 +21,7 @@ from topology_store.query_api.snapshot_api import RouterSync
 from topology_store.query_api.sync_middleware import RouterSyncMiddleware
 from topology_store.query_api.tls import uvicorn_tls, with_client_certificates
 from topology_store.query_api.uvicorn_fast_path import protocol_for
+from topology_store.runtime.collector import freeze_startup_heap
 from topology_store.runtime.http_server import GracefulServer
 from topology_store.runtime.settings import Settings
 
@@ -64,4 +65,7 @@ def serve(settings: Settings, beside: Sequence[BesideDoor] = ()) -> None:
         http=http,
         **uvicorn_tls(settings),  # TOPOLOGY_TLS_CERT/KEY/CLIENT_CA (adr/0021)
     )
+    # The app is built and every module imported: out of the collector's view, so a full
+    # collection no longer stalls the event loop for tens of ms (runtime/collector.py).
+    freeze_startup_heap()
     _Server(config, sync).run()

@@ -8,4 +8,5 @@ records or the projection's tables.
 - ``database``     the engine every process opens, and the NOTIFY channel names.
 - ``retry``        the one retry policy: capped exponential backoff with jitter.
 - ``http_server``  uvicorn with a clean exit status.
+- ``collector``    the startup heap moved out of the garbage collector's view.
 """

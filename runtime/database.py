@@ -33,9 +33,13 @@ DecisionNotice = tuple[UUID, str, str, str | None, list[Any], bytes | None]
 CONNECT_TIMEOUT_S = 10
 
 
-def create_engine(sqlalchemy_url: str, pool_size: int = 5, connect_timeout_s: int = CONNECT_TIMEOUT_S) -> AsyncEngine:
+def create_engine(sqlalchemy_url: str, pool_size: int = 5, connect_timeout_s: int = CONNECT_TIMEOUT_S,
+                  pre_ping: bool = True) -> AsyncEngine:
+    """``pre_ping``: test each connection with a round trip when it leaves the pool, so a
+    connection the server dropped is replaced before use. Off for a caller that retries a
+    failed transaction anyway (the projector, whose every batch would pay the round trip)."""
     return create_async_engine(
-        sqlalchemy_url, pool_size=pool_size, pool_pre_ping=True, connect_args={"connect_timeout": connect_timeout_s}
+        sqlalchemy_url, pool_size=pool_size, pool_pre_ping=pre_ping, connect_args={"connect_timeout": connect_timeout_s}
     )
 
 

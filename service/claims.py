@@ -153,17 +153,18 @@ class ClaimsService:
         wait_s: float | None = None,
         reuse_decided: bool = True,
         on_published: Callable[[Acknowledgement], None] | None = None,
+        new_id: bool = False,
     ) -> Submission:
         """:meth:`_submit` under admission control: past the budget a command that may be
         shed is answered :class:`Overloaded` at once, before anything is looked up or
         published (adr/0018)."""
         if self.admission is None:
-            return await self._submit(command, wait_s, reuse_decided, on_published)
+            return await self._submit(command, wait_s, reuse_decided, on_published, new_id)
         ticket = self.admission.admit(sheddable=not isinstance(command, NEVER_SHED))
         if isinstance(ticket, Overloaded):
             return ticket
         try:
-            return await self._submit(command, wait_s, reuse_decided, on_published)
+            return await self._submit(command, wait_s, reuse_decided, on_published, new_id)
         finally:
             self.admission.release(ticket)
 
@@ -173,21 +174,25 @@ class ClaimsService:
         wait_s: float | None = None,
         reuse_decided: bool = True,
         on_published: Callable[[Acknowledgement], None] | None = None,
+        new_id: bool = False,
     ) -> Submission:
         """Publish ``command`` and wait up to ``wait_s`` (default: the service's) for its
         decision; ``wait_s=0`` publishes without waiting.
 
         ``reuse_decided``: answer a request id that is decided already with its recorded
-        decision instead of publishing it again (a client retrying after a timeout)."""
+        decision instead of publishing it again (a client retrying after a timeout).
+        ``new_id``: the door generated the request id just now (the client gave none), so
+        no decision can exist for it and none is looked up: a database round trip less
+        before the publish (issue 13)."""
         request_id = command.event_id
         wait_s = self.wait_s if wait_s is None else wait_s
-        if reuse_decided:
+        if reuse_decided and not new_id:
             known = await self._decisions.find(request_id)
             if known is not None:
                 return self._reused(command, known) or Decided(known, None)
         waiting = None
         if wait_s > 0:
-            waiting = asyncio.create_task(self._decisions.wait(request_id, wait_s, check_first=not reuse_decided))
+            waiting = asyncio.create_task(self._decisions.wait(request_id, wait_s, check_first=not (reuse_decided or new_id)))
             await asyncio.sleep(0)  # let the waiter register before the request can be decided
         try:
             publisher = self._publisher()

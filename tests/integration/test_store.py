@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import psycopg
 import pytest
@@ -12,6 +13,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from topology_store.core.fold import PositionedEvent
+from topology_store.projector import store as store_module
+from topology_store.projector.archive import RawRecord
 from topology_store.projector.store import DeadLetter, FencedError, PartitionAdvance, ProjectionStore
 from topology_store.runtime.database import VERSION_CHANNEL as NOTIFY_CHANNEL
 from topology_store.runtime.database import create_engine
@@ -100,6 +103,33 @@ async def test_fencing_aborts_the_whole_batch_even_when_one_partition_is_still_o
         )
     assert await rows(engine, "SELECT value FROM claims") == [("one",)]
     assert await rows(engine, "SELECT partition, next_offset FROM partition_offsets ORDER BY 1") == [(0, 0), (1, 1)]
+
+
+@pytest.mark.parametrize("statement_rows", [500, 0], ids=["in-statements", "by-copy"])
+async def test_a_batch_writes_the_same_rows_in_statements_or_by_copy_and_a_fenced_one_archives_nothing(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch, statement_rows: int
+) -> None:
+    # Small batches send their rows as array parameters of fewer statements, large ones COPY.
+    monkeypatch.setattr(store_module, "STATEMENT_ROWS", statement_rows)
+    store = ProjectionStore(engine, b"test-secret")
+    await store.stored_offsets([(TOPIC, 0)])
+    logged = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
+    archive = [RawRecord(TOPIC, 0, n, f"k{n}".encode(), None if n else b"v", (("event_type", b"ClaimCreated"),),
+                         log_time=logged) for n in range(2)]
+    events = [at(claim("alpha"), 0), at(claim("alpha", "cell-2", 2), 1)]
+    await store.commit_batch(events, [], {(TOPIC, 0): PartitionAdvance(0, 2)}, archive)
+    assert await rows(engine, 'SELECT "offset", key, value, headers, log_time FROM event_archive ORDER BY 1') == [
+        (0, b"k0", b"v", [["event_type", b"ClaimCreated".hex()]], logged),
+        (1, b"k1", None, [["event_type", b"ClaimCreated".hex()]], logged),
+    ]
+    assert await rows(engine, 'SELECT event_id, "offset", outcome, version FROM processed_events ORDER BY 2') == [
+        (events[0].event.event_id, 0, "applied", 1), (events[1].event.event_id, 1, "rejected", 1)]
+    assert await rows(engine, "SELECT kind, key FROM event_keys WHERE event_id = "
+                              f"'{events[0].event.event_id}'") == [("claim", "NAMESPACE:alpha")]
+    with pytest.raises(FencedError):
+        await store.commit_batch([at(claim("gamma"), 0)], [], {(TOPIC, 0): PartitionAdvance(0, 1)},
+                                 [RawRecord(TOPIC, 0, 0, b"other", b"other", (), log_time=logged)])
+    assert await rows(engine, 'SELECT "offset", key FROM event_archive ORDER BY 1') == [(0, b"k0"), (1, b"k1")]
 
 
 async def test_concurrent_commits_from_the_same_position_let_exactly_one_win(engine: AsyncEngine) -> None:

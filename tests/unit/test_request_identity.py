@@ -192,3 +192,39 @@ def test_a_lease_named_recently_waits_for_the_retick_time() -> None:
     assert named == {a: 100.0}  # b may be named again (if still due): forgotten
     assert recently_named(named, now_s=102.0, retick_s=2.0) == set()
     assert named == {}
+
+
+class CountedDecisions(Decisions):
+    """:class:`Decisions` that counts the lookups the service asks for."""
+
+    def __init__(self, recorded: dict[uuid.UUID, RequestDecision]) -> None:
+        super().__init__(recorded)
+        self.looked_up: list[uuid.UUID] = []
+        self.checked_first: list[bool] = []
+
+    async def find(self, request_id: uuid.UUID) -> RequestDecision | None:
+        self.looked_up.append(request_id)
+        return await super().find(request_id)
+
+    async def wait(self, request_id: uuid.UUID, timeout_s: float, check_first: bool = True) -> RequestDecision | None:
+        self.checked_first.append(check_first)
+        return await super().wait(request_id, timeout_s, check_first)
+
+
+@pytest.mark.parametrize("new_id", [True, False], ids=["id-made-by-the-door", "id-from-the-client"])
+async def test_only_a_request_id_from_the_client_is_looked_up_before_publishing(new_id: bool) -> None:
+    command = _begin()
+    publisher = Publisher()
+    # The decision the projector would record once the command is published.
+    decisions = CountedDecisions({command.event_id: _recorded(command, request_digest(command, SECRET))})
+    service = ClaimsService(lambda: publisher, decisions, wait_s=1.0, secret=SECRET)
+    decisions_before_publish = dict(decisions.recorded)
+    if not new_id:
+        decisions.recorded.clear()  # a client's id not decided yet: looked up, then published
+    answer = await service.submit(command, new_id=new_id)
+    # A door-made id is new: no lookup at all, neither before publishing nor before waiting.
+    assert decisions.looked_up == ([] if new_id else [command.event_id])
+    assert decisions.checked_first == [False]
+    assert publisher.sent == [command]
+    if new_id:
+        assert isinstance(answer, Decided) and answer.decision is decisions_before_publish[command.event_id]
