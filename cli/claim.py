@@ -87,6 +87,8 @@ def build_command(args: argparse.Namespace) -> Event:
 class _NoDecisions:
     """Without --wait the CLI only publishes: nothing is looked up."""
 
+    listening = False  # hears nothing; the CLI sends its own request ids anyway
+
     async def find(self, request_id: object) -> None:
         return None
 

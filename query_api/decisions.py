@@ -90,6 +90,8 @@ class DecisionWaiter:
         self._poll_interval_s = poll_interval_s
         self._pending: dict[uuid.UUID, list[asyncio.Future[RequestDecision]]] = {}
         self.lookups = LookupBatcher(engine)
+        #: LISTEN holds: PostgreSQL answered, and a decision's notification will come.
+        self.listening = False
 
     async def find(self, request_id: uuid.UUID) -> RequestDecision | None:
         """The decision on ``request_id`` if recorded now (batched with concurrent lookups)."""
@@ -155,6 +157,7 @@ class DecisionWaiter:
             try:
                 async with await psycopg.AsyncConnection.connect(self._libpq_url, autocommit=True) as conn:
                     await conn.execute(f"LISTEN {DECISIONS_CHANNEL}")
+                    self.listening = True
                     attempt = 0
                     while True:
                         # Notifications answer their waiters as they come; every poll
@@ -164,8 +167,10 @@ class DecisionWaiter:
                                 await self._resolve_pending()
                         await self._resolve_pending()
             except asyncio.CancelledError:
+                self.listening = False
                 raise
             except Exception as exc:  # keep answering from polls until LISTEN is back
+                self.listening = False
                 attempt += 1
                 delay = backoff(attempt)
                 log.warning("decision listener failed (%s); retrying in %.1fs", exc.__class__.__name__, delay)

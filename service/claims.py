@@ -60,6 +60,12 @@ class CommandPublisher(Protocol):
 
 
 class DecisionSource(Protocol):
+    #: True while the source hears decisions as they are recorded (its database answered
+    #: just now). A door-made request id skips the lookup before publishing only then;
+    #: otherwise that lookup is the probe that refuses the request while the database is
+    #: down, before anything is published.
+    listening: bool
+
     async def find(self, request_id: uuid.UUID) -> RequestDecision | None:
         """The decision on ``request_id`` if one is recorded now."""
         ...
@@ -182,17 +188,18 @@ class ClaimsService:
         ``reuse_decided``: answer a request id that is decided already with its recorded
         decision instead of publishing it again (a client retrying after a timeout).
         ``new_id``: the door generated the request id just now (the client gave none), so
-        no decision can exist for it and none is looked up: a database round trip less
-        before the publish (issue 13)."""
+        no decision can exist for it and none is looked up while the decision source is
+        listening: a database round trip less before the publish (issue 13)."""
         request_id = command.event_id
         wait_s = self.wait_s if wait_s is None else wait_s
-        if reuse_decided and not new_id:
+        if reuse_decided and not (new_id and self._decisions.listening):
             known = await self._decisions.find(request_id)
             if known is not None:
                 return self._reused(command, known) or Decided(known, None)
         waiting = None
         if wait_s > 0:
-            waiting = asyncio.create_task(self._decisions.wait(request_id, wait_s, check_first=not (reuse_decided or new_id)))
+            waiting = asyncio.create_task(self._decisions.wait(request_id, wait_s,
+                                                               check_first=not (reuse_decided or new_id)))
             await asyncio.sleep(0)  # let the waiter register before the request can be decided
         try:
             publisher = self._publisher()

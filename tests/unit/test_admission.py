@@ -114,6 +114,8 @@ class RecordingPublisher:
 class GatedDecisions:
     """Decides each request when the test opens the gate, so requests stay in flight."""
 
+    listening = True
+
     def __init__(self, publisher: RecordingPublisher | None = None) -> None:
         self.gate = asyncio.Event()
         self.looked_up: list[uuid.UUID] = []

@@ -111,6 +111,8 @@ class Publisher:
 class Decisions:
     """The decisions recorded so far, by request id, as the service's port reads them."""
 
+    listening = True
+
     def __init__(self, recorded: dict[uuid.UUID, RequestDecision]) -> None:
         self.recorded = recorded
 
@@ -228,3 +230,16 @@ async def test_only_a_request_id_from_the_client_is_looked_up_before_publishing(
     assert publisher.sent == [command]
     if new_id:
         assert isinstance(answer, Decided) and answer.decision is decisions_before_publish[command.event_id]
+
+
+async def test_a_door_made_id_is_looked_up_while_the_decision_source_does_not_listen() -> None:
+    """The database went away (the waiter's LISTEN failed): the lookup is the probe that
+    refuses the request before it is published, as for a client's id."""
+    command = _begin()
+    publisher = Publisher()
+    decisions = CountedDecisions({})
+    decisions.listening = False
+    service = ClaimsService(lambda: publisher, decisions, wait_s=1.0, secret=SECRET)
+    await service.submit(command, new_id=True)
+    assert decisions.looked_up == [command.event_id]
+    assert decisions.checked_first == [False]
