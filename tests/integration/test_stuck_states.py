@@ -179,9 +179,10 @@ async def test_a_topic_recreated_behind_the_stored_offsets_is_refused_named_and_
 
 
 def waiting(settings: Settings, statement: str) -> int:
-    """Backends of this test's database waiting for a lock in a statement starting with ``statement``."""
+    """Backends of this test's database waiting for a lock in a statement that contains
+    ``statement`` (the projector's commit advances the offsets inside a WITH)."""
     found = rows(settings, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                           "AND wait_event_type = 'Lock' AND query LIKE %s", (statement + "%",))
+                           "AND wait_event_type = 'Lock' AND query LIKE %s", ("%" + statement + "%",))
     return int(found[0][0])
 
 
