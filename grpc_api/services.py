@@ -52,7 +52,7 @@ from topology_store.schemas.generated.proto.claims.v1 import service_pb2 as clai
 from topology_store.schemas.generated.proto.claims.v1 import service_pb2_grpc as claims_service_pb2_grpc
 from topology_store.schemas.generated.proto.types.v1 import uuid_pb2
 from topology_store.schemas.models import MAX_LEASE_TTL_MS, Event, stored_claim_value
-from topology_store.service import commands, gitlab_claims
+from topology_store.service import gitlab_claims
 from topology_store.service.claims import ClaimsService, Decided, RequestDecision
 from topology_store.service.gitlab_cells import cell_info
 from topology_store.service.gitlab_classify import Refusal, SnapshotSource, Tables, cell_by_number, invalid
@@ -187,7 +187,7 @@ class ClaimService(claims_service_pb2_grpc.ClaimServiceServicer):
         # Past the budget, refused before anything is read or published (adr/0018).
         if claims.admission is not None and (overloaded := claims.admission.refuse()) is not None:
             raise gitlab_claims.refusal_of(overloaded)  # type: ignore[misc]
-        first = gitlab_claims.attempt_ids(request, cell)[0]
+        first = gitlab_claims.attempt_ids(request, cell, count=1)[0]
         build = functools.partial(gitlab_claims.begin_command, request, cell, lease_ttl_ms=ttl_ms, source=self._source,
                                   secret=self._secret)
         # A first attempt (the common case) goes out at once under its id; the claims service's
@@ -210,24 +210,22 @@ class ClaimService(claims_service_pb2_grpc.ClaimServiceServicer):
         lease = gitlab_claims.granted_lease(submission.decision)
         return claims_service_pb2.BeginUpdateResponse(cell_id=number, lease_uuid=uuid_pb2.UUID(value=str(lease)))
 
+    async def _end_lease(self, request: claims_service_pb2.CommitUpdateRequest | claims_service_pb2.RollbackUpdateRequest,
+                         context: grpc.aio.ServicerContext) -> None:
+        self._access.require_cell(context, request.cell_id)
+        cell, _ = self._cell(request.cell_id)
+        await self._submit(gitlab_claims.end_command(request, cell, self._source), context)
+
     @answers
     async def CommitUpdate(self, request: claims_service_pb2.CommitUpdateRequest,
                            context: grpc.aio.ServicerContext) -> claims_service_pb2.CommitUpdateResponse:
-        self._access.require_cell(context, request.cell_id)
-        cell, _ = self._cell(request.cell_id)
-        lease = gitlab_claims.lease_uuid(request.lease_uuid)
-        await self._submit(commands.commit(source=self._source, lease_id=lease, cell_id=cell,
-                                           request_id=gitlab_claims.commit_request_id(lease, cell)), context)
+        await self._end_lease(request, context)
         return claims_service_pb2.CommitUpdateResponse()
 
     @answers
     async def RollbackUpdate(self, request: claims_service_pb2.RollbackUpdateRequest,
                              context: grpc.aio.ServicerContext) -> claims_service_pb2.RollbackUpdateResponse:
-        self._access.require_cell(context, request.cell_id)
-        cell, _ = self._cell(request.cell_id)
-        lease = gitlab_claims.lease_uuid(request.lease_uuid)
-        await self._submit(commands.rollback(source=self._source, lease_id=lease, cell_id=cell,
-                                             request_id=gitlab_claims.rollback_request_id(lease, cell)), context)
+        await self._end_lease(request, context)
         return claims_service_pb2.RollbackUpdateResponse()
 
     @answers

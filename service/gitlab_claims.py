@@ -41,6 +41,7 @@ from topology_store.schemas.models import (
     MAX_USER_DATA_BYTES,
     ClaimBucket,
     ClaimsRequested,
+    Event,
     OwnerType,
     RecordMetadata,
     canonical_claim_value,
@@ -165,12 +166,13 @@ def _claim_ref(metadata: messages_pb2.Metadata, where: str, with_record: bool) -
     return ref
 
 
-def attempt_ids(request: service_pb2.BeginUpdateRequest, cell_name: str, start: int = 0) -> list[uuid.UUID]:
-    """The request ids a ``BeginUpdate`` of this content may take, ``ATTEMPTS`` of them from
+def attempt_ids(request: service_pb2.BeginUpdateRequest, cell_name: str, start: int = 0,
+                count: int = ATTEMPTS) -> list[uuid.UUID]:
+    """The request ids a ``BeginUpdate`` of this content may take, ``count`` of them from
     attempt ``start`` on, in order: a function of the cell and the request's bytes
     (deterministic serialization), so a retry finds them."""
     digest = hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
-    return [uuid.uuid5(BEGIN_NAMESPACE, f"{cell_name}\n{digest}\n{k}") for k in range(start, start + ATTEMPTS)]
+    return [uuid.uuid5(BEGIN_NAMESPACE, f"{cell_name}\n{digest}\n{k}") for k in range(start, start + count)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +252,18 @@ def commit_request_id(lease_id: uuid.UUID, cell_name: str) -> uuid.UUID:
 
 def rollback_request_id(lease_id: uuid.UUID, cell_name: str) -> uuid.UUID:
     return uuid.uuid5(lease_id, f"rollback\n{cell_name}")
+
+
+def end_command(request: service_pb2.CommitUpdateRequest | service_pb2.RollbackUpdateRequest, cell_name: str,
+                source: str) -> Event:
+    """The commit or the rollback a ``CommitUpdate`` / ``RollbackUpdate`` asks for, under its
+    request id per lease and cell."""
+    lease = lease_uuid(request.lease_uuid)
+    if isinstance(request, service_pb2.CommitUpdateRequest):
+        return commands.commit(source=source, lease_id=lease, cell_id=cell_name,
+                               request_id=commit_request_id(lease, cell_name))
+    return commands.rollback(source=source, lease_id=lease, cell_id=cell_name,
+                             request_id=rollback_request_id(lease, cell_name))
 
 
 # --- our answers -> GitLab's ---------------------------------------------------------------------
