@@ -53,7 +53,7 @@ from topology_store.schemas.generated.proto.claims.v1 import service_pb2_grpc as
 from topology_store.schemas.generated.proto.types.v1 import uuid_pb2
 from topology_store.schemas.models import MAX_LEASE_TTL_MS, Event, stored_claim_value
 from topology_store.service import gitlab_claims
-from topology_store.service.claims import ClaimsService, Decided, RequestDecision
+from topology_store.service.claims import ClaimsService, Decided, RequestDecision, Submission
 from topology_store.service.gitlab_cells import cell_info
 from topology_store.service.gitlab_classify import Refusal, SnapshotSource, Tables, cell_by_number, invalid
 
@@ -122,6 +122,15 @@ class SequenceService(sequence_service_pb2_grpc.SequenceServiceServicer):
     GetCells = _get_cells
 
 
+def _decision(submission: Submission) -> RequestDecision:
+    """The decision of an applied or unchanged submission; GitLab's status raised for anything else."""
+    refusal = gitlab_claims.refusal_of(submission)
+    if refusal is not None:
+        raise refusal
+    assert isinstance(submission, Decided)
+    return submission.decision
+
+
 def _deadline(context: grpc.aio.ServicerContext, default_s: float) -> float:
     """How long to wait for a decision: the call's own deadline, less a margin to answer in."""
     remaining = context.time_remaining()
@@ -168,14 +177,9 @@ class ClaimService(claims_service_pb2_grpc.ClaimServiceServicer):
         tables, numbers = self._tables.current()
         return cell_by_number(tables, numbers, number), number
 
-    async def _submit(self, command: Event, context: grpc.aio.ServicerContext) -> RequestDecision:
+    async def _submit(self, command: Event, context: grpc.aio.ServicerContext) -> Submission:
         claims, _ = self._writes()
-        submission = await claims.submit(command, wait_s=_deadline(context, self._wait_s))
-        refusal = gitlab_claims.refusal_of(submission)
-        if refusal is not None:
-            raise refusal
-        assert isinstance(submission, Decided)
-        return submission.decision
+        return await claims.submit(command, wait_s=_deadline(context, self._wait_s))
 
     @answers
     async def BeginUpdate(self, request: claims_service_pb2.BeginUpdateRequest,
@@ -186,13 +190,13 @@ class ClaimService(claims_service_pb2_grpc.ClaimServiceServicer):
         ttl_ms = _lease_ttl_ms(context, self._ttl_ms)
         # Past the budget, refused before anything is read or published (adr/0018).
         if claims.admission is not None and (overloaded := claims.admission.refuse()) is not None:
-            raise gitlab_claims.refusal_of(overloaded)  # type: ignore[misc]
+            _decision(overloaded)  # raises RESOURCE_EXHAUSTED
         first = gitlab_claims.attempt_ids(request, cell, count=1)[0]
         build = functools.partial(gitlab_claims.begin_command, request, cell, lease_ttl_ms=ttl_ms, source=self._source,
                                   secret=self._secret)
         # A first attempt (the common case) goes out at once under its id; the claims service's
         # own lookup answers one decided before, with no acknowledgement.
-        submission = await claims.submit(build(request_id=first), wait_s=_deadline(context, self._wait_s))
+        submission = await self._submit(build(request_id=first), context)
         if isinstance(submission, Decided) and submission.acknowledgement is None:
             # Decided before: a retry (its lease still open: that answer stands), or these bytes
             # again after that attempt ended or was refused: the next attempt's id.
@@ -202,19 +206,15 @@ class ClaimService(claims_service_pb2_grpc.ClaimServiceServicer):
                 request_id = gitlab_claims.choose_attempt(ids, await _read(records.attempts(ids)))
                 start += gitlab_claims.ATTEMPTS
             if request_id != first:
-                submission = await claims.submit(build(request_id=request_id), wait_s=_deadline(context, self._wait_s))
-        refusal = gitlab_claims.refusal_of(submission)
-        if refusal is not None:
-            raise refusal
-        assert isinstance(submission, Decided)
-        lease = gitlab_claims.granted_lease(submission.decision)
+                submission = await self._submit(build(request_id=request_id), context)
+        lease = gitlab_claims.granted_lease(_decision(submission))
         return claims_service_pb2.BeginUpdateResponse(cell_id=number, lease_uuid=uuid_pb2.UUID(value=str(lease)))
 
     async def _end_lease(self, request: claims_service_pb2.CommitUpdateRequest | claims_service_pb2.RollbackUpdateRequest,
                          context: grpc.aio.ServicerContext) -> None:
         self._access.require_cell(context, request.cell_id)
         cell, _ = self._cell(request.cell_id)
-        await self._submit(gitlab_claims.end_command(request, cell, self._source), context)
+        _decision(await self._submit(gitlab_claims.end_command(request, cell, self._source), context))
 
     @answers
     async def CommitUpdate(self, request: claims_service_pb2.CommitUpdateRequest,
